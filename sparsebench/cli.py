@@ -1,0 +1,84 @@
+"""The ``sparsebench`` command: ``@hydra.main`` over the configs shipped in sparsebench.conf."""
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .errors import SparsebenchError
+
+CONFIG_MODULE = "sparsebench.conf"
+
+
+def _fail(message: str) -> None:
+    print(f"sparsebench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_groups() -> dict[str, list[str]]:
+    root = resources.files(CONFIG_MODULE)
+    return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
+            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+
+
+def check_group_overrides(argv: list[str]) -> None:
+    """Refuse an unknown group option with one line listing the valid ones.
+
+    Hydra would refuse it too, but with a multi-line report; this check runs first
+    and covers sweeps (``sparsifier=cats,catz``) and lists (``evaluator=[a,b]``).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = config_groups()
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception as exc:  # noqa: BLE001 - report Hydra's parse error on one line
+        _fail(str(exc).splitlines()[0])
+    for ov in overrides:
+        key = ov.key_or_group
+        if key not in groups or ov.is_delete() or ov.package:
+            continue
+        if ov.is_sweep_override():
+            values = [str(v) for v in ov.sweep_iterator()]
+        else:
+            value = ov.value()
+            values = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        for v in values:
+            if v not in groups[key] and v != "null":
+                _fail(f"unknown {key} '{v}'; choose one of: {', '.join(groups[key])} (e.g. {key}={groups[key][0]})")
+
+
+def _output_dir_and_name() -> tuple[Path, str, str | None]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or "default"
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        group = Path(hc.sweep.dir).as_posix().strip("/").replace("/", "_")
+    return Path(hc.runtime.output_dir), name, group
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    from .run import run
+
+    output_dir, name, group = _output_dir_and_name()
+    try:
+        run(cfg, output_dir, name=name, group=group)
+    except SparsebenchError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    check_group_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""User-facing errors: each carries one line that names the fix."""
+
+
+class SparsebenchError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+class ConfigError(SparsebenchError):
+    pass
+
+
+class ModelUnavailable(SparsebenchError):
+    pass
+
+
+class DataUnavailable(SparsebenchError):
+    pass
+
+
+class UnsupportedArchitecture(SparsebenchError):
+    pass

@@ -1,0 +1,34 @@
+"""The evaluator interface and the context every evaluator receives."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunContext:
+    """Everything an evaluator may use: the patched model and where its data lives."""
+
+    model: Any
+    tokenizer: Any
+    controller: Any  # SparsityController; ``controller.dense()`` gives the baseline
+    splits: Any  # TextSplits (calibration / held-out text)
+    cfg: Any  # the whole run config
+    cache_dir: str | None = None
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    # column name -> one value per decoder layer (for the per-layer table / W&B "layer" axis)
+    per_layer: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Evaluator:
+    name: str = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def evaluate(self, ctx: RunContext) -> EvalResult:
+        raise NotImplementedError

