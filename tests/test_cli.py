@@ -1,0 +1,67 @@
+"""The `sparsebench` command end to end, in subprocesses, on tiny offline models."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["model=tiny-llama", "data=tiny", "logger.mode=disabled"]
+
+
+def sparsebench(args, tmp_path, env=None):
+    cmd = [sys.executable, "-c", "from sparsebench.cli import main; main()", *args]
+    full_env = {**os.environ, "SPARSEBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_sweep_writes_one_result_per_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = sparsebench(["-m", "sparsifier=none,cats", "sparsifier.sparsity=0.3,0.6",
+                        "evaluator=[sparsity,perplexity]", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(sweep.glob("*/results.json"))
+    assert len(files) == 4
+    results = [json.loads(f.read_text()) for f in files]
+    by_point = {(r["sparsifier"]["name"], r["config"]["sparsifier"]["sparsity"]): r for r in results}
+    assert set(by_point) == {("none", 0.3), ("none", 0.6), ("cats", 0.3), ("cats", 0.6)}
+    for (name, s), r in by_point.items():
+        measured = r["metrics"]["sparsity/mean"]
+        assert measured == (pytest.approx(s, abs=0.1) if name == "cats" else 0.0)
+        assert r["dense_metrics"] is None if name == "none" else r["dense_metrics"]["sparsity/mean"] == 0.0
+        assert len(r["per_layer"]) == 2 and r["versions"]["torch"] and r["machine"]["cpu_count"]
+        assert r["run"]["wall_time_s"] > 0 and r["run"]["group"]
+    # the second CATS point reused nothing but the model; calibration keyed by sparsity
+    assert by_point[("cats", 0.3)]["sparsifier"]["calibration_file"] != by_point[("cats", 0.6)]["sparsifier"]["calibration_file"]
+    assert "sweep" in proc.stdout and "perplexity" in proc.stdout  # combined table
+
+
+def test_single_run_and_calibration_cache(tmp_path):
+    args = ["evaluator=sparsity", *TINY, "hydra.run.dir=run1"]
+    first = sparsebench(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r1 = json.loads((tmp_path / "run1" / "results.json").read_text())
+    assert r1["sparsifier"]["calibration"] == "computed"
+    second = sparsebench(["evaluator=sparsity", *TINY, "hydra.run.dir=run2"], tmp_path)
+    r2 = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert r2["sparsifier"]["calibration"] == "cached"
+    assert r1["metrics"] == r2["metrics"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sparsifier=catz"], "choose one of: cats, none"),
+    (["-m", "sparsifier=cats,catz"], "choose one of: cats, none"),
+    (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
+    (["model=local"], "model.path="),
+    (["model=local", "model.path=/does/not/exist"], "does not exist"),
+    (["evaluator=[sparsity,bogus]"], "unknown evaluator 'bogus'"),
+])
+def test_bad_overrides_fail_in_one_line_without_results(tmp_path, args, needle):
+    base = [a for a in TINY if not a.startswith("model=")] if any(a.startswith("model=") for a in args) else TINY
+    proc = sparsebench([*args, *base, "hydra.run.dir=out", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sparsebench: error:") and needle in lines[0]
+    assert not list(tmp_path.rglob("results.json"))
