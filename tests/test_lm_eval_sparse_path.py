@@ -1,0 +1,72 @@
+"""The sparse path fires on every token of lm-eval's loglikelihood requests.
+
+A tiny local multiple-choice task (no download) is evaluated through the real
+evaluator; the controller counts, for every MLP call made during the lm-eval run,
+how many token positions it saw and how many had a CATS mask applied.
+"""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import make_tiny
+from sparsebench.backends.dense import DenseBackend
+from sparsebench.data.corpus import TINY_TEXT, load_tiny
+from sparsebench.evaluators.base import RunContext
+from sparsebench.evaluators.lm_eval import LMEvalAccuracy
+from sparsebench.patching import SparsityController
+from sparsebench.sparsifiers.cats import CATS
+
+DOCS = [
+    {"q": "The quality of mercy is", "choices": ["not strained", "a stage", "the question"], "label": 0},
+    {"q": "All the world's a", "choices": ["sea", "stage", "sun"], "label": 1},
+    {"q": "To be, or not to be, that is the", "choices": ["winter", "question", "ocean"], "label": 1},
+    {"q": "Friends, Romans, countrymen, lend me your", "choices": ["ears", "house", "clouds"], "label": 0},
+]
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        "output_type: multiple_choice\n"
+        "validation_split: validation\n"
+        "doc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    return tmp_path
+
+
+def test_every_lm_eval_token_goes_through_the_mask(task_dir, tiny_tokenizer):
+    model = make_tiny("llama")
+    cats = CATS(OmegaConf.create({"sparsity": 0.5}))
+    ctl = SparsityController(cats, DenseBackend()).attach(model)
+    calib = tiny_tokenizer(TINY_TEXT, return_tensors="pt").input_ids[:, :64]
+    cats.load_state(cats.calibrate(ctl, model, [calib]))
+    ctx = RunContext(model=model, tokenizer=tiny_tokenizer, controller=ctl, splits=load_tiny(None), cfg=None)
+    ev = LMEvalAccuracy(OmegaConf.create({"tasks": ["tiny_mc"], "include_path": str(task_dir), "package": None,
+                                          "limit": None, "batch_size": 2, "num_fewshot": 0}))
+    sparse = ev.evaluate(ctx).metrics
+    with ctl.dense():
+        dense = ev.evaluate(ctx).metrics
+
+    # Lower bound on token positions lm-eval must feed: context + continuation − 1 per request.
+    min_positions = 0
+    for d in DOCS:
+        ctx_ids = tiny_tokenizer(d["q"], add_special_tokens=False).input_ids
+        for c in d["choices"]:
+            cont_ids = tiny_tokenizer(" " + c, add_special_tokens=False).input_ids
+            min_positions += len(ctx_ids) + len(cont_ids) - 1
+    n_layers = len(ctl.sites)
+    assert sparse["lm_eval/mlp_token_calls"] >= n_layers * min_positions > 0
+    assert sparse["lm_eval/masked_token_fraction"] == 1.0  # every position, every layer
+    assert sparse["lm_eval/mlp_sparsity"] == pytest.approx(0.5, abs=0.15)
+    assert dense["lm_eval/masked_token_fraction"] == 0.0 and dense["lm_eval/mlp_sparsity"] == 0.0
+    assert dense["lm_eval/mlp_token_calls"] == sparse["lm_eval/mlp_token_calls"]
