@@ -70,3 +70,21 @@ def test_every_lm_eval_token_goes_through_the_mask(task_dir, tiny_tokenizer):
     assert sparse["lm_eval/mlp_sparsity"] == pytest.approx(0.5, abs=0.15)
     assert dense["lm_eval/masked_token_fraction"] == 0.0 and dense["lm_eval/mlp_sparsity"] == 0.0
     assert dense["lm_eval/mlp_token_calls"] == sparse["lm_eval/mlp_token_calls"]
+
+
+def test_dense_patched_model_matches_lm_eval_from_path(tmp_path, tiny_tokenizer):
+    """sparsebench's dense path gives lm-eval exactly what `lm_eval --model hf
+    --model_args pretrained=DIR` computes from the saved folder."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from sparsebench.sparsifiers.none import NoSparsifier
+
+    model = make_tiny("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    SparsityController(NoSparsifier(OmegaConf.create({"sparsity": 0.0})), DenseBackend()).attach(model)
+    requests = [Instance("loglikelihood", d, (d["q"], " " + c), i) for i, d in enumerate(DOCS) for c in d["choices"]]
+    from_path = HFLM(pretrained=str(tmp_path / "m"), batch_size=2, dtype="float32", device="cpu").loglikelihood(requests)
+    patched = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2).loglikelihood(requests)
+    assert from_path == patched
