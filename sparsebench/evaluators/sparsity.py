@@ -16,7 +16,7 @@ class Sparsity(Evaluator):
         windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len))
         with ctx.controller.counting() as stats:
             for batch in windows.split(int(self.cfg.batch_size)):
-                ctx.model(input_ids=batch)
+                ctx.model(input_ids=batch, logits_to_keep=1)  # the MLPs are what we count
         layers = sorted(stats)
         per_layer = [stats[i].sparsity for i in layers]
         zeroed = sum(stats[i].zeroed for i in layers)

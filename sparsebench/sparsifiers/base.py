@@ -61,5 +61,5 @@ def collect_per_layer(controller, model, batches, fn) -> dict[int, list[torch.Te
 
     with controller.recording(record):
         for batch in batches:
-            model(input_ids=batch)
+            model(input_ids=batch, logits_to_keep=1)  # only MLP inputs matter: skip the vocab projection
     return out
