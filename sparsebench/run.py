@@ -24,10 +24,9 @@ def build_components(cfg: DictConfig):
     from .evaluators import EVALUATORS
     from .sparsifiers import SPARSIFIERS
 
-    if cfg.model.source == "path" and OmegaConf.is_missing(cfg.model, "path"):
-        raise ConfigError("model=local needs a folder: pass model.path=/dir/with/config.json")
-    if cfg.model.source == "path" and not Path(cfg.model.path).expanduser().exists():
-        raise ConfigError(f"model.path={cfg.model.path} does not exist; pass an existing Hugging Face model folder")
+    from .models.loader import check_model_config
+
+    check_model_config(cfg.model)
     sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)
     backend = BACKENDS.get(cfg.backend.name)(cfg.backend)
     evaluators = [EVALUATORS.get(e.name)(e) for e in evaluator_configs(cfg)]

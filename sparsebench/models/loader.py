@@ -14,7 +14,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from ..cache import atomic_dir, atomic_write_json, cache_root, fetch_package, locked, sha256_file
 from ..errors import ConfigError, ModelUnavailable
@@ -143,37 +142,36 @@ def tiny_tokenizer(vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# Architecture-specific fields on top of the shared tiny shape.
 TINY_CONFIGS = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16}),
-    "opt": ("OPTConfig", {"activation_function": "relu", "ffn_dim": None, "word_embed_proj_dim": None,
-                          "do_layer_norm_before": True, "enable_bias": True}),
+    "opt": ("OPTConfig", {"activation_function": "relu", "do_layer_norm_before": True, "enable_bias": True}),
 }
 
 
 def build_tiny_model(arch: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
-                     num_heads: int = 4, seed: int = 0, vocab_size: int = 320, **overrides: Any):
+                     num_heads: int = 4, seed: int = 0, vocab_size: int = 320):
     import torch
     import transformers
 
     if arch not in TINY_CONFIGS:
         raise ConfigError(f"model.arch={arch} has no tiny config; choose one of: {', '.join(TINY_CONFIGS)}")
     cls_name, extra = TINY_CONFIGS[arch]
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                  num_attention_heads=num_heads, max_position_embeddings=1024, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    if arch == "opt":
-        common.update(ffn_dim=intermediate_size, word_embed_proj_dim=hidden_size)
-        extra = {k: v for k, v in extra.items() if v is not None}
+    shape = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads, max_position_embeddings=1024, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if arch == "opt":  # OPT names its MLP width ffn_dim and has no grouped-query attention
+        shape.update(ffn_dim=intermediate_size, word_embed_proj_dim=hidden_size)
     else:
-        common.update(intermediate_size=intermediate_size, num_key_value_heads=max(1, num_heads // 2))
-    config = getattr(transformers, cls_name)(**{**common, **{k: v for k, v in extra.items() if v is not None or k == "sliding_window"}, **overrides})
+        shape.update(intermediate_size=intermediate_size, num_key_value_heads=max(1, num_heads // 2))
+    config = getattr(transformers, cls_name)(**shape, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init draws weights ~N(0, 0.02): too flat to give realistic activations.
-    # Scale up so gate activations spread over a useful range.
+    # transformers' init (std 0.02) gives near-constant activations; a fan-in scaled init
+    # spreads them over a realistic range so thresholds and masks are exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
@@ -181,27 +179,35 @@ def build_tiny_model(arch: str, hidden_size: int = 64, intermediate_size: int = 
     return model.eval()
 
 
+def check_model_config(mcfg) -> None:
+    """Refuse a model config that cannot work, before anything is loaded."""
+    from omegaconf import OmegaConf
+
+    if mcfg.source == "path":
+        if OmegaConf.is_missing(mcfg, "path"):
+            raise ConfigError("model=local needs a folder: pass model.path=/dir/with/config.json")
+        if not Path(mcfg.path).expanduser().exists():
+            raise ConfigError(f"model.path={mcfg.path} does not exist; pass an existing Hugging Face model folder")
+    elif mcfg.source not in ("registry", "tiny"):
+        raise ConfigError(f"model.source={mcfg.source} is unknown; use registry, path or tiny")
+
+
 # ------------------------------------------------------------------ entry point
 
 def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
     """Return (model, tokenizer, model_id) for a model config; model in eval mode on CPU."""
     set_offline()
+    check_model_config(mcfg)
     source = mcfg.source
     if source == "tiny":
         model = build_tiny_model(mcfg.arch, **dict(mcfg.get("config", {}) or {}), seed=int(mcfg.get("seed", 0)))
         return model, tiny_tokenizer(model.config.vocab_size), f"tiny-{mcfg.arch}"
     if source == "registry":
         folder = convert_registry_model(mcfg, cache_root(cache_dir))
-    elif source == "path":
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_missing(mcfg, "path"):
-            raise ConfigError("model=local needs a folder: pass model.path=/dir/with/config.json")
+    else:
         folder = Path(mcfg.path).expanduser()
         if not (folder / "config.json").exists():
             raise ModelUnavailable(f"model.path={folder} has no config.json; pass a Hugging Face model folder")
-    else:
-        raise ConfigError(f"model.source={source} is unknown; use registry, path or tiny")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
