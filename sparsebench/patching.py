@@ -65,6 +65,7 @@ class SparsityController:
     stats: dict[int, LayerStats] = field(default_factory=dict)
     recorder: Callable[[MLPInput], None] | None = None
     sites: list[MLPSite] = field(default_factory=list)
+    sparse_layers: frozenset[int] = frozenset()  # masked even while recording
 
     # -------------------------------------------------------------- model surgery
     def attach(self, model: nn.Module) -> "SparsityController":
@@ -99,21 +100,23 @@ class SparsityController:
             self.collect_stats = prev
 
     @contextlib.contextmanager
-    def recording(self, recorder: Callable[[MLPInput], None]):
-        """Run every MLP densely and hand each call's inputs to ``recorder`` (calibration)."""
-        prev = (self.recorder, self.enabled)
-        self.recorder, self.enabled = recorder, False
+    def recording(self, recorder: Callable[[MLPInput], None], sparse_layers=()):
+        """Hand each MLP call's inputs to ``recorder`` (calibration). MLPs run densely,
+        except the layers in ``sparse_layers``, which apply the sparsifier's mask."""
+        prev = (self.recorder, self.enabled, self.sparse_layers)
+        self.recorder, self.enabled, self.sparse_layers = recorder, False, frozenset(sparse_layers)
         try:
             yield
         finally:
-            self.recorder, self.enabled = prev
+            self.recorder, self.enabled, self.sparse_layers = prev
 
     # -------------------------------------------------------------- the hot path
     def run_mlp(self, site: MLPSite, x: torch.Tensor) -> torch.Tensor:
         inp = MLPInput(site, x)
         if self.recorder is not None:
             self.recorder(inp)
-        mask = self.sparsifier.mask(inp) if self.enabled else None
+        sparse = self.enabled or site.layer_idx in self.sparse_layers
+        mask = self.sparsifier.mask(inp) if sparse else None
         out = self.backend.mlp(site, inp, mask)
         if self.collect_stats:
             self._count(site, inp, mask)

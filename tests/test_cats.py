@@ -24,8 +24,8 @@ class MaskedAct(torch.nn.Module):
         return a * (a.abs() > self.t).to(a.dtype)
 
 
-def calibrated(model, sparsity, calib):
-    cats = CATS(OmegaConf.create({"sparsity": sparsity}))
+def calibrated(model, sparsity, calib, calibrate_on="sparse_upstream"):
+    cats = CATS(OmegaConf.create({"sparsity": sparsity, "calibrate_on": calibrate_on}))
     ctl = SparsityController(cats, DenseBackend()).attach(model)
     cats.load_state(cats.calibrate(ctl, model, calib.split(2)))
     return cats, ctl
@@ -46,15 +46,31 @@ def gate_activations(model, calib):
     return {i: torch.cat(v) for i, v in acts.items()}
 
 
+def mask_activation(site, t):
+    if site.kind == "plain":
+        site.layer.activation_fn = MaskedAct(site.act, t)
+    else:
+        site.layer.mlp.act_fn = MaskedAct(site.act, t)
+
+
+@pytest.mark.parametrize("calibrate_on", ["sparse_upstream", "dense"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
-def test_thresholds_are_exact_order_statistics(arch, sparsity):
+def test_thresholds_are_exact_order_statistics(arch, sparsity, calibrate_on):
     model = make_tiny(arch)
     calib = random_ids(batch=4, seq=32, seed=1)
-    acts = gate_activations(copy.deepcopy(model), calib)
-    cats, _ = calibrated(model, sparsity, calib)
-    for i, a in acts.items():
+    # Brute force: layer by layer, sort |act| of that layer; for sequential calibration,
+    # mask the layer with its threshold before moving on to the next.
+    reference = copy.deepcopy(model)
+    acts = {}
+    for site in mlp_sites(reference):
+        a = gate_activations(reference, calib)[site.layer_idx]
         k = int(round(sparsity * a.numel()))
-        expected = torch.sort(a).values[k - 1]
+        acts[site.layer_idx] = (a, torch.sort(a).values[k - 1])
+        if calibrate_on == "sparse_upstream":
+            mask_activation(site, acts[site.layer_idx][1])
+    cats, _ = calibrated(model, sparsity, calib, calibrate_on)
+    for i, (a, expected) in acts.items():
+        k = int(round(sparsity * a.numel()))
         assert cats.thresholds[i] == expected
         # exact target sparsity on the calibration tokens, up to ties (ReLU's zeros tie)
         below = (a < cats.thresholds[i]).sum().item()
@@ -72,15 +88,7 @@ def test_cats_equals_masked_dense_reference(arch, sparsity):
     cats, ctl = calibrated(model, sparsity, calib)
     # Brute force: wrap the stock activation so sub-threshold outputs are zero.
     for site in mlp_sites(reference):
-        t = cats.thresholds[site.layer_idx]
-        act = site.act
-
-        masked_act = MaskedAct(act, t)
-
-        if arch == "opt":
-            site.layer.activation_fn = masked_act
-        else:
-            site.layer.mlp.act_fn = masked_act
+        mask_activation(site, cats.thresholds[site.layer_idx])
     ids = random_ids(batch=3, seq=20, seed=7)
     with torch.no_grad():
         got = model(input_ids=ids).logits

@@ -51,6 +51,31 @@ class Sparsifier:
         return {}
 
 
+class _StopForward(Exception):
+    """Raised by a recorder once it has what it needs, to skip the rest of the forward."""
+
+
+@torch.no_grad()
+def collect_layer(controller, model, batches, layer_idx: int, fn) -> list[torch.Tensor]:
+    """``fn(inp)`` for every call of layer ``layer_idx``'s MLP, with every layer below it
+    already sparsified by the sparsifier's current state — i.e. exactly the tensor
+    the layer will see at inference. The forward stops after that layer."""
+    out: list[torch.Tensor] = []
+
+    def record(inp):
+        if inp.layer_idx == layer_idx:
+            out.append(fn(inp))
+            raise _StopForward
+
+    with controller.recording(record, sparse_layers=range(layer_idx)):
+        for batch in batches:
+            try:
+                model(input_ids=batch, logits_to_keep=1)
+            except _StopForward:
+                pass
+    return out
+
+
 @torch.no_grad()
 def collect_per_layer(controller, model, batches, fn) -> dict[int, list[torch.Tensor]]:
     """Run ``model`` densely over ``batches``; for each MLP call store ``fn(inp)`` per layer."""

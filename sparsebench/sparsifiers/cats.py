@@ -5,13 +5,21 @@ calibration tokens; at run time neuron i is kept iff |act(gate(x))_i| > t. The
 threshold is an exact order statistic (``torch.kthvalue``), so the sparsity on the
 calibration tokens is exactly s (up to ties). For OPT-style MLPs the activation is
 act(fc1(x)).
+
+Deviation from the paper (``calibrate_on``): the paper takes every layer's quantile
+from the dense model. By default we calibrate *sequentially* (``sparse_upstream``):
+layer l's threshold is computed with layers < l already sparsified, i.e. on the
+activations layer l really receives at inference. With dense calibration the error
+compounds with depth (Gemma3-270M at s=0.7: 0.723 measured held-out sparsity, deep
+layers up to 0.744); ``calibrate_on=dense`` restores the paper's procedure.
 """
 from __future__ import annotations
 
 import torch
 
 from . import SPARSIFIERS
-from .base import Sparsifier, collect_per_layer
+from ..errors import ConfigError
+from .base import Sparsifier, collect_layer, collect_per_layer
 
 
 def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -26,16 +34,29 @@ def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
 @SPARSIFIERS.register("cats")
 class CATS(Sparsifier):
     needs_calibration = True
-    calibration_params = ("sparsity",)
+    calibration_params = ("sparsity", "calibrate_on")
+    CALIBRATE_ON = ("sparse_upstream", "dense")
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.thresholds: torch.Tensor | None = None
 
+    def validate(self):
+        super().validate()
+        if self.cfg.get("calibrate_on", "sparse_upstream") not in self.CALIBRATE_ON:
+            raise ConfigError(f"sparsifier.calibrate_on={self.cfg.calibrate_on} is unknown; use one of: {', '.join(self.CALIBRATE_ON)}")
+
     def calibrate(self, controller, model, batches):
-        acts = collect_per_layer(controller, model, batches, lambda inp: inp.act.detach().abs().float().reshape(-1))
-        thresholds = torch.stack([quantile_threshold(torch.cat(acts[i]), self.sparsity) for i in sorted(acts)])
-        return {"thresholds": thresholds}
+        abs_act = lambda inp: inp.act.detach().abs().float().reshape(-1)  # noqa: E731
+        if self.cfg.get("calibrate_on", "sparse_upstream") == "dense":
+            acts = collect_per_layer(controller, model, batches, abs_act)
+            return {"thresholds": torch.stack([quantile_threshold(torch.cat(acts[i]), self.sparsity) for i in sorted(acts)])}
+        from tqdm.auto import tqdm
+
+        self.thresholds = torch.full((len(controller.sites),), float("-inf"))
+        for i in tqdm(range(len(controller.sites)), desc="CATS calibration (per layer)", leave=False):
+            self.thresholds[i] = quantile_threshold(torch.cat(collect_layer(controller, model, batches, i, abs_act)), self.sparsity)
+        return {"thresholds": self.thresholds.clone()}
 
     def load_state(self, state):
         self.thresholds = state["thresholds"]
