@@ -65,3 +65,15 @@ def test_bad_overrides_fail_in_one_line_without_results(tmp_path, args, needle):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("sparsebench: error:") and needle in lines[0]
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_unsupported_local_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    proc = sparsebench(["model=local", f"model.path={tmp_path / 'gpt2'}", "data=tiny", "logger.mode=disabled",
+                        "hydra.run.dir=out"], tmp_path)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "architecture 'gpt2' is not supported" in lines[0] and "llama" in lines[0]
+    assert not list(tmp_path.rglob("results.json"))

@@ -213,7 +213,10 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
 
     from .adapters import adapter_for_config
 
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError) as exc:
+        raise ModelUnavailable(f"{folder} is not a model transformers can read ({str(exc).splitlines()[0]})") from None
     adapter_for_config(config)  # refuse unsupported architectures before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(mcfg.get("dtype", "float32")))
