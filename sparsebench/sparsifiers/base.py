@@ -51,29 +51,54 @@ class Sparsifier:
         return {}
 
 
-class _StopForward(Exception):
-    """Raised by a recorder once it has what it needs, to skip the rest of the forward."""
-
-
 @torch.no_grad()
-def collect_layer(controller, model, batches, layer_idx: int, fn) -> list[torch.Tensor]:
-    """``fn(inp)`` for every call of layer ``layer_idx``'s MLP, with every layer below it
-    already sparsified by the sparsifier's current state — i.e. exactly the tensor
-    the layer will see at inference. The forward stops after that layer."""
-    out: list[torch.Tensor] = []
+def calibrate_layerwise(controller, model, batches, fn, fit) -> None:
+    """Calibrate layer by layer on exactly the tensor each layer sees at inference.
 
-    def record(inp):
-        if inp.layer_idx == layer_idx:
-            out.append(fn(inp))
-            raise _StopForward
+    For l = 0, 1, …: record ``fn(inp)`` for layer l's MLP on the hidden states produced by
+    layers < l *with their masks applied*, call ``fit(l, values)`` (which must make
+    ``sparsifier.mask`` work for layer l), then advance the hidden states through layer l
+    with its mask on. Each decoder layer is re-run from its captured inputs (hidden
+    states plus the keyword arguments the model passed it: masks, rotary embeddings),
+    so the cost is about two full forwards, with no architecture-specific code.
+    """
+    layers = [site.layer for site in controller.sites]
+    captured: list[dict[int, tuple]] = []
 
-    with controller.recording(record, sparse_layers=range(layer_idx)):
-        for batch in batches:
-            try:
-                model(input_ids=batch, logits_to_keep=1)
-            except _StopForward:
-                pass
-    return out
+    def capture(i):
+        def hook(_mod, args, kwargs):
+            captured[-1][i] = (args, kwargs)
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with controller.recording(None):
+            for batch in batches:
+                captured.append({})
+                model(input_ids=batch, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def run_layer(i, hidden, b):
+        args, kwargs = captured[b][i]
+        if args:
+            out = layers[i](hidden, *args[1:], **kwargs)
+        else:
+            out = layers[i](**{**kwargs, "hidden_states": hidden})
+        return out[0] if isinstance(out, tuple) else out
+
+    hidden = [c[0][0][0] if c[0][0] else c[0][1]["hidden_states"] for c in captured]
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(layers)), desc="calibration (layer by layer)", leave=False):
+        values = []
+        with controller.recording(lambda inp: values.append(fn(inp)) if inp.layer_idx == i else None):
+            for b, h in enumerate(hidden):
+                run_layer(i, h, b)
+        fit(i, values)
+        with controller.recording(None, sparse_layers={i}):
+            hidden = [run_layer(i, h, b) for b, h in enumerate(hidden)]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 
 from . import SPARSIFIERS
 from ..errors import ConfigError
-from .base import Sparsifier, collect_layer, collect_per_layer
+from .base import Sparsifier, calibrate_layerwise, collect_per_layer
 
 
 def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -51,11 +51,12 @@ class CATS(Sparsifier):
         if self.cfg.get("calibrate_on", "sparse_upstream") == "dense":
             acts = collect_per_layer(controller, model, batches, abs_act)
             return {"thresholds": torch.stack([quantile_threshold(torch.cat(acts[i]), self.sparsity) for i in sorted(acts)])}
-        from tqdm.auto import tqdm
-
         self.thresholds = torch.full((len(controller.sites),), float("-inf"))
-        for i in tqdm(range(len(controller.sites)), desc="CATS calibration (per layer)", leave=False):
-            self.thresholds[i] = quantile_threshold(torch.cat(collect_layer(controller, model, batches, i, abs_act)), self.sparsity)
+
+        def fit(i, values):
+            self.thresholds[i] = quantile_threshold(torch.cat(values), self.sparsity)
+
+        calibrate_layerwise(controller, model, batches, abs_act, fit)
         return {"thresholds": self.thresholds.clone()}
 
     def load_state(self, state):
