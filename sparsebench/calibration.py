@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from pathlib import Path
 
 import torch
 

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -44,6 +43,7 @@ def test_single_run_and_calibration_cache(tmp_path):
     r1 = json.loads((tmp_path / "run1" / "results.json").read_text())
     assert r1["sparsifier"]["calibration"] == "computed"
     second = sparsebench(["evaluator=sparsity", *TINY, "hydra.run.dir=run2"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
     r2 = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert r2["sparsifier"]["calibration"] == "cached"
     assert r1["metrics"] == r2["metrics"]

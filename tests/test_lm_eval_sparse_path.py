@@ -7,7 +7,6 @@ how many token positions it saw and how many had a CATS mask applied.
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from conftest import make_tiny

@@ -10,7 +10,6 @@ held-out windows are consecutive from the start of the held-out text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
