@@ -31,29 +31,67 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _load_verified(path, meta, key):
+    """The state at ``path`` if its sha256 and key match the sidecar, else None."""
+    if path.exists() and meta.exists():
+        blob = path.read_bytes()
+        try:
+            recorded = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            return None
+        if recorded.get("sha256") == hashlib.sha256(blob).hexdigest() and recorded.get("key") == key:
+            return torch.load(io.BytesIO(blob), weights_only=True)
+    return None
+
+
+def _save(path, meta, key, state) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    atomic_write_bytes(path, blob)
+    atomic_write_json(meta, {"key": key, "sha256": hashlib.sha256(blob).hexdigest()})
+
+
+class ArtifactCache:
+    """Lets a sparsifier cache an intermediate result that depends on fewer parameters
+    than its state (e.g. TEAL's greedy trajectory, shared by every target sparsity)."""
+
+    def __init__(self, folder, base_key: dict):
+        self.folder, self.base_key = folder, base_key
+
+    def get(self, name: str, extra_key: dict, compute):
+        key = {**self.base_key, "artifact": name, **extra_key}
+        path = self.folder / f"{name}-{_digest(key)}.pt"
+        meta = path.with_suffix(".json")
+        with locked(path):
+            state = _load_verified(path, meta, key)
+            if state is None:
+                state = compute()
+                _save(path, meta, key, state)
+        return state
+
+
 def load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id, dcfg, seed, cache_dir=None):
     """Return (state, info) where info says whether the state came from the cache."""
     if not sparsifier.needs_calibration:
         return {}, {"calibration": "none"}
     key = calibration_key(model_id, dcfg, sparsifier, seed)
-    path = cache_root(cache_dir) / "calibration" / f"{sparsifier.name}-{_digest(key)}.pt"
+    folder = cache_root(cache_dir) / "calibration"
+    path = folder / f"{sparsifier.name}-{_digest(key)}.pt"
     meta = path.with_suffix(".json")
+    base_key = {k: v for k, v in key.items() if k not in sparsifier.calibration_key()} | {"method": sparsifier.name}
+    sparsifier.artifacts = ArtifactCache(folder, base_key)
     with locked(path):
-        if path.exists() and meta.exists():
-            blob = path.read_bytes()
-            recorded = json.loads(meta.read_text())
-            if recorded.get("sha256") == hashlib.sha256(blob).hexdigest() and recorded.get("key") == key:
-                state = torch.load(io.BytesIO(blob), weights_only=True)
-                sparsifier.load_state(state)
-                return state, {"calibration": "cached", "calibration_file": str(path)}
+        state = _load_verified(path, meta, key)
+        if state is not None:
+            sparsifier.load_state(state)
+            return state, {"calibration": "cached", "calibration_file": str(path)}
         windows = calibration_windows(tokenizer, splits, key["num_sequences"], key["seq_len"], seed)
         batches = windows.split(int(dcfg.calibration.batch_size))
+        # lm-eval and others reseed the global RNG; calibration uses its own seed
+        torch.manual_seed(seed)
         state = sparsifier.calibrate(controller, model, batches)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        blob = buf.getvalue()
-        atomic_write_bytes(path, blob)
-        atomic_write_json(meta, {"key": key, "sha256": hashlib.sha256(blob).hexdigest()})
+        _save(path, meta, key, state)
     sparsifier.load_state(state)
     return state, {"calibration": "computed", "calibration_file": str(path),
                    "calibration_tokens": int(windows.numel())}

@@ -4,12 +4,24 @@
 ``SparseMLP`` that asks the sparsifier for a mask and has the backend execute it.
 With the controller disabled (or sparsifier ``none``) the computation is the same
 sequence of torch ops as transformers' own MLP, so dense results are bit-identical.
+
+Sparsifiers that mask the *inputs* of linear layers (TEAL, WINA, R-Sparse) list the
+projections they touch in ``input_projections``; those linears are wrapped in a
+``SparseLinear`` that asks the sparsifier for an input mask.
+
+Prefill policy (``PrefillPolicy``): which token positions the sparse path applies to,
+the same for every method. ``all`` (default) sparsifies every position of every
+forward, prompt tokens included, so lm-eval loglikelihoods and perplexity measure the
+sparse model; ``dense_prefix`` keeps the first N positions of each sequence dense;
+``decode_only`` runs every multi-token forward (prefill, loglikelihood scoring,
+perplexity) dense and sparsifies only single-token decode steps. Calibration always
+sees every position.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -18,28 +30,79 @@ from .models.adapters import MLPSite, mlp_sites
 
 
 class MLPInput:
-    """What a sparsifier may look at for one MLP call; the activation is computed lazily
-    so predictor-style sparsifiers that only need ``x`` don't pay for a dense gate."""
+    """What a sparsifier may look at for one MLP call. Everything beyond ``x`` is computed
+    lazily and at most once, so predictor-style sparsifiers that only need ``x`` don't pay
+    for a dense gate, and the backend reuses what the sparsifier already computed."""
 
     def __init__(self, site: MLPSite, x: torch.Tensor):
         self.site = site
         self.x = x
+        self._pre: torch.Tensor | None = None
         self._act: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
 
     @property
     def layer_idx(self) -> int:
         return self.site.layer_idx
 
     @property
+    def pre(self) -> torch.Tensor:
+        """The activation's input: gate(x) for gated MLPs, fc1(x) for plain ones."""
+        if self._pre is None:
+            self._pre = self.site.activation_input(self.x)
+        return self._pre
+
+    @property
     def act(self) -> torch.Tensor:
         """act(gate(x)) for gated MLPs, act(fc1(x)) for plain ones (shape [..., intermediate])."""
         if self._act is None:
-            self._act = self.site.act(self.site.activation_input(self.x))
+            self._act = self.site.act(self.pre)
         return self._act
+
+    @property
+    def h(self) -> torch.Tensor:
+        """The down projection's input: act(gate(x)) * up(x), or act(fc1(x))."""
+        if self._h is None:
+            self._h = self.act * self.site.up(self.x) if self.site.kind == "gated" else self.act
+        return self._h
 
     @property
     def act_is_computed(self) -> bool:
         return self._act is not None
+
+
+class LinearInput:
+    """One call of a wrapped linear: which layer and projection, and its input."""
+
+    def __init__(self, site: MLPSite, proj: str, x: torch.Tensor):
+        self.site, self.proj, self.x = site, proj, x
+
+    @property
+    def layer_idx(self) -> int:
+        return self.site.layer_idx
+
+
+PREFILL_POLICIES = ("all", "dense_prefix", "decode_only")
+
+
+@dataclass
+class PrefillPolicy:
+    policy: str = "all"
+    dense_prefix: int = 0
+
+    def __post_init__(self):
+        if self.policy not in PREFILL_POLICIES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"prefill.policy={self.policy} is unknown; use one of: {', '.join(PREFILL_POLICIES)}")
+
+    def sparse_positions(self, positions: torch.Tensor | None) -> torch.Tensor | None:
+        """Boolean [T] (True = sparsify) for a forward over ``positions``; None = all."""
+        if self.policy == "all" or positions is None:
+            return None
+        if self.policy == "decode_only":
+            return torch.full_like(positions, positions.numel() == 1, dtype=torch.bool)
+        return positions >= self.dense_prefix
 
 
 @dataclass
@@ -64,20 +127,55 @@ class SparsityController:
     collect_stats: bool = False
     stats: dict[int, LayerStats] = field(default_factory=dict)
     recorder: Callable[[MLPInput], None] | None = None
+    linear_recorder: Callable[[LinearInput], None] | None = None
     sites: list[MLPSite] = field(default_factory=list)
     sparse_layers: frozenset[int] = frozenset()  # masked even while recording
+    prefill: PrefillPolicy = field(default_factory=PrefillPolicy)
+    # (layer, projection) -> counts, for sparsifiers that mask linear inputs
+    linear_stats: dict[tuple[int, str], LayerStats] = field(default_factory=dict)
 
     # -------------------------------------------------------------- model surgery
-    def attach(self, model: nn.Module) -> "SparsityController":
+    def attach(self, model: nn.Module) -> SparsityController:
         self.sites = mlp_sites(model)
+        self._wrapped: list[tuple[MLPSite, str, nn.Module]] = []
+        projections = tuple(getattr(self.sparsifier, "input_projections", ()))
         for site in self.sites:
+            for proj in projections:
+                if proj in site.slots:  # OPT has no gate
+                    original = site.projection(proj)
+                    site.replace_projection(proj, SparseLinear(original, site, proj, self))
+                    self._wrapped.append((site, proj, original))
             site.install(SparseMLP(site, self))
+        self._positions: torch.Tensor | None = None
+        self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
+        if hasattr(self.sparsifier, "attach"):
+            self.sparsifier.attach(self, model)
         return self
 
     def detach(self) -> None:
         for site in self.sites:
             site.restore()
-        self.sites = []
+        for site, proj, original in reversed(self._wrapped):
+            site.replace_projection(proj, original)
+        self._hook.remove()
+        self.sites, self._wrapped = [], []
+
+    def _note_positions(self, _model, args, kwargs):
+        """Record the token positions of this forward (for the prefill policy)."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            self._positions = None
+            return
+        past = 0
+        cache_position = kwargs.get("cache_position")
+        pkv = kwargs.get("past_key_values")
+        if cache_position is not None:
+            past = int(cache_position[0])
+        elif pkv is not None and hasattr(pkv, "get_seq_length"):
+            past = int(pkv.get_seq_length())
+        self._positions = torch.arange(past, past + ids.shape[1])
 
     # -------------------------------------------------------------- modes
     @contextlib.contextmanager
@@ -91,41 +189,84 @@ class SparsityController:
 
     @contextlib.contextmanager
     def counting(self):
-        """Collect per-layer token/zero counts for the duration of the block."""
+        """Collect per-layer token/zero counts for the duration of the block
+        (``stats``: MLP neurons per layer; ``linear_stats``: inputs per (layer, projection))."""
         prev, self.collect_stats = self.collect_stats, True
-        self.stats = {}
+        self.stats, self.linear_stats = {}, {}
         try:
             yield self.stats
         finally:
             self.collect_stats = prev
 
     @contextlib.contextmanager
-    def recording(self, recorder: Callable[[MLPInput], None], sparse_layers=()):
-        """Hand each MLP call's inputs to ``recorder`` (calibration). MLPs run densely,
-        except the layers in ``sparse_layers``, which apply the sparsifier's mask."""
-        prev = (self.recorder, self.enabled, self.sparse_layers)
-        self.recorder, self.enabled, self.sparse_layers = recorder, False, frozenset(sparse_layers)
+    def recording(self, recorder: Callable[[MLPInput], None] | None, sparse_layers=(),
+                  linear_recorder: Callable[[LinearInput], None] | None = None):
+        """Hand each MLP call's inputs to ``recorder`` and each wrapped linear's input to
+        ``linear_recorder`` (calibration). Everything runs densely, except the layers in
+        ``sparse_layers``, which apply the sparsifier's masks."""
+        prev = (self.recorder, self.linear_recorder, self.enabled, self.sparse_layers)
+        self.recorder, self.linear_recorder = recorder, linear_recorder
+        self.enabled, self.sparse_layers = False, frozenset(sparse_layers)
         try:
             yield
         finally:
-            self.recorder, self.enabled, self.sparse_layers = prev
+            self.recorder, self.linear_recorder, self.enabled, self.sparse_layers = prev
+
+    def _sparse_here(self, site: MLPSite) -> bool:
+        return self.enabled or site.layer_idx in self.sparse_layers
+
+    def _policy_rows(self) -> torch.Tensor | None:
+        """[T] bool of positions to sparsify under the prefill policy (None = all);
+        calibration (sparse_layers while recording) always sparsifies every position."""
+        if not self.enabled:
+            return None
+        return self.prefill.sparse_positions(self._positions)
+
+    @staticmethod
+    def _restrict(mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Keep everything at the positions the policy leaves dense."""
+        if mask is None or rows is None:
+            return mask
+        if not bool(rows.any()):
+            return None
+        if mask.dim() < 2 or mask.shape[-2] != rows.numel():
+            return mask
+        return mask | ~rows.to(mask.device).unsqueeze(-1)
 
     # -------------------------------------------------------------- the hot path
     def run_mlp(self, site: MLPSite, x: torch.Tensor) -> torch.Tensor:
         inp = MLPInput(site, x)
         if self.recorder is not None:
             self.recorder(inp)
-        sparse = self.enabled or site.layer_idx in self.sparse_layers
-        mask = self.sparsifier.mask(inp) if sparse else None
-        out = self.backend.mlp(site, inp, mask)
+        mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
+        mask = self._restrict(mask, self._policy_rows())
         if self.collect_stats:
-            self._count(site, inp, mask)
-        return out
+            self._count(site, inp, mask)  # before the backend: the act it sees is unmodified
+        return self.backend.mlp(site, inp, mask)
+
+    def run_linear(self, site: MLPSite, proj: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        inp = LinearInput(site, proj, x)
+        if self.linear_recorder is not None:
+            self.linear_recorder(inp)
+        if not self._sparse_here(site):
+            return linear(x)
+        mask = self._restrict(self.sparsifier.input_mask(inp), self._policy_rows())
+        if self.collect_stats:
+            s = self.linear_stats.setdefault((site.layer_idx, proj), LayerStats())
+            n_tokens = x.numel() // x.shape[-1]
+            s.tokens += n_tokens
+            s.neurons += x.numel()
+            if mask is not None:
+                s.masked_tokens += n_tokens
+                s.zeroed += int((~mask).sum())
+        if mask is None:
+            return linear(x)
+        return self.sparsifier.masked_linear(inp, linear, mask)
 
     def _count(self, site: MLPSite, inp: MLPInput, mask: torch.Tensor | None) -> None:
-        # A neuron is zeroed when the mask drops it or its activation is exactly zero
-        # (ReLU-family models); for a gated MLP up(x) == 0 exactly has measure zero.
-        zero = inp.act == 0
+        # A neuron is zeroed when the mask drops it or its value h_i is exactly zero
+        # (ReLU-family and dReLU models); for SiLU/GeLU MLPs h_i == 0 has measure zero.
+        zero = inp.h == 0
         if mask is not None:
             zero = zero | ~mask
         s = self.stats.setdefault(site.layer_idx, LayerStats())
@@ -153,3 +294,36 @@ class SparseMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.site.layer_idx}, kind={self.site.kind}"
+
+
+class SparseLinear(nn.Module):
+    """Stands in for one projection whose *input* a sparsifier masks (TEAL, WINA, R-Sparse).
+    The wrapped linear stays a child (``.linear``); ``weight``/``bias`` are exposed for
+    code that reads them."""
+
+    def __init__(self, linear: nn.Linear, site: MLPSite, proj: str, controller: SparsityController):
+        super().__init__()
+        self.linear, self.site, self.proj = linear, site, proj
+        self._controller = [controller]
+
+    @property
+    def weight(self):
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    @property
+    def in_features(self):
+        return self.linear.in_features
+
+    @property
+    def out_features(self):
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._controller[0].run_linear(self.site, self.proj, self.linear, x)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.site.layer_idx}, proj={self.proj}"

@@ -5,9 +5,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .cache import atomic_write_json
 
@@ -65,11 +66,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def sparsifier_label(sp: dict) -> str:
+    """``cats@0.5``, ``cett@budget=0.2``, ``relu`` (natural zeros)."""
+    if sp.get("sparsity") is not None:
+        return f"{sp['name']}@{sp['sparsity']:g}"
+    if sp.get("budget") is not None:
+        return f"{sp['name']}@budget={sp['budget']:g}"
+    return sp["name"]
+
+
 def run_table(results: dict):
     from rich.table import Table
 
     sparse, dense = results["metrics"], results.get("dense_metrics")
-    label = f"{results['sparsifier']['name']}@{results['sparsifier'].get('sparsity', 0):g}"
+    label = sparsifier_label(results["sparsifier"])
     table = Table(title=f"{results['model']['id']} · {label} · backend={results['backend']}")
     table.add_column("metric")
     if dense is not None:

@@ -17,16 +17,26 @@ def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
     return [evs[k] for k in evs]
 
 
+def prefill_policy(cfg: DictConfig):
+    from .patching import PrefillPolicy
+
+    p = cfg.get("prefill") or {}
+    n = p.get("dense_prefix", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f"prefill.dense_prefix={n} must be a non-negative integer, e.g. prefill.dense_prefix=32")
+    return PrefillPolicy(p.get("policy", "all"), n)
+
+
 def build_components(cfg: DictConfig):
     """Instantiate sparsifier, backend and evaluators; raises ConfigError on bad values
     (done before any model is loaded, so a bad override costs nothing and writes nothing)."""
     from .backends import BACKENDS
     from .evaluators import EVALUATORS
+    from .models.loader import check_model_config
     from .sparsifiers import SPARSIFIERS
 
-    from .models.loader import check_model_config
-
     check_model_config(cfg.model)
+    prefill_policy(cfg)
     sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)
     backend = BACKENDS.get(cfg.backend.name)(cfg.backend)
     evaluators = [EVALUATORS.get(e.name)(e) for e in evaluator_configs(cfg)]
@@ -42,7 +52,14 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     from .evaluators import RunContext
     from .models.loader import load_model, set_offline
     from .patching import SparsityController
-    from .results import machine, per_layer_table, print_tables, run_table, versions, write_results
+    from .results import (
+        machine,
+        per_layer_table,
+        print_tables,
+        run_table,
+        versions,
+        write_results,
+    )
     from .wandb_logger import log_run
 
     started = time.time()
@@ -54,7 +71,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
 
     model, tokenizer, model_id = load_model(cfg.model, cfg.cache_dir)
     splits = load_corpus(cfg.data, cfg.cache_dir)
-    controller = SparsityController(sparsifier, backend).attach(model)
+    controller = SparsityController(sparsifier, backend, prefill=prefill_policy(cfg)).attach(model)
     _, calib_info = load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id,
                                       cfg.data, int(cfg.seed), cfg.cache_dir)
     ctx = RunContext(model=model, tokenizer=tokenizer, controller=controller, splits=splits, cfg=cfg,
@@ -88,7 +105,9 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         "model": {"id": model_id, "model_type": model.config.model_type, "num_layers": n_layers,
                   "hidden_size": model.config.hidden_size,
                   "intermediate_size": controller.sites[0].intermediate_size if n_layers else None},
-        "sparsifier": {"name": sparsifier.name, "sparsity": sparsifier.sparsity, **calib_info},
+        "sparsifier": {"name": sparsifier.name, "sparsity": sparsifier.requested_sparsity,
+                       "sparsity_unit": sparsifier.sparsity_unit, **sparsifier.summary(), **calib_info},
+        "prefill": OmegaConf.to_container(cfg.prefill) if cfg.get("prefill") else {"policy": "all"},
         "backend": backend.name,
         "data": {"corpus": splits.name, "heldout_works": splits.heldout_works},
         "metrics": metrics,

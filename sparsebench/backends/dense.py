@@ -12,7 +12,7 @@ class DenseBackend(Backend):
     def mlp(self, site, inp, mask: torch.Tensor | None) -> torch.Tensor:
         # Same op order as transformers' MLPs (down(act(gate(x)) * up(x))), so an
         # unmasked call is bit-identical to the unpatched model.
-        h = inp.act * site.up(inp.x) if site.kind == "gated" else inp.act
+        h = inp.h
         if mask is not None:
             h = h * mask.to(h.dtype)
         return site.down(h)

@@ -1,7 +1,7 @@
 """Evaluators: get the patched model, return metrics."""
 from ..registry import Registry
-from .base import Evaluator, EvalResult, RunContext
+from .base import EvalResult, Evaluator, RunContext
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator", __name__)
 
-__all__ = ["EVALUATORS", "Evaluator", "EvalResult", "RunContext"]
+__all__ = ["EVALUATORS", "EvalResult", "Evaluator", "RunContext"]

@@ -11,8 +11,8 @@ transformers' modeling code. Two MLP shapes exist:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 
@@ -31,6 +31,26 @@ class MLPSite:
     attention: dict[str, nn.Linear] = field(default_factory=dict)
     install: Callable[[nn.Module], None] = None  # replaces the MLP with a module computing it
     restore: Callable[[], None] = None
+    # projection name ("q", "k", "v", "o", "gate", "up", "down") -> (parent module, attribute),
+    # so a sparsifier that masks linear *inputs* (TEAL, WINA, R-Sparse) can wrap any of them
+    slots: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
+    # dReLU models apply an activation to up(x) too: h = act(gate(x)) * up_act(up(x)).
+    # ``up(x)`` already includes it (see models.activations); backends that read
+    # ``up.weight`` directly must apply it themselves.
+    up_act: Callable | None = None
+
+    def projection(self, name: str) -> nn.Linear:
+        # MLP projections are read from the site: OPT's fc1/fc2 slots hold the installed MLP
+        return getattr(self, name) if name in ("gate", "up", "down") else self.attention[name]
+
+    def replace_projection(self, name: str, module: nn.Module) -> None:
+        """Swap projection ``name`` in the model and in this site's references."""
+        parent, attr = self.slots[name]
+        setattr(parent, attr, module)
+        if name in ("gate", "up", "down"):
+            setattr(self, name, module)
+        else:
+            self.attention[name] = module
 
     @property
     def intermediate_size(self) -> int:
@@ -67,6 +87,9 @@ class GatedMLPAdapter:
                 act=mlp.act_fn,
                 attention={"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj},
                 install=install, restore=restore,
+                slots={"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
+                       "gate": (mlp, "gate_proj"), "up": (mlp, "up_proj"), "down": (mlp, "down_proj")},
+                up_act=getattr(mlp.up_proj, "output_activation", None),
             ))
         return out
 
@@ -93,6 +116,8 @@ class OPTAdapter:
                 layer_idx=i, layer=layer, kind="plain", up=fc1, down=fc2, act=act,
                 attention={"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.out_proj},
                 install=install, restore=restore,
+                slots={"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "out_proj"),
+                       "up": (layer, "fc1"), "down": (layer, "fc2")},
             ))
         return out
 

@@ -15,7 +15,14 @@ import os
 import time
 from pathlib import Path
 
-from ..cache import atomic_dir, atomic_write_json, cache_root, fetch_package, locked, sha256_file
+from ..cache import (
+    atomic_dir,
+    atomic_write_json,
+    cache_root,
+    fetch_package,
+    locked,
+    sha256_file,
+)
 from ..errors import ConfigError, ModelUnavailable
 
 HF_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

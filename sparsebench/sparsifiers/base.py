@@ -1,11 +1,17 @@
 """The sparsifier interface and shared calibration helpers."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+
+
+class NoArtifactCache:
+    def get(self, name, extra_key, compute):
+        return compute()
 
 
 class Sparsifier:
@@ -20,9 +26,17 @@ class Sparsifier:
     name: str = "base"
     needs_calibration: bool = False
     calibration_params: tuple[str, ...] = ()
+    # Linears whose *input* this method masks ("q", "k", "v", "o", "gate", "up", "down");
+    # empty for methods that only mask MLP neurons through ``mask``.
+    input_projections: tuple[str, ...] = ()
+    # What ``sparsity`` counts: "mlp_neurons" (fraction of intermediate neurons dropped) or
+    # "linear_inputs" (fraction of input channels dropped over ``input_projections``,
+    # weighted by each projection's parameter count).
+    sparsity_unit: str = "mlp_neurons"
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.artifacts = NoArtifactCache()  # load_or_calibrate installs the on-disk one
         self.validate()
 
     def validate(self) -> None:
@@ -34,6 +48,16 @@ class Sparsifier:
     def sparsity(self) -> float:
         return float(self.cfg.get("sparsity", 0.0))
 
+    @property
+    def requested_sparsity(self) -> float | None:
+        """The sparsity the user asked for (None when the method targets something else,
+        e.g. a CETT error budget); results report achieved sparsity beside it."""
+        return self.sparsity
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars worth recording with the run (e.g. a searched budget)."""
+        return {}
+
     def calibration_key(self) -> dict[str, Any]:
         return {"method": self.name, **{k: self.cfg.get(k) for k in self.calibration_params}}
 
@@ -44,7 +68,16 @@ class Sparsifier:
         pass
 
     def mask(self, inp) -> torch.Tensor | None:
-        raise NotImplementedError
+        """MLP neuron mask for one MLP call (``inp``: patching.MLPInput); None = dense."""
+        return None
+
+    def input_mask(self, inp) -> torch.Tensor | None:
+        """Input-channel mask for one wrapped linear (``inp``: patching.LinearInput)."""
+        return None
+
+    def masked_linear(self, inp, linear, mask: torch.Tensor) -> torch.Tensor:
+        """Apply ``linear`` to the masked input (R-Sparse adds a low-rank term)."""
+        return linear(inp.x * mask.to(inp.x.dtype))
 
     def describe(self) -> dict[str, Any]:
         """Per-layer parameters worth reporting (e.g. thresholds)."""
@@ -52,15 +85,13 @@ class Sparsifier:
 
 
 @torch.no_grad()
-def calibrate_layerwise(controller, model, batches, fn, fit) -> None:
-    """Calibrate layer by layer on exactly the tensor each layer sees at inference.
+def capture_layer_inputs(controller, model, batches):
+    """One dense forward per batch that captures every decoder layer's inputs.
 
-    For l = 0, 1, …: record ``fn(inp)`` for layer l's MLP on the hidden states produced by
-    layers < l *with their masks applied*, call ``fit(l, values)`` (which must make
-    ``sparsifier.mask`` work for layer l), then advance the hidden states through layer l
-    with its mask on. Each decoder layer is re-run from its captured inputs (hidden
-    states plus the keyword arguments the model passed it: masks, rotary embeddings),
-    so the cost is about two full forwards, with no architecture-specific code.
+    Returns ``run_layer(i, hidden, b)`` — run layer i on ``hidden`` with the other
+    arguments the model passed it for batch b (attention mask, rotary embeddings) — and
+    the list of layer-0 inputs per batch. ``run_layer.dense_input(i, b)`` gives the
+    dense model's input to layer i.
     """
     layers = [site.layer for site in controller.sites]
     captured: list[dict[int, tuple]] = []
@@ -88,15 +119,68 @@ def calibrate_layerwise(controller, model, batches, fn, fit) -> None:
             out = layers[i](**{**kwargs, "hidden_states": hidden})
         return out[0] if isinstance(out, tuple) else out
 
-    hidden = [c[0][0][0] if c[0][0] else c[0][1]["hidden_states"] for c in captured]
+    def dense_input(i, b):
+        args, kwargs = captured[b][i]
+        return args[0] if args else kwargs["hidden_states"]
+
+    run_layer.dense_input = dense_input
+    run_layer.num_batches = len(captured)
+    return run_layer, [dense_input(0, b) for b in range(len(captured))]
+
+
+class LayerProbe:
+    """Re-runs one decoder layer on its captured calibration inputs (for methods that
+    search per-layer parameters against the layer's output, e.g. TEAL's greedy)."""
+
+    def __init__(self, controller, layer_idx, run_layer, hidden):
+        self.controller, self.layer_idx = controller, layer_idx
+        self._run_layer, self._hidden = run_layer, hidden
+
+    @torch.no_grad()
+    def outputs(self, sparse: bool, batches: int | None = None) -> list[torch.Tensor]:
+        n = len(self._hidden) if batches is None else min(batches, len(self._hidden))
+        with self.controller.recording(None, sparse_layers={self.layer_idx} if sparse else ()):
+            return [self._run_layer(self.layer_idx, self._hidden[b], b) for b in range(n)]
+
+
+@torch.no_grad()
+def calibrate_layerwise(controller, model, batches, fn, fit, linear_fn=None, probe: bool = False) -> None:
+    """Calibrate layer by layer on exactly the tensor each layer sees at inference.
+
+    For l = 0, 1, …: record ``fn(inp)`` for layer l's MLP on the hidden states produced by
+    layers < l *with their masks applied*, call ``fit(l, values)`` (which must make the
+    sparsifier's masks work for layer l), then advance the hidden states through layer l
+    with its masks on. Each decoder layer is re-run from its captured inputs (hidden
+    states plus the keyword arguments the model passed it: masks, rotary embeddings),
+    so the cost is about two full forwards, with no architecture-specific code.
+
+    With ``linear_fn`` the inputs of the wrapped linears of layer l are recorded too
+    (layer l itself dense) and ``fit(l, values, linear_values, probe)`` is called, where
+    ``linear_values`` maps projection → list and ``probe`` (a LayerProbe, if requested)
+    re-runs layer l on its inputs, dense or with the masks being fitted.
+    """
+    run_layer, hidden = capture_layer_inputs(controller, model, batches)
+    layers = controller.sites
     from tqdm.auto import tqdm
 
     for i in tqdm(range(len(layers)), desc="calibration (layer by layer)", leave=False):
-        values = []
-        with controller.recording(lambda inp: values.append(fn(inp)) if inp.layer_idx == i else None):
+        values, linear_values = [], {}
+
+        def record(inp, i=i):
+            if fn is not None and inp.layer_idx == i:
+                values.append(fn(inp))
+
+        def record_linear(inp, i=i):
+            if inp.layer_idx == i:
+                linear_values.setdefault(inp.proj, []).append(linear_fn(inp))
+
+        with controller.recording(record, linear_recorder=record_linear if linear_fn else None):
             for b, h in enumerate(hidden):
                 run_layer(i, h, b)
-        fit(i, values)
+        if linear_fn is None and not probe:
+            fit(i, values)
+        else:
+            fit(i, values, linear_values, LayerProbe(controller, i, run_layer, hidden) if probe else None)
         with controller.recording(None, sparse_layers={i}):
             hidden = [run_layer(i, h, b) for b, h in enumerate(hidden)]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import SPARSIFIERS
 from ..errors import ConfigError
+from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise, collect_per_layer
 
 
@@ -47,7 +47,7 @@ class CATS(Sparsifier):
             raise ConfigError(f"sparsifier.calibrate_on={self.cfg.calibrate_on} is unknown; use one of: {', '.join(self.CALIBRATE_ON)}")
 
     def calibrate(self, controller, model, batches):
-        abs_act = lambda inp: inp.act.detach().abs().float().reshape(-1)  # noqa: E731
+        abs_act = lambda inp: inp.act.detach().abs().float().reshape(-1)
         if self.cfg.get("calibrate_on", "sparse_upstream") == "dense":
             acts = collect_per_layer(controller, model, batches, abs_act)
             return {"thresholds": torch.stack([quantile_threshold(torch.cat(acts[i]), self.sparsity) for i in sorted(acts)])}
