@@ -131,6 +131,8 @@ class SparsityController:
     sites: list[MLPSite] = field(default_factory=list)
     sparse_layers: frozenset[int] = frozenset()  # masked even while recording
     prefill: PrefillPolicy = field(default_factory=PrefillPolicy)
+    # called as observer(inp, mask) for every sparse MLP call (e.g. predictor quality)
+    mask_observer: Callable[[MLPInput, torch.Tensor | None], None] | None = None
     # (layer, projection) -> counts, for sparsifiers that mask linear inputs
     linear_stats: dict[tuple[int, str], LayerStats] = field(default_factory=dict)
 
@@ -240,6 +242,8 @@ class SparsityController:
             self.recorder(inp)
         mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
         mask = self._restrict(mask, self._policy_rows())
+        if self.mask_observer is not None and self._sparse_here(site):
+            self.mask_observer(inp, mask)
         if self.collect_stats:
             self._count(site, inp, mask)  # before the backend: the act it sees is unmodified
         return self.backend.mlp(site, inp, mask)

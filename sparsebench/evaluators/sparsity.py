@@ -6,7 +6,8 @@
 - ``mlp_neurons``: the fraction of intermediate neurons that are zeroed (dropped by the
   mask, or exactly zero after the activation);
 - ``linear_inputs``: the fraction of input channels dropped over the masked linears,
-  weighted by each linear's parameter count (TEAL's "effective sparsity").
+  weighted by each linear's parameter count (TEAL's "effective sparsity"), minus the
+  weights read regardless of the mask (R-Sparse's low-rank factors).
 
 Both are reported when they differ, plus one column per masked projection.
 """
@@ -30,7 +31,9 @@ def linear_input_sparsity(controller) -> tuple[dict[str, list[float]], list[floa
         lin = sites[layer].projection(proj)
         params = lin.in_features * lin.out_features
         per_proj.setdefault(proj, [0.0] * len(sites))[layer] = st.sparsity
-        num[layer] += params * st.sparsity
+        # weights read whatever the mask (R-Sparse's low-rank factors) count against it
+        fixed = controller.sparsifier.dense_cost(layer, proj) if hasattr(controller.sparsifier, "dense_cost") else 0
+        num[layer] += params * st.sparsity - fixed
         den[layer] += params
     per_layer = [num[i] / den[i] if den[i] else 0.0 for i in sorted(sites)]
     overall = sum(num.values()) / max(sum(den.values()), 1e-12)

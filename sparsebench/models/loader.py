@@ -160,7 +160,7 @@ TINY_CONFIGS = {
 
 
 def build_tiny_model(arch: str, hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
-                     num_heads: int = 4, seed: int = 0, vocab_size: int = 320):
+                     num_heads: int = 4, seed: int = 0, vocab_size: int = 320, hidden_act: str | None = None):
     import torch
     import transformers
 
@@ -174,6 +174,8 @@ def build_tiny_model(arch: str, hidden_size: int = 64, intermediate_size: int = 
         shape.update(ffn_dim=intermediate_size, word_embed_proj_dim=hidden_size)
     else:
         shape.update(intermediate_size=intermediate_size, num_key_value_heads=max(1, num_heads // 2))
+    if hidden_act is not None:  # e.g. "relu" for relufied test checkpoints
+        shape["activation_function" if arch == "opt" else "hidden_act"] = hidden_act
     config = getattr(transformers, cls_name)(**shape, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -216,18 +218,21 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
         if not (folder / "config.json").exists():
             raise ModelUnavailable(f"model.path={folder} has no config.json; pass a Hugging Face model folder")
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .activations import detect_format, hf_config_for, install_activation, read_config, resolve_activation
     from .adapters import adapter_for_config
 
+    fmt = resolve_activation(detect_format(read_config(folder)), str(mcfg.get("activation", "auto")))
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, OSError) as exc:
+        config = hf_config_for(folder, fmt, read_config(folder))
+    except (ValueError, OSError, KeyError) as exc:
         raise ModelUnavailable(f"{folder} is not a model transformers can read ({str(exc).splitlines()[0]})") from None
     adapter_for_config(config)  # refuse unsupported architectures before loading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(mcfg.get("dtype", "float32")))
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=_torch_dtype(mcfg.get("dtype", "float32")))
     except ValueError as exc:
         raise ModelUnavailable(f"{folder} is not a causal LM transformers can load ({str(exc).splitlines()[0]})") from None
+    install_activation(model, fmt)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer, str(mcfg.get("name", folder.name))

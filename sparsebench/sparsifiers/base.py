@@ -197,3 +197,19 @@ def collect_per_layer(controller, model, batches, fn) -> dict[int, list[torch.Te
         for batch in batches:
             model(input_ids=batch, logits_to_keep=1)  # only MLP inputs matter: skip the vocab projection
     return out
+
+
+@torch.no_grad()
+def calibration_perplexity(model, batches) -> float:
+    """Perplexity over token batches (for searches on a validation part of the
+    calibration text; held-out text is never used to fit anything)."""
+    import math
+
+    import torch.nn.functional as F
+
+    nll, n = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
+        n += b[:, 1:].numel()
+    return math.exp(nll / n)

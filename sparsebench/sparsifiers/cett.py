@@ -24,13 +24,11 @@ dense FFN output of that token).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier, calibrate_layerwise
+from .base import Sparsifier, calibrate_layerwise, calibration_perplexity
 from .cats import quantile_threshold
 
 MAX_TOKENS = 4096  # tokens per layer used in the bisection (a [tokens × intermediate] matmul per step)
@@ -129,19 +127,19 @@ class CETT(Sparsifier):
         cut = max(1, (3 * len(batches)) // 4)
         fit_b, val_b = batches[:cut], batches[cut:]
         with controller.dense():
-            dense_ppl = _perplexity(model, val_b)
+            dense_ppl = calibration_perplexity(model, val_b)
         lo, hi, best = 0.0, 1.0, None
         for _ in tqdm(range(7), desc="CETT-PPL budget search", leave=False):
             mid = 0.5 * (lo + hi)
             state = self._calibrate_at(controller, model, fit_b, mid)
-            ratio = _perplexity(model, val_b) / dense_ppl
+            ratio = calibration_perplexity(model, val_b) / dense_ppl
             if ratio <= 1 + p:
                 lo, best = mid, (mid, ratio, state)
             else:
                 hi = mid
         if best is None:  # even a tiny budget overshoots: report the smallest tried
             state = self._calibrate_at(controller, model, fit_b, lo or 1e-3)
-            best = (lo or 1e-3, _perplexity(model, val_b) / dense_ppl, state)
+            best = (lo or 1e-3, calibration_perplexity(model, val_b) / dense_ppl, state)
         budget, ratio, state = best
         return {**state, "budget": torch.tensor(budget), "ppl_ratio": torch.tensor(ratio)}
 
@@ -182,15 +180,3 @@ class CETT(Sparsifier):
             return {}
         out = {"cett_epsilon": self.eps.tolist(), "cett_calibration": self.cett.tolist()}
         return out
-
-
-@torch.no_grad()
-def _perplexity(model, batches) -> float:
-    import torch.nn.functional as F
-
-    nll, n = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
-        n += b[:, 1:].numel()
-    return math.exp(nll / n)

@@ -1,0 +1,189 @@
+"""R-Sparse (Zhang et al., ICLR 2025, "R-Sparse: Rank-Aware Activation Sparsity for
+Efficient LLM Inference").
+
+Every linear y = W x of the block (q, k, v, o, gate, up, down) is replaced by
+
+    y = W (x ⊙ m) + U_r S_r V_rᵀ (x ⊙ (1 − m))
+
+with W = U S Vᵀ the SVD of the raw weight (offline) and m keeping channels whose
+|x_i|·‖W[:, i]‖₂ exceeds a static per-linear threshold (R-Sparse's importance; the
+column norm equals the row norm of V·S). The sparse channels and the low-rank term
+share one budget per linear, the cost of the dense layer times (1 − s):
+
+    kept channels c = (1 − s)·α·d_in,   rank r = ⌊((1 − s)·d_in·d_out − c·d_out) / (d_in + d_out)⌋
+
+so α (the "sparse ratio") splits the budget between channels (α = 1: pure activation
+sparsity) and rank (α = 0: pure low rank). The threshold is the (1 − (1−s)·α)
+quantile of |x_i|·‖W[:, i]‖ over calibration tokens and channels.
+
+Search: one α for every linear, chosen on a grid (``alphas``) by perplexity on a
+validation part of the calibration text (the paper runs an evolutionary search over
+per-linear α; a shared α is the simple search). The quantile tables used in the
+search come from the dense model; the final thresholds are calibrated layer by layer
+with the layers below sparse, at the chosen α.
+
+Sparsity is counted in the budget's unit: the fraction of the linears' weights *not*
+read per token, (dropped channels·d_out − r·(d_in + d_out)) / (d_in·d_out), weighted by
+parameter count; by construction it equals s when the measured channel sparsity
+matches the calibration.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import SPARSIFIERS
+from ..errors import ConfigError
+from .base import Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs
+from .teal import interp_threshold, quantile_table
+from .wina import PROJECTIONS
+
+
+def split_budget(d_in: int, d_out: int, sparsity: float, alpha: float) -> tuple[int, int]:
+    """(kept channels, rank) for one linear at budget (1−s)·d_in·d_out and sparse ratio α."""
+    channels = int((1.0 - sparsity) * alpha * d_in)
+    rank = int(((1.0 - sparsity) * d_in * d_out - channels * d_out) / (d_in + d_out))
+    return channels, max(0, min(rank, min(d_in, d_out)))
+
+
+@SPARSIFIERS.register("rsparse")
+class RSparse(Sparsifier):
+    needs_calibration = True
+    calibration_params = ("sparsity", "alphas")
+    input_projections = PROJECTIONS
+    sparsity_unit = "linear_inputs"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.alpha: float | None = None
+        self.thresholds: dict[tuple[int, str], float] = {}
+        self.factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._norms: dict[tuple[int, str], torch.Tensor] = {}
+        self._sites = []
+
+    def validate(self):
+        super().validate()
+        alphas = list(self.cfg.get("alphas", [1.0]))
+        if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+            raise ConfigError(f"sparsifier.alphas={alphas} must be a non-empty list of numbers in [0, 1]")
+
+    def attach(self, controller, model):
+        self._sites = controller.sites
+        self._norms, self.factors = {}, {}
+
+    # ------------------------------------------------------------ budget and factors
+    def _linear(self, layer: int, proj: str):
+        return self._sites[layer].projection(proj)
+
+    def column_norm(self, layer, proj) -> torch.Tensor:
+        key = (layer, proj)
+        if key not in self._norms:
+            self._norms[key] = self._linear(layer, proj).weight.detach().float().norm(dim=0)
+        return self._norms[key]
+
+    def rank(self, layer, proj) -> int:
+        lin = self._linear(layer, proj)
+        return split_budget(lin.in_features, lin.out_features, self.sparsity, self.alpha)[1]
+
+    def _factors(self, layer, proj):
+        """(V_r S_r as [d_in, r], U_rᵀ as [r, d_out]) from the SVD of W (cached)."""
+        key = (layer, proj, self.rank(layer, proj))
+        if key not in self.factors:
+            r = key[2]
+            w = self._linear(layer, proj).weight.detach().double()
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            self.factors[key] = ((Vh[:r].T * S[:r]).float(), U[:, :r].T.float().contiguous())
+        return self.factors[key]
+
+    def dense_cost(self, layer, proj) -> int:
+        """Weights read per token regardless of the mask: the low-rank factors."""
+        lin = self._linear(layer, proj)
+        return self.rank(layer, proj) * (lin.in_features + lin.out_features)
+
+    # ------------------------------------------------------------ calibration
+    def _tables(self, controller, model, batches, sparse_upstream: bool, thresholds_for=None):
+        """Quantile tables of |x|·‖W[:, i]‖ per (layer, projection)."""
+        gen = torch.Generator().manual_seed(0)
+        tables = {}
+
+        def linear_fn(inp):
+            return (inp.x.detach().abs().float() * self.column_norm(inp.layer_idx, inp.proj)).reshape(-1)
+
+        def fit(i, _values, linear_values, _probe):
+            for proj, vals in linear_values.items():
+                tables[(i, proj)] = quantile_table(torch.cat(vals), gen)
+            if thresholds_for is not None:
+                self._set_thresholds(i, tables, thresholds_for)
+
+        if sparse_upstream:
+            calibrate_layerwise(controller, model, batches, None, fit, linear_fn=linear_fn)
+        else:  # dense model: every layer from its captured dense input
+            run_layer, _ = capture_layer_inputs(controller, model, batches)
+            for i in range(len(controller.sites)):
+                vals = {}
+                with controller.recording(None, linear_recorder=lambda inp, i=i: vals.setdefault(inp.proj, []).append(linear_fn(inp)) if inp.layer_idx == i else None):
+                    for b in range(run_layer.num_batches):
+                        run_layer(i, run_layer.dense_input(i, b), b)
+                fit(i, None, vals, None)
+        return tables
+
+    def _set_thresholds(self, layer, tables, alpha):
+        self.alpha = alpha
+        for (i, proj), table in tables.items():
+            if i == layer:
+                self.thresholds[(i, proj)] = interp_threshold(table, 1.0 - (1.0 - self.sparsity) * alpha)
+
+    def calibrate(self, controller, model, batches):
+        from tqdm.auto import tqdm
+
+        self.attach(controller, model)
+        batches = list(batches)
+        alphas = sorted({float(a) for a in self.cfg.get("alphas", [1.0])})
+        search = {}
+        if len(alphas) > 1:
+            if len(batches) < 2:
+                raise ConfigError("the R-Sparse α search needs ≥ 2 calibration batches (data.calibration.num_sequences ≥ 2·batch_size)")
+            cut = max(1, (3 * len(batches)) // 4)
+            fit_b, val_b = batches[:cut], batches[cut:]
+            tables = self._tables(controller, model, fit_b, sparse_upstream=False)
+            for alpha in tqdm(alphas, desc="R-Sparse α search", leave=False):
+                for layer in range(len(controller.sites)):
+                    self._set_thresholds(layer, tables, alpha)
+                search[alpha] = calibration_perplexity(model, val_b)
+            best = min(search, key=search.get)
+        else:
+            best = alphas[0]
+        self.alpha = best
+        self._tables(controller, model, batches, sparse_upstream=True, thresholds_for=best)
+        keys = sorted(self.thresholds)
+        return {"alpha": torch.tensor(best), "threshold": torch.tensor([self.thresholds[k] for k in keys]),
+                "threshold_layer": torch.tensor([k[0] for k in keys]),
+                "threshold_proj": torch.tensor([PROJECTIONS.index(k[1]) for k in keys]),
+                "search_alpha": torch.tensor(list(search)), "search_ppl": torch.tensor(list(search.values()))}
+
+    def load_state(self, state):
+        self.alpha = float(state["alpha"])
+        self.thresholds = {(int(layer), PROJECTIONS[int(p)]): float(t) for layer, p, t in
+                           zip(state["threshold_layer"], state["threshold_proj"], state["threshold"])}
+        self.search = dict(zip(state["search_alpha"].tolist(), state["search_ppl"].tolist()))
+        self.factors = {}
+
+    # ------------------------------------------------------------ inference
+    def input_mask(self, inp):
+        if self.sparsity == 0.0:
+            return None
+        t = self.thresholds[(inp.layer_idx, inp.proj)]
+        return inp.x.abs() * self.column_norm(inp.layer_idx, inp.proj).to(inp.x.dtype) > t
+
+    def masked_linear(self, inp, linear, mask):
+        x = inp.x
+        y = linear(x * mask.to(x.dtype))
+        if self.rank(inp.layer_idx, inp.proj) > 0:
+            vs, ut = self._factors(inp.layer_idx, inp.proj)
+            y = y + ((x * (~mask).to(x.dtype)) @ vs.to(x.dtype)) @ ut.to(x.dtype)
+        return y
+
+    def summary(self):
+        out = {"alpha": self.alpha}
+        if getattr(self, "search", None):
+            out["alpha_search_ppl"] = {f"{a:g}": p for a, p in self.search.items()}
+        return out
