@@ -77,3 +77,22 @@ def test_unsupported_local_architecture_is_refused(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "architecture 'gpt2' is not supported" in lines[0] and "llama" in lines[0]
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_every_sparsifier_runs_in_the_comparison_sweep(tmp_path):
+    """The issue's comparison command, on a tiny model: every method × two sparsities."""
+    sweep = tmp_path / "sweep"
+    proc = sparsebench(["-m", "experiment=sparsifier_comparison", "sparsifier.sparsity=0.25,0.5",
+                        "evaluator=[sparsity,perplexity]", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
+    names = {"cats", "cett", "teal", "wina", "rsparse", "stat_topk", "chess", "dejavu"}
+    assert {(r["sparsifier"]["name"], r["sparsifier"]["sparsity"]) for r in results} == {(n, s) for n in names for s in (0.25, 0.5)}
+    for r in results:
+        m = r["metrics"]
+        assert m["perplexity"] > 1 and m["sparsity/tokens"] > 0
+        # held-out text differs from calibration text, and the model has 2 layers of width
+        # 128: loose bound here; the real-model numbers are in the README
+        assert m["sparsity/mean"] == pytest.approx(r["sparsifier"]["sparsity"], abs=0.12), r["sparsifier"]
+        unit = r["sparsifier"]["sparsity_unit"]
+        assert unit == ("linear_inputs" if r["sparsifier"]["name"] in ("teal", "wina", "rsparse") else "mlp_neurons")

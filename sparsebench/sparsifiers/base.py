@@ -59,7 +59,12 @@ class Sparsifier:
         return {}
 
     def calibration_key(self) -> dict[str, Any]:
-        return {"method": self.name, **{k: self.cfg.get(k) for k in self.calibration_params}}
+        from omegaconf import Container, OmegaConf
+
+        def plain(v):
+            return OmegaConf.to_container(v) if isinstance(v, Container) else v
+
+        return {"method": self.name, **{k: plain(self.cfg.get(k)) for k in self.calibration_params}}
 
     def calibrate(self, controller, model, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {}
