@@ -417,3 +417,49 @@ def test_prefill_policy_keeps_the_chosen_positions_dense(policy, prefix):
     decode = seen[-len(ctl.sites):]
     assert all(m is not None and not m.all() for m in decode)
     np.testing.assert_equal(len(decode), len(ctl.sites))
+
+
+# --------------------------------------------------------------------------- searches, caching, determinism
+
+def test_cett_ppl_search_finds_the_budget_at_the_perplexity_ratio():
+    model, sp, ctl = build("cett", "llama", sparsity=0.5, budget=None, ppl_increase=0.05)
+    assert 0 < sp.found_budget < 1
+    assert sp.found_ratio <= 1.05 + 1e-9
+    # the per-layer CETT at calibration equals the budget that was found
+    assert sp.cett.sub(sp.found_budget).abs().max() < 1e-3
+
+
+def test_teal_greedy_path_is_computed_once_for_every_sparsity(tmp_path):
+    from sparsebench.calibration import ArtifactCache
+
+    cache = ArtifactCache(tmp_path, {"model": "tiny"})
+    calls = []
+    for s in (0.25, 0.5):
+        model = make_tiny("llama")
+        sp = SPARSIFIERS.get("teal")(OmegaConf.create({"name": "teal", **DEFAULTS["teal"], "allocation": "greedy", "sparsity": s}))
+        sp.artifacts = cache
+        original = sp.greedy_trajectory
+        sp.greedy_trajectory = lambda *a, original=original: calls.append(1) or original(*a)
+        ctl = SparsityController(sp, DenseBackend()).attach(model)
+        sp.load_state(sp.calibrate(ctl, model, random_ids(**CALIB).split(2)))
+    assert len(calls) == 1 and len(list(tmp_path.glob("teal-greedy-*.pt"))) == 1
+    # a corrupted artifact is detected by its checksum and recomputed
+    f = next(tmp_path.glob("teal-greedy-*.pt"))
+    f.write_bytes(f.read_bytes()[:-10])
+    sp.calibrate(ctl, model, random_ids(**CALIB).split(2))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["dejavu", "teal", "rsparse", "cett"])
+def test_calibration_is_reproducible_and_ignores_the_global_rng(name):
+    torch.manual_seed(123)
+    _, a, _ = build(name, "llama", sparsity=0.4)
+    torch.manual_seed(999)  # e.g. lm-eval reseeding between runs
+    _, b, _ = build(name, "llama", sparsity=0.4)
+    sa = {k: v for k, v in vars(a).items() if isinstance(v, torch.Tensor)}
+    sb = {k: v for k, v in vars(b).items() if isinstance(v, torch.Tensor)}
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    if name == "rsparse":
+        assert a.thresholds == b.thresholds
