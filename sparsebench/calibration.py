@@ -79,7 +79,8 @@ def load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id
     folder = cache_root(cache_dir) / "calibration"
     path = folder / f"{sparsifier.name}-{_digest(key)}.pt"
     meta = path.with_suffix(".json")
-    base_key = {k: v for k, v in key.items() if k not in sparsifier.calibration_key()} | {"method": sparsifier.name}
+    own = sparsifier.calibration_key()
+    base_key = {k: v for k, v in key.items() if k not in own} | {"method": own["method"], "version": own["version"]}
     sparsifier.artifacts = ArtifactCache(folder, base_key)
     with locked(path):
         state = _load_verified(path, meta, key)

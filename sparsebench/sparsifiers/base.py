@@ -26,6 +26,8 @@ class Sparsifier:
     name: str = "base"
     needs_calibration: bool = False
     calibration_params: tuple[str, ...] = ()
+    # Bump when the calibration algorithm changes, so cached states are not reused.
+    calibration_version: int = 1
     # Linears whose *input* this method masks ("q", "k", "v", "o", "gate", "up", "down");
     # empty for methods that only mask MLP neurons through ``mask``.
     input_projections: tuple[str, ...] = ()
@@ -64,7 +66,8 @@ class Sparsifier:
         def plain(v):
             return OmegaConf.to_container(v) if isinstance(v, Container) else v
 
-        return {"method": self.name, **{k: plain(self.cfg.get(k)) for k in self.calibration_params}}
+        return {"method": self.name, "version": self.calibration_version,
+                **{k: plain(self.cfg.get(k)) for k in self.calibration_params}}
 
     def calibrate(self, controller, model, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {}
