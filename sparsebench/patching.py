@@ -150,8 +150,7 @@ class SparsityController:
             site.install(SparseMLP(site, self))
         self._positions: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
-        if hasattr(self.sparsifier, "attach"):
-            self.sparsifier.attach(self, model)
+        self.sparsifier.attach(self, model)
         return self
 
     def detach(self) -> None:

@@ -32,8 +32,7 @@ def linear_input_sparsity(controller) -> tuple[dict[str, list[float]], list[floa
         params = lin.in_features * lin.out_features
         per_proj.setdefault(proj, [0.0] * len(sites))[layer] = st.sparsity
         # weights read whatever the mask (R-Sparse's low-rank factors) count against it
-        fixed = controller.sparsifier.dense_cost(layer, proj) if hasattr(controller.sparsifier, "dense_cost") else 0
-        num[layer] += params * st.sparsity - fixed
+        num[layer] += params * st.sparsity - controller.sparsifier.dense_cost(layer, proj)
         den[layer] += params
     per_layer = [num[i] / den[i] if den[i] else 0.0 for i in sorted(sites)]
     overall = sum(num.values()) / max(sum(den.values()), 1e-12)

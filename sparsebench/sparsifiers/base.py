@@ -75,6 +75,13 @@ class Sparsifier:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    def attach(self, controller, model) -> None:
+        """Called once the controller has patched ``model`` (e.g. WINA's weight transform)."""
+
+    def dense_cost(self, layer: int, proj: str) -> int:
+        """Weights of a masked linear read per token whatever the mask (R-Sparse's factors)."""
+        return 0
+
     def mask(self, inp) -> torch.Tensor | None:
         """MLP neuron mask for one MLP call (``inp``: patching.MLPInput); None = dense."""
         return None
@@ -134,6 +141,22 @@ def capture_layer_inputs(controller, model, batches):
     run_layer.dense_input = dense_input
     run_layer.num_batches = len(captured)
     return run_layer, [dense_input(0, b) for b in range(len(captured))]
+
+
+@torch.no_grad()
+def dense_linear_inputs(controller, run_layer, i, fn) -> dict[str, list]:
+    """Run layer i on the dense model's inputs to it (every captured batch) and return
+    ``fn(inp)`` per wrapped projection: the dense within-block input distributions."""
+    out: dict[str, list] = {}
+
+    def record(inp):
+        if inp.layer_idx == i:
+            out.setdefault(inp.proj, []).append(fn(inp))
+
+    with controller.recording(None, linear_recorder=record):
+        for b in range(run_layer.num_batches):
+            run_layer(i, run_layer.dense_input(i, b), b)
+    return out
 
 
 class LayerProbe:

@@ -33,7 +33,7 @@ import torch
 
 from . import SPARSIFIERS
 from ..errors import ConfigError
-from .base import Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs
+from .base import Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs, dense_linear_inputs
 from .teal import interp_threshold, quantile_table
 from .wina import PROJECTIONS
 
@@ -119,11 +119,7 @@ class RSparse(Sparsifier):
         else:  # dense model: every layer from its captured dense input
             run_layer, _ = capture_layer_inputs(controller, model, batches)
             for i in range(len(controller.sites)):
-                vals = {}
-                with controller.recording(None, linear_recorder=lambda inp, i=i: vals.setdefault(inp.proj, []).append(linear_fn(inp)) if inp.layer_idx == i else None):
-                    for b in range(run_layer.num_batches):
-                        run_layer(i, run_layer.dense_input(i, b), b)
-                fit(i, None, vals, None)
+                fit(i, None, dense_linear_inputs(controller, run_layer, i, linear_fn), None)
         return tables
 
     def _set_thresholds(self, layer, tables, alpha):

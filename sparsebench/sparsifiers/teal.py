@@ -157,7 +157,7 @@ class TEAL(Sparsifier):
         model's layer inputs: levels[layer, step, group] at effective[step]."""
         from tqdm.auto import tqdm
 
-        from .base import LayerProbe, capture_layer_inputs
+        from .base import LayerProbe, capture_layer_inputs, dense_linear_inputs
 
         step = float(self.cfg.get("greedy_step", 0.025))
         top = float(self.cfg.get("greedy_max", 0.8))
@@ -167,14 +167,8 @@ class TEAL(Sparsifier):
         levels = torch.zeros(len(controller.sites), effective.numel(), len(GROUP_NAMES))
         gen = torch.Generator().manual_seed(0)
         for i in tqdm(range(len(controller.sites)), desc="TEAL greedy allocation", leave=False):
-            dense_in = [run_layer.dense_input(i, b) for b in range(run_layer.num_batches)]
-            linear_values = {}
-            with controller.recording(None, linear_recorder=lambda inp, i=i: linear_values.setdefault(inp.proj, []).append(_group_input(inp)) if inp.layer_idx == i else None):
-                for b, h in enumerate(dense_in):
-                    run_layer(i, h, b)
-            table = self._tables(linear_values, gen)
-            probe_in = [h[:n_seq] for h in dense_in[:1]]
-            probe = LayerProbe(controller, i, run_layer, probe_in)
+            table = self._tables(dense_linear_inputs(controller, run_layer, i, _group_input), gen)
+            probe = LayerProbe(controller, i, run_layer, [run_layer.dense_input(i, 0)[:n_seq]])
             path = self._greedy(i, table, self.group_params(controller.sites[i]), probe, step, top)
             for k, lv in enumerate(path[: effective.numel()]):
                 levels[i, k] = torch.tensor([lv.get(g, 0.0) for g in GROUP_NAMES])
