@@ -70,6 +70,16 @@ class MLPInput:
     def act_is_computed(self) -> bool:
         return self._act is not None
 
+    @property
+    def computed(self) -> str:
+        """How far the sparsifier already computed the MLP for this call: "h" (gate and up
+        were evaluated densely, e.g. CETT), "act" (the gate was, e.g. CATS) or "x"
+        (nothing, e.g. a predictor). Sparse backends compute only the rest, so a
+        method's measured speed includes the dense work its mask needed."""
+        if self._h is not None:
+            return "h"
+        return "act" if self._act is not None else "x"
+
 
 class LinearInput:
     """One call of a wrapped linear: which layer and projection, and its input."""
@@ -264,7 +274,7 @@ class SparsityController:
                 s.zeroed += int((~mask).sum())
         if mask is None:
             return linear(x)
-        return self.sparsifier.masked_linear(inp, linear, mask)
+        return self.sparsifier.masked_linear(inp, linear, mask, self.backend)
 
     def _count(self, site: MLPSite, inp: MLPInput, mask: torch.Tensor | None) -> None:
         # A neuron is zeroed when the mask drops it or its value h_i is exactly zero

@@ -359,7 +359,7 @@ def test_rsparse_full_rank_is_the_identity_and_budget_split_is_exact():
 
     x = torch.randn(3, 5, lin.in_features, generator=gen)
     m = torch.rand(x.shape, generator=gen) > 0.5
-    y = sp.masked_linear(LinearInput(ctl.sites[0], "gate", x), lin.linear, m)
+    y = sp.masked_linear(LinearInput(ctl.sites[0], "gate", x), lin.linear, m, ctl.backend)
     torch.testing.assert_close(y, lin.linear(x), rtol=1e-4, atol=1e-4)
     for d_in, d_out in [(64, 128), (128, 64), (576, 1536), (576, 192)]:
         for s in (0.25, 0.5, 0.65):

@@ -5,11 +5,16 @@ import torch
 
 
 class Backend:
-    """Executes one MLP call.
+    """Executes the sparse computation for a mask.
 
-    ``mlp(site, inp, mask)`` gets the layer's modules (``site``), the call's input
-    (``inp.x``, with ``inp.act`` if the sparsifier already computed it) and a boolean
-    neuron mask of shape ``[..., intermediate]`` (True = keep) or ``None`` for dense.
+    ``mlp(site, inp, mask)`` runs one MLP call: ``site`` holds the layer's modules,
+    ``inp`` the call's input (``inp.x``, plus ``inp.act``/``inp.h`` when the sparsifier
+    already computed them; ``inp.computed`` says which) and ``mask`` is a boolean neuron
+    mask of shape ``[..., intermediate]`` (True = keep), or ``None`` for dense.
+
+    ``linear(inp, linear, mask)`` runs one wrapped linear whose *input channels* are
+    masked (TEAL, WINA, R-Sparse): ``mask`` has the shape of ``inp.x``.
+
     Every backend must return what the dense mask-multiply returns for the same mask.
     """
 
@@ -20,3 +25,13 @@ class Backend:
 
     def mlp(self, site, inp, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def linear(self, inp, linear, mask: torch.Tensor) -> torch.Tensor:
+        return linear(inp.x * mask.to(inp.x.dtype))
+
+    def reset(self) -> None:
+        """Forget per-sequence state (caches); called between independent generations."""
+
+    def stats(self) -> dict:
+        """Counters worth reporting (e.g. rows copied per update)."""
+        return {}

@@ -90,9 +90,10 @@ class Sparsifier:
         """Input-channel mask for one wrapped linear (``inp``: patching.LinearInput)."""
         return None
 
-    def masked_linear(self, inp, linear, mask: torch.Tensor) -> torch.Tensor:
-        """Apply ``linear`` to the masked input (R-Sparse adds a low-rank term)."""
-        return linear(inp.x * mask.to(inp.x.dtype))
+    def masked_linear(self, inp, linear, mask: torch.Tensor, backend) -> torch.Tensor:
+        """Apply ``linear`` to the masked input through the backend (R-Sparse adds a
+        low-rank term)."""
+        return backend.linear(inp, linear, mask)
 
     def describe(self) -> dict[str, Any]:
         """Per-layer parameters worth reporting (e.g. thresholds)."""

@@ -170,9 +170,9 @@ class RSparse(Sparsifier):
         t = self.thresholds[(inp.layer_idx, inp.proj)]
         return inp.x.abs() * self.column_norm(inp.layer_idx, inp.proj).to(inp.x.dtype) > t
 
-    def masked_linear(self, inp, linear, mask):
+    def masked_linear(self, inp, linear, mask, backend):
         x = inp.x
-        y = linear(x * mask.to(x.dtype))
+        y = backend.linear(inp, linear, mask)
         if self.rank(inp.layer_idx, inp.proj) > 0:
             vs, ut = self._factors(inp.layer_idx, inp.proj)
             y = y + ((x * (~mask).to(x.dtype)) @ vs.to(x.dtype)) @ ut.to(x.dtype)
