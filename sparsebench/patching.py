@@ -143,33 +143,56 @@ class SparsityController:
     prefill: PrefillPolicy = field(default_factory=PrefillPolicy)
     # called as observer(inp, mask) for every sparse MLP call (e.g. predictor quality)
     mask_observer: Callable[[MLPInput, torch.Tensor | None], None] | None = None
+    # called as observer(inp, mask) for every masked linear call (LinearInput)
+    linear_mask_observer: Callable[[LinearInput, torch.Tensor | None], None] | None = None
     # (layer, projection) -> counts, for sparsifiers that mask linear inputs
     linear_stats: dict[tuple[int, str], LayerStats] = field(default_factory=dict)
 
     # -------------------------------------------------------------- model surgery
     def attach(self, model: nn.Module) -> SparsityController:
         self.sites = mlp_sites(model)
-        self._wrapped: list[tuple[MLPSite, str, nn.Module]] = []
+        self._wrapped: list[tuple[MLPSite, str, nn.Module, SparseLinear]] = []
+        self._installed: list[tuple[MLPSite, SparseMLP]] = []
         projections = tuple(getattr(self.sparsifier, "input_projections", ()))
         for site in self.sites:
             for proj in projections:
                 if proj in site.slots:  # OPT has no gate
                     original = site.projection(proj)
-                    site.replace_projection(proj, SparseLinear(original, site, proj, self))
-                    self._wrapped.append((site, proj, original))
-            site.install(SparseMLP(site, self))
+                    wrapper = SparseLinear(original, site, proj, self)
+                    site.replace_projection(proj, wrapper)
+                    self._wrapped.append((site, proj, original, wrapper))
+            mlp = SparseMLP(site, self)
+            site.installed = mlp
+            site.install(mlp)
+            self._installed.append((site, mlp))
         self._positions: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
         self.sparsifier.attach(self, model)
         return self
 
     def detach(self) -> None:
+        self._remove_patches()
+        self._hook.remove()
+        self.sites, self._wrapped, self._installed = [], [], []
+
+    def _remove_patches(self) -> None:
+        for site, proj, original, _ in reversed(self._wrapped):
+            site.replace_projection(proj, original)
         for site in self.sites:
             site.restore()
-        for site, proj, original in reversed(self._wrapped):
-            site.replace_projection(proj, original)
-        self._hook.remove()
-        self.sites, self._wrapped = [], []
+
+    @contextlib.contextmanager
+    def unpatched(self):
+        """Temporarily put the model's own modules back (stock transformers forward, e.g.
+        the "dense HF" decode baseline); the same patches return afterwards."""
+        self._remove_patches()
+        try:
+            yield
+        finally:
+            for site, proj, _, wrapper in self._wrapped:
+                site.replace_projection(proj, wrapper)
+            for site, mlp in self._installed:
+                site.install(mlp)
 
     def _note_positions(self, _model, args, kwargs):
         """Record the token positions of this forward (for the prefill policy)."""
@@ -264,6 +287,8 @@ class SparsityController:
         if not self._sparse_here(site):
             return linear(x)
         mask = self._restrict(self.sparsifier.input_mask(inp), self._policy_rows())
+        if self.linear_mask_observer is not None:
+            self.linear_mask_observer(inp, mask)
         if self.collect_stats:
             s = self.linear_stats.setdefault((site.layer_idx, proj), LayerStats())
             n_tokens = x.numel() // x.shape[-1]

@@ -85,7 +85,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         timings[ev.name] = round(time.time() - t0, 2)
         metrics.update(res.metrics)
         per_layer.update(res.per_layer)
-        if compare:
+        if compare and ev.compare_dense:
             t0 = time.time()
             with controller.dense():
                 dres = ev.evaluate(ctx)

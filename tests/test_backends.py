@@ -195,3 +195,22 @@ def test_whole_model_logits_match_across_backends(arch, method):
     ref = outs[("dense", "{}")]
     for key, logits in outs.items():
         assert_close(logits, ref, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_index_select_on_cuda_matches_dense(arch):
+    """GPU check (runs where a GPU is present): index_select equals the dense mask-multiply
+    on the device, and the CPU-only cached backend refuses it with a clear error."""
+    from sparsebench.errors import ConfigError
+
+    _, sites = sites_of(arch)
+    for site in sites:
+        site.layer.to("cuda")
+        x = torch.randn(2, 3, site.up.in_features, device="cuda")
+        mask = random_mask((2, 3, site.intermediate_size), 0.3, seed=site.layer_idx).cuda()
+        with torch.no_grad():
+            ref = backend("dense").mlp(site, MLPInput(site, x), mask)
+            assert_close(backend("index_select").mlp(site, MLPInput(site, x), mask), ref)
+            with pytest.raises(ConfigError, match="CPU"):
+                backend("cached").mlp(site, MLPInput(site, x), mask)

@@ -26,6 +26,9 @@ class EvalResult:
 
 class Evaluator:
     name: str = "base"
+    # Whether run.py repeats this evaluator with every mask off (compare_dense=true);
+    # evaluators that carry their own baselines (decode) or need masks (churn) opt out.
+    compare_dense: bool = True
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -38,6 +38,7 @@ class MLPSite:
     # ``up(x)`` already includes it (see models.activations); backends that read
     # ``up.weight`` directly must apply it themselves.
     up_act: Callable | None = None
+    installed: nn.Module | None = None  # the module computing the MLP once patched
 
     def projection(self, name: str) -> nn.Linear:
         # MLP projections are read from the site: OPT's fc1/fc2 slots hold the installed MLP

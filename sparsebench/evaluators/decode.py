@@ -1,0 +1,184 @@
+"""End-to-end greedy decoding with the KV cache: tokens/s and token identity.
+
+For one prompt from the held-out text (``batch_size`` of them for batched decoding), the
+model generates exactly ``new_tokens`` tokens greedily (argmax, no early stop), one
+KV-cached forward per token. Three runs, each timed ``repeats`` times after ``warmup``:
+
+1. the configured backend with the sparsifier's masks (what the run is about);
+2. the same masks on the ``dense`` mask-multiply backend: its tokens are the reference
+   the sparse backend must reproduce exactly (``decode/identical``);
+3. the unpatched transformers model (``decode/tokens_per_s_hf``), the speedup baseline.
+
+Only the decode steps are timed (the prefill is reported apart). The Amdahl limit is
+computed from the bytes of weights each decode token must read: all linears plus the
+LM head for dense; for the sparse run, the MLP (or masked linears) scaled by the density
+measured during this decode, with the projections the method evaluates densely to find
+its mask (CATS's gate, CETT's gate and up) counted in full.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ..data.corpus import heldout_windows
+from . import EVALUATORS
+from .base import EvalResult, Evaluator
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """(generated ids [B, new_tokens], prefill seconds, decode seconds for the rest)."""
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [nxt]
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+    t2 = time.perf_counter()
+    return torch.cat(tokens, dim=1), t1 - t0, t2 - t1
+
+
+def _linear_bytes(mod: nn.Module) -> int:
+    w = getattr(mod, "weight", None)
+    return w.numel() * w.element_size() if w is not None else 0
+
+
+def weight_bytes(model, controller) -> dict[str, float]:
+    """Bytes of weights a decode token reads densely: every linear of the decoder plus the
+    LM head (embeddings are one row per token, norms are negligible), and the MLP's share."""
+    total = 0
+    seen = set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and id(w) not in seen:
+            seen.add(id(w))
+            total += _linear_bytes(mod)
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) not in seen:  # tied: the embedding matrix is read as the head
+        total += _linear_bytes(head)
+    mlp = 0
+    for site in controller.sites:
+        mlp += sum(_linear_bytes(site.projection(p)) for p in ("gate", "up", "down") if p in site.slots)
+    return {"total": float(total), "mlp": float(mlp)}
+
+
+def sparse_read_bytes(controller, computed: str | None) -> float:
+    """Weight bytes the sparse run reads per token that the dense run reads in full,
+    given the densities measured while decoding (controller.stats / linear_stats)."""
+    saved = 0.0
+    for site in controller.sites:
+        st = controller.stats.get(site.layer_idx)
+        if st is not None and st.masked_tokens and controller.sparsifier.sparsity_unit == "mlp_neurons":
+            density = 1.0 - st.sparsity
+            projs = {"x": ("gate", "up", "down"), "act": ("up", "down"), "h": ("down",)}[computed or "x"]
+            if site.kind == "plain":
+                projs = ("up", "down") if (computed or "x") == "x" else ("down",)
+            saved += sum(_linear_bytes(site.projection(p)) for p in projs if p in site.slots) * (1 - density)
+    for (layer, proj), st in controller.linear_stats.items():
+        site = controller.sites[layer]
+        lin = site.projection(proj)
+        lin_bytes = _linear_bytes(getattr(lin, "linear", lin))
+        es = lin.weight.element_size()
+        saved += lin_bytes * st.sparsity - es * controller.sparsifier.dense_cost(layer, proj)
+    return saved
+
+
+@EVALUATORS.register("decode")
+class Decode(Evaluator):
+    compare_dense = False  # carries its own baselines / needs masks
+    def evaluate(self, ctx):
+        cfg, controller = self.cfg, ctx.controller
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, int(cfg.batch_size), int(cfg.prompt_tokens))
+        n_new = int(cfg.new_tokens)
+        if n_new < 2:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"evaluator.decode.new_tokens={n_new} must be at least 2")
+
+        def timed(label):
+            for _ in range(int(cfg.warmup)):
+                controller.backend.reset()
+                greedy_decode(ctx.model, prompt, min(n_new, 8))
+            runs = []
+            for _ in range(int(cfg.repeats)):
+                controller.backend.reset()
+                runs.append(greedy_decode(ctx.model, prompt, n_new))
+            decode_s = statistics.median(r[2] for r in runs)
+            prefill_s = statistics.median(r[1] for r in runs)
+            toks = runs[-1][0]
+            if any(not torch.equal(r[0], toks) for r in runs):
+                raise RuntimeError(f"decode ({label}) is not deterministic across repeats")
+            return toks, prompt.shape[0] * (n_new - 1) / decode_s, prefill_s
+
+        tokens, tps, prefill_s = timed("sparse")
+        stats = controller.backend.stats()
+        # Densities and what the sparsifier computes densely, from one more (untimed) pass:
+        # counting reads h, which must not happen inside the timed runs.
+        computed = []
+        observer = controller.mask_observer
+        controller.mask_observer = lambda inp, mask: computed.append(inp.computed) if not computed else None
+        try:
+            with controller.counting():
+                controller.backend.reset()
+                greedy_decode(ctx.model, prompt, n_new)
+        finally:
+            controller.mask_observer = observer
+        sparse_bytes = sparse_read_bytes(controller, computed[0] if computed else None)
+
+        from ..backends.dense import DenseBackend
+
+        backend, controller.backend = controller.backend, DenseBackend()
+        try:
+            ref_tokens, tps_mask, _ = timed("dense mask")
+        finally:
+            controller.backend = backend
+        with controller.unpatched():
+            hf_tokens, tps_hf, prefill_hf = timed("hf")
+
+        same = tokens == ref_tokens
+        first_diff = int((~same).any(0).nonzero()[0]) if not bool(same.all()) else -1
+        wb = weight_bytes(ctx.model, controller)
+        share = wb["mlp"] / wb["total"]
+        limit = wb["total"] / (wb["total"] - sparse_bytes)
+        speedup = tps / tps_hf
+        metrics = {
+            "decode/tokens_per_s": tps,
+            "decode/tokens_per_s_dense_mask": tps_mask,
+            "decode/tokens_per_s_hf": tps_hf,
+            "decode/speedup_vs_hf": speedup,
+            "decode/identical": float(bool(same.all())),
+            "decode/first_divergence": first_diff,
+            "decode/identical_to_hf": float(torch.equal(tokens, hf_tokens)),
+            "decode/prefill_s": prefill_s,
+            "decode/prefill_s_hf": prefill_hf,
+            "decode/new_tokens": n_new,
+            "decode/batch_size": prompt.shape[0],
+            "decode/mlp_byte_share": share,
+            "decode/weight_bytes_saved_fraction": sparse_bytes / wb["total"],
+            "decode/amdahl_limit": limit,
+            "decode/fraction_of_limit": speedup / limit,
+            # the share of the attainable gain realised: (speedup - 1) / (limit - 1)
+            "decode/gain_fraction": (speedup - 1) / (limit - 1) if limit > 1 + 1e-9 else float("nan"),
+            "decode/threads": torch.get_num_threads(),
+        }
+        per_layer = {}
+        layers = stats.get("per_layer", {})
+        if layers:
+            n = len(controller.sites)
+            per_layer["decode/rows_copied_per_update"] = [
+                layers[i]["rows_copied"] / max(layers[i]["updates"], 1) if i in layers else 0.0 for i in range(n)]
+            per_layer["decode/active_rows"] = [
+                layers[i]["active"] / max(layers[i]["updates"], 1) if i in layers else 0.0 for i in range(n)]
+        if "union_density" in stats:
+            metrics["decode/union_density"] = stats["union_density"]
+        return EvalResult(metrics=metrics, per_layer=per_layer)
