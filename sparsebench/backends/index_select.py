@@ -63,9 +63,15 @@ class IndexSelectBackend(Backend):
             return site.down(inp.h)
         w = mlp_weights(site, self._weights)
         computed = inp.computed
-        x2, m2 = flat_rows(inp.x, mask)
-        act2 = inp.act.reshape(x2.shape[0], -1) if computed == "act" else None
         h_full = inp.h if computed == "h" or (w.kind == "plain" and computed == "act") else None
+        x = inp.x
+        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
+            y = self._rows(w, computed, mask.reshape(-1).nonzero().squeeze(1), x.reshape(1, -1),
+                           inp.act.reshape(1, -1) if computed == "act" else None,
+                           h_full.reshape(1, -1) if h_full is not None else None)
+            return y.reshape(x.shape)
+        x2, m2 = flat_rows(x, mask)
+        act2 = inp.act.reshape(x2.shape[0], -1) if computed == "act" else None
         h2 = h_full.reshape(x2.shape[0], -1) if h_full is not None else None
         if self.union:
             union = m2.any(0)
