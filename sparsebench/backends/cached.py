@@ -218,10 +218,25 @@ class CachedBackend(Backend):
         return y if w.down_bias is None else y + w.down_bias
 
     # ------------------------------------------------------------------ linear inputs
+    def _linear_cache(self, key, wt, sig) -> RowCache:
+        """A cache of rows of the transposed weight (one per input channel)."""
+        cache = self._caches.get(key)
+        if cache is None or cache.signature != sig:
+            cache = RowCache([[wt]], wt.shape[0], self._threads())
+            cache.signature = sig
+            self._caches[key] = cache
+        return cache
+
     def linear(self, inp, linear, mask):
         wt, bias = linear_weight_t(linear, (inp.layer_idx, inp.proj), self._linear_weights)
-        x2, m2 = flat_rows(inp.x, mask)
         sig = self._linear_weights[(inp.layer_idx, inp.proj)][2]
+        x = inp.x
+        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
+            cache = self._linear_cache((inp.layer_idx, inp.proj, 0), wt, sig)
+            cache.update(mask.reshape(-1))
+            y = x.reshape(1, -1).index_select(1, cache.neurons) @ cache.rows(0).view(cache.k, wt.shape[1])
+            return (y if bias is None else y + bias).reshape(*x.shape[:-1], wt.shape[1])
+        x2, m2 = flat_rows(x, mask)
         out = []
         rows = [(m2.any(0), x2 * m2.to(x2.dtype), "union")] if self.union else \
             [(m2[n], x2[n:n + 1], n) for n in range(x2.shape[0])]
@@ -230,12 +245,7 @@ class CachedBackend(Backend):
         batch = inp.x.shape[0] if inp.x.dim() == 3 else 1
         per_row = max(x2.shape[0] // batch, 1)
         for m, xs, row in rows:
-            key = (inp.layer_idx, inp.proj, row if row == "union" else row // per_row)
-            cache = self._caches.get(key)
-            if cache is None or cache.signature != sig:
-                cache = RowCache([[wt]], wt.shape[0], self._threads())
-                cache.signature = sig
-                self._caches[key] = cache
+            cache = self._linear_cache((inp.layer_idx, inp.proj, row if row == "union" else row // per_row), wt, sig)
             cache.update(m)
             out.append(xs.index_select(1, cache.neurons) @ cache.rows(0).view(cache.k, wt.shape[1]))
         y = torch.cat(out)

@@ -102,7 +102,12 @@ class IndexSelectBackend(Backend):
     # ------------------------------------------------------------------ linear inputs
     def linear(self, inp, linear, mask):
         wt, bias = linear_weight_t(linear, (inp.layer_idx, inp.proj), self._linear_weights)
-        x2, m2 = flat_rows(inp.x, mask)
+        x = inp.x
+        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            y = x.reshape(1, -1).index_select(1, idx) @ wt.index_select(0, idx)
+            return (y if bias is None else y + bias).reshape(*x.shape[:-1], wt.shape[1])
+        x2, m2 = flat_rows(x, mask)
         if self.union:
             union = m2.any(0)
             self._union_stats.add(union, m2)
