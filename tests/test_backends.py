@@ -214,3 +214,33 @@ def test_index_select_on_cuda_matches_dense(arch):
             assert_close(backend("index_select").mlp(site, MLPInput(site, x), mask), ref)
             with pytest.raises(ConfigError, match="CPU"):
                 backend("cached").mlp(site, MLPInput(site, x), mask)
+
+
+def test_cache_update_fuzz():
+    """Random shapes, densities and mask sequences (hypothesis): after every update the
+    cache holds exactly the active rows, bit for bit, in fp32 and bf16."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sparsebench.backends.cached import RowCache
+
+    @settings(max_examples=60, deadline=None)
+    @given(n=st.integers(1, 300), width=st.integers(1, 40), bf16=st.booleans(), seed=st.integers(0, 2**31 - 1),
+           densities=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6))
+    def check(n, width, bf16, seed, densities):
+        gen = torch.Generator().manual_seed(seed)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        a = torch.randn(n, width, generator=gen).to(dtype)
+        b = torch.randn(n, width, generator=gen).to(dtype)
+        cache = RowCache([[a, b], [a]], n, threads=2)
+        for d in densities:
+            mask = torch.rand(n, generator=gen) < d
+            cache.update(mask)
+            held = cache.neurons
+            assert sorted(held.tolist()) == mask.nonzero().flatten().tolist()
+            bits = torch.int16 if bf16 else torch.int32
+            assert torch.equal(cache.rows(0)[:, 0].view(bits), a[held].view(bits))
+            assert torch.equal(cache.rows(0)[:, 1].view(bits), b[held].view(bits))
+            assert torch.equal(cache.rows(1)[:, 0].view(bits), a[held].view(bits))
+
+    check()
