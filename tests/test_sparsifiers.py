@@ -309,6 +309,23 @@ def test_teal_uniform_thresholds_are_quantiles_of_each_group_input(arch):
         assert float((seen[proj].abs() <= t).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_teal_greedy_probe_on_part_of_a_batch(arch):
+    """The greedy probe runs on the first sequence of a calibration batch: the layer's
+    other arguments (Gemma3's sliding-window masks, per-sequence tensors) are cut to
+    match, and the result equals running that sequence alone."""
+    from sparsebench.sparsifiers.base import LayerProbe, capture_layer_inputs
+
+    model, sp, ctl = build("teal", arch, sparsity=0.5, allocation="greedy")
+    batches = random_ids(batch=4, seq=80, seed=1).split(2)  # longer than the sliding window (64)
+    run_layer, hidden = capture_layer_inputs(ctl, model, batches)
+    alone, _ = capture_layer_inputs(ctl, model, [batches[0][:1]])
+    for i in range(len(ctl.sites)):
+        part = LayerProbe(ctl, i, run_layer, [run_layer.dense_input(i, 0)[:1]]).outputs(sparse=True)[0]
+        ref = LayerProbe(ctl, i, alone, [alone.dense_input(i, 0)]).outputs(sparse=True)[0]
+        torch.testing.assert_close(part, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_teal_greedy_meets_the_block_target_and_each_step_is_the_best():
     model, sp, ctl = build("teal", "llama", sparsity=0.5, allocation="greedy")
     from sparsebench.sparsifiers.teal import GROUP_NAMES

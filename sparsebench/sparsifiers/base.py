@@ -100,6 +100,18 @@ class Sparsifier:
         return {}
 
 
+def _batch_slice(obj, full: int, n: int):
+    """Cut every tensor with a leading batch dimension of ``full`` to its first ``n`` rows
+    (attention masks, per-sequence position tensors), through tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() > 0 and obj.shape[0] == full else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_batch_slice(v, full, n) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _batch_slice(v, full, n) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def capture_layer_inputs(controller, model, batches):
     """One dense forward per batch that captures every decoder layer's inputs.
@@ -129,6 +141,9 @@ def capture_layer_inputs(controller, model, batches):
 
     def run_layer(i, hidden, b):
         args, kwargs = captured[b][i]
+        full = dense_input(i, b).shape[0]
+        if hidden.shape[0] != full:  # a probe on the first sequences of a batch
+            args, kwargs = _batch_slice(args, full, hidden.shape[0]), _batch_slice(kwargs, full, hidden.shape[0])
         if args:
             out = layers[i](hidden, *args[1:], **kwargs)
         else:
