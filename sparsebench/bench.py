@@ -85,40 +85,42 @@ def cache_for(gate, up, down_t, threads):
     return RowCache([[gate, up], [down_t]], gate.shape[0], threads)
 
 
-def weight_selection(shapes, densities, churns, threads, steps, out: Path) -> list[dict]:
+def weight_selection(shapes, densities, churns, threads, steps, out: Path, points=None) -> list[dict]:
+    """``points``: explicit (density, churn) pairs (e.g. measured on a real model) instead
+    of the grid ``densities × churns``."""
     rows = []
+    pairs = points or [(d, c) for d in densities for c in churns]
     for hidden, inter in shapes:
         gate, up, down_t = random_mlp(hidden, inter)
         row_bytes = 3 * hidden * gate.element_size()
-        for density in densities:
+        for density, churn in pairs:
             k = max(1, round(density * inter))
-            for churn in churns:
-                masks = mask_sequence(inter, density, churn, steps + 2, seed=int(1e3 * density + 1e5 * churn))
-                torch.set_num_threads(threads)
-                naive = NaiveGather(gate, up, down_t, k)
-                naive(masks[0])
-                naive_ms = _median_ms(naive, masks[1:])
-                cache = cache_for(gate, up, down_t, threads)
-                cache.update(masks[0])
-                copied0 = cache.rows_copied
-                cache_ms = _median_ms(cache.update, masks[1:])
-                copies = (cache.rows_copied - copied0) / (len(masks) - 1)
-                # breakdown: the same update with nothing to copy (bookkeeping only), and the
-                # naive path's index computation alone
-                same = [masks[-1]] * len(masks[1:])
-                bookkeeping_ms = _median_ms(cache.update, same)
-                nonzero_ms = _median_ms(lambda m: m.nonzero(), masks[1:])
-                rows.append({
-                    "hidden": hidden, "intermediate": inter, "density": density, "churn": churn,
-                    "threads": threads, "active_rows": k, "rows_copied_per_step": copies,
-                    "naive_ms": naive_ms, "cached_ms": cache_ms, "speedup": naive_ms / cache_ms,
-                    "copy_bound_limit": 1.0 / churn if churn > 0 else float("inf"),
-                    "cached_bookkeeping_ms": bookkeeping_ms, "naive_nonzero_ms": nonzero_ms,
-                    "naive_GBps": k * row_bytes / naive_ms / 1e6,
-                    "cached_GBps": copies * row_bytes / max(cache_ms - bookkeeping_ms, 1e-9) / 1e6,
-                })
-                _print_row(rows[-1], ["hidden", "intermediate", "density", "churn", "threads",
-                                      "naive_ms", "cached_ms", "speedup", "copy_bound_limit"])
+            masks = mask_sequence(inter, density, churn, steps + 2, seed=int(1e3 * density + 1e5 * churn))
+            torch.set_num_threads(threads)
+            naive = NaiveGather(gate, up, down_t, k)
+            naive(masks[0])
+            naive_ms = _median_ms(naive, masks[1:])
+            cache = cache_for(gate, up, down_t, threads)
+            cache.update(masks[0])
+            copied0 = cache.rows_copied
+            cache_ms = _median_ms(cache.update, masks[1:])
+            copies = (cache.rows_copied - copied0) / (len(masks) - 1)
+            # breakdown: the same update with nothing to copy (bookkeeping only), and the
+            # naive path's index computation alone
+            same = [masks[-1]] * len(masks[1:])
+            bookkeeping_ms = _median_ms(cache.update, same)
+            nonzero_ms = _median_ms(lambda m: m.nonzero(), masks[1:])
+            rows.append({
+                "hidden": hidden, "intermediate": inter, "density": density, "churn": churn,
+                "threads": threads, "active_rows": k, "rows_copied_per_step": copies,
+                "naive_ms": naive_ms, "cached_ms": cache_ms, "speedup": naive_ms / cache_ms,
+                "copy_bound_limit": 1.0 / churn if churn > 0 else float("inf"),
+                "cached_bookkeeping_ms": bookkeeping_ms, "naive_nonzero_ms": nonzero_ms,
+                "naive_GBps": k * row_bytes / naive_ms / 1e6,
+                "cached_GBps": copies * row_bytes / max(cache_ms - bookkeeping_ms, 1e-9) / 1e6,
+            })
+            _print_row(rows[-1], ["hidden", "intermediate", "density", "churn", "threads",
+                                  "naive_ms", "cached_ms", "speedup", "copy_bound_limit"])
     _write(out, "weight_selection", rows)
     return rows
 
@@ -200,6 +202,8 @@ def main(argv=None) -> None:
     ws.add_argument("--shapes", type=_shapes, default=_shapes(shapes), help="hidden x intermediate, e.g. 576x1536")
     ws.add_argument("--densities", type=_floats, default=[0.1, 0.2, 0.3, 0.5])
     ws.add_argument("--churns", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+    ws.add_argument("--points", type=lambda s: [tuple(float(v) for v in p.split(":")) for p in s.split(",")],
+                    help="density:churn pairs instead of the grid, e.g. 0.5:0.40,0.36:0.54")
     ws.add_argument("--threads", type=int, default=2)
     ws.add_argument("--steps", type=int, default=30)
     ws.add_argument("--out", type=Path, default=Path("bench"))
@@ -212,7 +216,7 @@ def main(argv=None) -> None:
     ms.add_argument("--out", type=Path, default=Path("bench"))
     a = p.parse_args(argv)
     if a.which == "weight-selection":
-        weight_selection(a.shapes, a.densities, a.churns, a.threads, a.steps, a.out)
+        weight_selection(a.shapes, a.densities, a.churns, a.threads, a.steps, a.out, a.points)
     else:
         mlp_step(a.shapes, a.densities, a.churn, a.threads, a.steps, a.out)
 
