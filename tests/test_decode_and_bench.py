@@ -133,3 +133,14 @@ def test_mask_replay_reproduces_the_recorded_run_and_restores_the_sparsifier():
         replayed, _, _ = greedy_decode(model, prompt, 8)
     assert torch.equal(tokens, replayed)
     assert all(a is b for a, b in zip(seen, mlp))  # the recorded tensors themselves were used
+
+
+def test_churn_union_density_matches_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    masks = torch.rand(4, 5, 30, generator=gen) < 0.2
+    counter = ChurnCounter()
+    counter.add(0, masks)
+    for b in (1, 2, 4):
+        ref = masks[:b].any(0).float().mean().item()
+        assert counter.union_sum[(0, b)] == pytest.approx(ref)
+    assert counter.union_sum[(0, 1)] < counter.union_sum[(0, 2)] < counter.union_sum[(0, 4)]

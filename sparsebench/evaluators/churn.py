@@ -5,6 +5,9 @@ copy per cached matrix (the "index swaps" of the seed blog's neuron-concentratio
 Masks come from one forward over each held-out window; under the default prefill policy
 (``all``) the mask at position t is the one KV-cached decoding computes at step t.
 
+``churn/union_density_batchB``: the density of the union of B sequences' masks at the same
+position (B = 1, 2, 4, ... up to ``batch_size``), i.e. what one union mask for a batch costs.
+
 For methods that mask linear inputs (TEAL, WINA, R-Sparse) the down projection's input
 mask is the MLP neuron mask and is used; without one the run is refused.
 """
@@ -24,6 +27,8 @@ class ChurnCounter:
         self.entered: dict[int, float] = {}
         self.active: dict[int, float] = {}
         self.width: dict[int, int] = {}
+        self.union_sum: dict[tuple[int, int], float] = {}
+        self.union_n: dict[tuple[int, int], int] = {}
 
     def add(self, layer: int, mask: torch.Tensor) -> None:
         m = mask.reshape(-1, mask.shape[-2], mask.shape[-1]) if mask.dim() >= 2 else mask.view(1, 1, -1)
@@ -34,6 +39,15 @@ class ChurnCounter:
         self.entered[layer] = self.entered.get(layer, 0.0) + float(enter.sum())
         self.active[layer] = self.active.get(layer, 0.0) + float(m[:, 1:].sum())
         self.width[layer] = m.shape[-1]
+        # union over the first b sequences at each position: what a batch of b independent
+        # sequences shares through one union mask (backend ``union: true``)
+        b = 1
+        while b <= m.shape[0]:
+            u = m[:b].any(0).float().mean()
+            key = (layer, b)
+            self.union_sum[key] = self.union_sum.get(key, 0.0) + float(u)
+            self.union_n[key] = self.union_n.get(key, 0) + 1
+            b *= 2
 
 
 @EVALUATORS.register("churn")
@@ -67,8 +81,13 @@ class Churn(Evaluator):
         active = [counter.active.get(i, 0.0) / max(counter.tokens.get(i, 0), 1) for i in range(n)]
         frac = [s / a if a else 0.0 for s, a in zip(swaps, active)]
         width = max(counter.width.values())
+        union = {}
+        for (layer, b), total in counter.union_sum.items():
+            union.setdefault(b, []).append(total / counter.union_n[(layer, b)])
+        metrics = {f"churn/union_density_batch{b}": sum(v) / len(v) for b, v in sorted(union.items())}
         return EvalResult(
             metrics={"churn/swaps_per_token": sum(swaps) / n, "churn/active_per_token": sum(active) / n,
-                     "churn/fraction": sum(swaps) / max(sum(active), 1e-12), "churn/density": sum(active) / n / width},
+                     "churn/fraction": sum(swaps) / max(sum(active), 1e-12), "churn/density": sum(active) / n / width,
+                     **metrics},
             per_layer={"churn/swaps_per_token": swaps, "churn/active_per_token": active, "churn/fraction": frac},
         )
