@@ -34,7 +34,7 @@ import torch
 from ..errors import ConfigError
 from . import BACKENDS
 from .base import Backend
-from .index_select import UnionStats, flat_rows
+from .index_select import UnionStats, flat_call, flat_rows
 from .weights import finish_hidden, linear_weight_t, mlp_weights
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,20 +165,11 @@ class CachedBackend(Backend):
         if mask is None:
             return site.down(inp.h)
         w = mlp_weights(site, self._weights)
-        computed = inp.computed
-        x = inp.x
-        h_full = inp.h if computed == "h" or (w.kind == "plain" and computed == "act") else None
-        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:
-            # one token (KV-cached decode at batch 1): the hot path, without per-row bookkeeping
+        computed, x2, m2, act2, h2 = flat_call(w, inp, mask)
+        if x2.shape[0] == 1 and not self.union:  # one token (decode at batch 1): the hot path
             cache = self._cache((site.layer_idx, 0), w, computed)
-            cache.update(mask.reshape(-1))
-            y = self._on_cache(cache, w, computed, x.reshape(1, -1),
-                               inp.act.reshape(1, -1) if computed == "act" else None,
-                               h_full.reshape(1, -1) if h_full is not None else None, None)
-            return y.reshape(x.shape)
-        x2, m2 = flat_rows(x, mask)
-        act2 = inp.act.reshape(x2.shape[0], -1) if computed == "act" else None
-        h2 = h_full.reshape(x2.shape[0], -1) if h_full is not None else None
+            cache.update(m2[0])
+            return self._on_cache(cache, w, computed, x2, act2, h2, None).reshape(inp.x.shape)
         if self.union:
             union = m2.any(0)
             self._union_stats.add(union, m2)

@@ -42,6 +42,17 @@ def flat_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x2, m2
 
 
+def flat_call(w, inp, mask):
+    """One MLP call as rows: (computed, x [N, H], mask [N, I], act [N, I] or None, h [N, I]
+    or None), where act/h are what the sparsifier already computed and the backend reuses."""
+    computed = inp.computed
+    x2, m2 = flat_rows(inp.x, mask)
+    n = x2.shape[0]
+    act2 = inp.act.reshape(n, -1) if computed == "act" else None
+    h_ready = computed == "h" or (w.kind == "plain" and computed == "act")  # plain MLPs: h is act
+    return computed, x2, m2, act2, inp.h.reshape(n, -1) if h_ready else None
+
+
 @BACKENDS.register("index_select")
 class IndexSelectBackend(Backend):
     def __init__(self, cfg=None):
@@ -62,17 +73,9 @@ class IndexSelectBackend(Backend):
         if mask is None:
             return site.down(inp.h)
         w = mlp_weights(site, self._weights)
-        computed = inp.computed
-        h_full = inp.h if computed == "h" or (w.kind == "plain" and computed == "act") else None
-        x = inp.x
-        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
-            y = self._rows(w, computed, mask.reshape(-1).nonzero().squeeze(1), x.reshape(1, -1),
-                           inp.act.reshape(1, -1) if computed == "act" else None,
-                           h_full.reshape(1, -1) if h_full is not None else None)
-            return y.reshape(x.shape)
-        x2, m2 = flat_rows(x, mask)
-        act2 = inp.act.reshape(x2.shape[0], -1) if computed == "act" else None
-        h2 = h_full.reshape(x2.shape[0], -1) if h_full is not None else None
+        computed, x2, m2, act2, h2 = flat_call(w, inp, mask)
+        if x2.shape[0] == 1 and not self.union:  # one token: the decode hot path
+            return self._rows(w, computed, m2[0].nonzero().squeeze(1), x2, act2, h2).reshape(inp.x.shape)
         if self.union:
             union = m2.any(0)
             self._union_stats.add(union, m2)

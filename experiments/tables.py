@@ -1,7 +1,10 @@
-"""Tables for the backend benchmarks from trees of results.json.
+"""Markdown tables (and CSV) from trees of results.json.
 
-    python experiments/backend_tables.py churn  RUNS_DIR   # benchmark 3: mask churn per method
-    python experiments/backend_tables.py decode RUNS_DIR   # benchmark 4: end-to-end decode
+    python experiments/tables.py methods RUNS_DIR   # method × sparsity: sparsity, perplexity, lm-eval accuracy
+    python experiments/tables.py churn   RUNS_DIR   # mask churn per method (backend benchmark 3)
+    python experiments/tables.py decode  RUNS_DIR   # end-to-end decode (backend benchmark 4)
+
+Dense rows of the methods table come from runs with ``sparsifier=none``.
 
 Each prints a markdown table; ``--csv FILE`` also writes the rows.
 """
@@ -11,6 +14,42 @@ import argparse
 import csv
 import json
 from pathlib import Path
+
+
+TASKS = ("arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
+
+
+def method_rows(root: Path) -> list[dict]:
+    rows = []
+    for f in sorted(root.rglob("results.json")):
+        r = json.loads(f.read_text())
+        m, sp = r["metrics"], r["sparsifier"]
+        lm = r["config"].get("evaluator", {}).get("lm_eval", {})
+        rows.append({
+            "model": r["model"]["id"].split("/")[-1], "method": sp["name"],
+            "sparsity": 0.0 if sp["name"] == "none" else sp.get("sparsity"),
+            "measured": m.get("sparsity/mean", 0.0), "min_layer": m.get("sparsity/min_layer", 0.0),
+            "max_layer": m.get("sparsity/max_layer", 0.0), "perplexity": m.get("perplexity"),
+            **{t: m.get(f"lm_eval/{t}/acc") for t in TASKS}, "avg_acc": m.get("lm_eval/avg_acc"),
+            "lm_eval_limit": lm.get("limit"), "masked_token_fraction": m.get("lm_eval/masked_token_fraction"),
+            "wall_s": r["run"]["wall_time_s"], "path": str(f.parent),
+        })
+    order = {"none": 0}
+    rows.sort(key=lambda x: (x["model"], order.get(x["method"], 1), x["method"], x["sparsity"] or 0))
+    return rows
+
+
+def methods_markdown(rows: list[dict]) -> str:
+    def f(v, d=3):
+        return "—" if v is None else f"{v:.{d}f}"
+
+    out = ["| model | method | requested | measured (min–max) | perplexity | " + " | ".join(TASKS) + " | avg acc |",
+           "|---" * (6 + len(TASKS)) + "|"]
+    for x in rows:
+        out.append(f"| {x['model']} | {x['method']} | {f(x['sparsity'], 2)} | {f(x['measured'])} "
+                   f"({f(x['min_layer'], 2)}–{f(x['max_layer'], 2)}) | {f(x['perplexity'], 2)} | "
+                   + " | ".join(f(x[t], 2) for t in TASKS) + f" | {f(x['avg_acc'])} |")
+    return "\n".join(out)
 
 
 def _load(root: Path):
@@ -64,14 +103,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["churn", "decode"])
+    p.add_argument("table", choices=["methods", "churn", "decode"])
     p.add_argument("root", type=Path)
     p.add_argument("--csv", type=Path)
     a = p.parse_args(argv)
-    rows = (churn_rows if a.table == "churn" else decode_rows)(a.root)
+    rows = {"methods": method_rows, "churn": churn_rows, "decode": decode_rows}[a.table](a.root)
     if not rows:
         raise SystemExit(f"no {a.table} results under {a.root}")
-    print(markdown(rows))
+    print(methods_markdown(rows) if a.table == "methods" else markdown(rows))
     if a.csv:
         with open(a.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
