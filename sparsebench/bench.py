@@ -125,7 +125,7 @@ def weight_selection(shapes, densities, churns, threads, steps, out: Path, point
     return rows
 
 
-def _dense_step(gate, up, down_t, down, x):
+def _dense_step(gate, up, down, x):
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
@@ -137,7 +137,7 @@ def mlp_step(shapes, densities, churn, threads_list, steps, out: Path) -> list[d
         x = torch.randn(1, hidden)
         for threads in threads_list:
             torch.set_num_threads(threads)
-            dense_ms = _median_ms(lambda m: _dense_step(gate, up, down_t, down, x), [None] * (steps + 1))
+            dense_ms = _median_ms(lambda m: _dense_step(gate, up, down, x), [None] * (steps + 1))
             for density in densities:
                 k = max(1, round(density * inter))
                 masks = mask_sequence(inter, density, churn, steps + 1, seed=int(1e3 * density))

@@ -152,7 +152,6 @@ class SparsityController:
     def attach(self, model: nn.Module) -> SparsityController:
         self.sites = mlp_sites(model)
         self._wrapped: list[tuple[MLPSite, str, nn.Module, SparseLinear]] = []
-        self._installed: list[tuple[MLPSite, SparseMLP]] = []
         projections = tuple(getattr(self.sparsifier, "input_projections", ()))
         for site in self.sites:
             for proj in projections:
@@ -161,10 +160,8 @@ class SparsityController:
                     wrapper = SparseLinear(original, site, proj, self)
                     site.replace_projection(proj, wrapper)
                     self._wrapped.append((site, proj, original, wrapper))
-            mlp = SparseMLP(site, self)
-            site.installed = mlp
-            site.install(mlp)
-            self._installed.append((site, mlp))
+            site.installed = SparseMLP(site, self)
+            site.install(site.installed)
         self._positions: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
         self.sparsifier.attach(self, model)
@@ -173,7 +170,7 @@ class SparsityController:
     def detach(self) -> None:
         self._remove_patches()
         self._hook.remove()
-        self.sites, self._wrapped, self._installed = [], [], []
+        self.sites, self._wrapped = [], []
 
     def _remove_patches(self) -> None:
         for site, proj, original, _ in reversed(self._wrapped):
@@ -191,8 +188,8 @@ class SparsityController:
         finally:
             for site, proj, _, wrapper in self._wrapped:
                 site.replace_projection(proj, wrapper)
-            for site, mlp in self._installed:
-                site.install(mlp)
+            for site in self.sites:
+                site.install(site.installed)
 
     def _note_positions(self, _model, args, kwargs):
         """Record the token positions of this forward (for the prefill policy)."""

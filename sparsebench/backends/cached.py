@@ -104,6 +104,11 @@ class RowCache:
         return self.neuron_of[: self.k].long()
 
 
+def tokens_per_sequence(x: torch.Tensor, rows: int) -> int:
+    """Rows of the flattened call that belong to one sequence (batch row), which owns a cache."""
+    return max(rows // (x.shape[0] if x.dim() == 3 else 1), 1)
+
+
 @BACKENDS.register("cached")
 class CachedBackend(Backend):
     def __init__(self, cfg=None):
@@ -178,11 +183,10 @@ class CachedBackend(Backend):
             y = self._on_cache(cache, w, computed, x2, act2, h2, m2)
             return y.reshape(inp.x.shape)
         # one cache per batch row; the tokens of a row go through it in order
-        batch = inp.x.shape[0] if inp.x.dim() == 3 else 1
-        per_row = x2.shape[0] // batch
+        per_seq = tokens_per_sequence(inp.x, x2.shape[0])
         out = torch.empty_like(x2)
         for n in range(x2.shape[0]):
-            cache = self._cache((site.layer_idx, n // per_row), w, computed)
+            cache = self._cache((site.layer_idx, n // per_seq), w, computed)
             cache.update(m2[n])
             out[n] = self._on_cache(cache, w, computed, x2[n:n + 1],
                                     None if act2 is None else act2[n:n + 1],
@@ -221,25 +225,20 @@ class CachedBackend(Backend):
     def linear(self, inp, linear, mask):
         wt, bias = linear_weight_t(linear, (inp.layer_idx, inp.proj), self._linear_weights)
         sig = self._linear_weights[(inp.layer_idx, inp.proj)][2]
-        x = inp.x
-        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
-            cache = self._linear_cache((inp.layer_idx, inp.proj, 0), wt, sig)
-            cache.update(mask.reshape(-1))
-            y = x.reshape(1, -1).index_select(1, cache.neurons) @ cache.rows(0).view(cache.k, wt.shape[1])
-            return (y if bias is None else y + bias).reshape(*x.shape[:-1], wt.shape[1])
-        x2, m2 = flat_rows(x, mask)
-        out = []
-        rows = [(m2.any(0), x2 * m2.to(x2.dtype), "union")] if self.union else \
-            [(m2[n], x2[n:n + 1], n) for n in range(x2.shape[0])]
+        x2, m2 = flat_rows(inp.x, mask)
         if self.union:
-            self._union_stats.add(rows[0][0], m2)
-        batch = inp.x.shape[0] if inp.x.dim() == 3 else 1
-        per_row = max(x2.shape[0] // batch, 1)
+            union = m2.any(0)
+            self._union_stats.add(union, m2)
+            rows = [(union, x2 * m2.to(x2.dtype), "union")]
+        else:
+            per_seq = tokens_per_sequence(inp.x, x2.shape[0])
+            rows = [(m2[n], x2[n:n + 1], n // per_seq) for n in range(x2.shape[0])]
+        out = []
         for m, xs, row in rows:
-            cache = self._linear_cache((inp.layer_idx, inp.proj, row if row == "union" else row // per_row), wt, sig)
+            cache = self._linear_cache((inp.layer_idx, inp.proj, row), wt, sig)
             cache.update(m)
             out.append(xs.index_select(1, cache.neurons) @ cache.rows(0).view(cache.k, wt.shape[1]))
-        y = torch.cat(out)
+        y = out[0] if len(out) == 1 else torch.cat(out)  # one row: decode, no copy
         if bias is not None:
             y = y + bias
         return y.reshape(*inp.x.shape[:-1], wt.shape[1])

@@ -105,22 +105,16 @@ class IndexSelectBackend(Backend):
     # ------------------------------------------------------------------ linear inputs
     def linear(self, inp, linear, mask):
         wt, bias = linear_weight_t(linear, (inp.layer_idx, inp.proj), self._linear_weights)
-        x = inp.x
-        if x.numel() == x.shape[-1] and mask.numel() == mask.shape[-1]:  # one token: the decode hot path
-            idx = mask.reshape(-1).nonzero().squeeze(1)
-            y = x.reshape(1, -1).index_select(1, idx) @ wt.index_select(0, idx)
-            return (y if bias is None else y + bias).reshape(*x.shape[:-1], wt.shape[1])
-        x2, m2 = flat_rows(x, mask)
+        x2, m2 = flat_rows(inp.x, mask)
         if self.union:
             union = m2.any(0)
             self._union_stats.add(union, m2)
             idx = union.nonzero().squeeze(1)
             y = (x2.index_select(1, idx) * m2.index_select(1, idx).to(x2.dtype)) @ wt.index_select(0, idx)
         else:
-            y = torch.stack([
-                x2[n].index_select(0, idx) @ wt.index_select(0, idx)
-                for n in range(x2.shape[0]) for idx in [m2[n].nonzero().squeeze(1)]
-            ])
+            rows = [x2[n:n + 1].index_select(1, idx) @ wt.index_select(0, idx)
+                    for n in range(x2.shape[0]) for idx in [m2[n].nonzero().squeeze(1)]]
+            y = rows[0] if len(rows) == 1 else torch.cat(rows)  # one row: decode, no copy
         if bias is not None:
             y = y + bias
         return y.reshape(*inp.x.shape[:-1], wt.shape[1])

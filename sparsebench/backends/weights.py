@@ -39,13 +39,18 @@ class MLPWeights:
     def inputs_for(self, computed: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of the projections still to compute per active neuron, given what
         the sparsifier already computed ("x", "act" or "h"; see ``MLPInput.computed``)."""
-        if computed == "h" or (computed == "act" and self.kind == "plain"):
-            return []
-        if computed == "act":
-            return [(self.up, self.up_bias)]
-        if self.kind == "gated":
-            return [(self.gate, self.gate_bias), (self.up, self.up_bias)]
-        return [(self.up, self.up_bias)]
+        by_name = {"gate": (self.gate, self.gate_bias), "up": (self.up, self.up_bias)}
+        return [by_name[p] for p in projections_to_compute(self.kind, computed)]
+
+
+def projections_to_compute(kind: str, computed: str) -> tuple[str, ...]:
+    """The input projections ("gate", "up") a sparse backend still evaluates per active
+    neuron, given the MLP kind and what the sparsifier already computed; down always follows."""
+    if computed == "h" or (computed == "act" and kind == "plain"):
+        return ()
+    if computed == "act":
+        return ("up",)
+    return ("gate", "up") if kind == "gated" else ("up",)
 
 
 def _source_key(*tensors) -> tuple:

@@ -52,7 +52,8 @@ class ChurnCounter:
 
 @EVALUATORS.register("churn")
 class Churn(Evaluator):
-    compare_dense = False  # carries its own baselines / needs masks
+    compare_dense = False  # needs masks
+
     @torch.no_grad()
     def evaluate(self, ctx):
         ctl = ctx.controller

@@ -29,6 +29,7 @@ import time
 import torch
 from torch import nn
 
+from ..backends.weights import projections_to_compute
 from ..data.corpus import heldout_windows
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
@@ -85,11 +86,8 @@ def sparse_read_bytes(controller, computed: str | None) -> float:
     for site in controller.sites:
         st = controller.stats.get(site.layer_idx)
         if st is not None and st.masked_tokens and controller.sparsifier.sparsity_unit == "mlp_neurons":
-            density = 1.0 - st.sparsity
-            projs = {"x": ("gate", "up", "down"), "act": ("up", "down"), "h": ("down",)}[computed or "x"]
-            if site.kind == "plain":
-                projs = ("up", "down") if (computed or "x") == "x" else ("down",)
-            saved += sum(_linear_bytes(site.projection(p)) for p in projs if p in site.slots) * (1 - density)
+            projs = projections_to_compute(site.kind, computed or "x") + ("down",)
+            saved += sum(_linear_bytes(site.projection(p)) for p in projs) * st.sparsity
     for (layer, proj), st in controller.linear_stats.items():
         site = controller.sites[layer]
         lin = site.projection(proj)
@@ -128,7 +126,8 @@ def replaying_masks(sparsifier, mlp: list, linear: list):
 
 @EVALUATORS.register("decode")
 class Decode(Evaluator):
-    compare_dense = False  # carries its own baselines / needs masks
+    compare_dense = False  # carries its own baselines
+
     def evaluate(self, ctx):
         cfg, controller = self.cfg, ctx.controller
         prompt = heldout_windows(ctx.tokenizer, ctx.splits, int(cfg.batch_size), int(cfg.prompt_tokens))
