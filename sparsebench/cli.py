@@ -60,24 +60,53 @@ def _output_dir_and_name() -> tuple[Path, str, str | None]:
     name = hc.job.override_dirname or "default"
     group = None
     if hc.mode == RunMode.MULTIRUN:
-        group = Path(hc.sweep.dir).as_posix().strip("/").replace("/", "_")
+        group = sweep_group(hc.sweep.dir)
     return Path(hc.runtime.output_dir), name, group
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep: its folder, e.g. ``multirun/fig4_accuracy`` → ``multirun_fig4_accuracy``."""
+    return Path(sweep_dir).as_posix().strip("/").replace("/", "_")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from .faults import checkpoint
     from .run import run
+    from .sweep import clear_failure, config_differs, finished_run, record_failure
 
     output_dir, name, group = _output_dir_and_name()
+    checkpoint("job_start")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg.get("rerun", False):
+        if finished_run(output_dir, config) is not None:
+            print(f"[sparsebench] {output_dir}: finished earlier with this config, reusing its results.json "
+                  "(rerun=true to run it again)")
+            return
+        if config_differs(output_dir, config):
+            print(f"[sparsebench] {output_dir}: holds results of a different config; running again")
     try:
         run(cfg, output_dir, name=name, group=group)
-    except SparsebenchError as exc:
-        _fail(str(exc))
+        clear_failure(output_dir)
+    except Exception as exc:  # noqa: BLE001 - in a sweep one failed point must not stop the others
+        if group is None:
+            if isinstance(exc, SparsebenchError):
+                _fail(str(exc))
+            raise
+        path = record_failure(output_dir, exc, name)
+        print(f"sparsebench: error: point {name} failed ({type(exc).__name__}: {exc}); recorded in {path}",
+              file=sys.stderr, flush=True)
 
 
 def main() -> None:
+    from . import callbacks
+
     check_group_overrides(sys.argv[1:])
     hydra_main()
+    if callbacks.FAILED:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

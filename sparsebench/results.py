@@ -59,11 +59,13 @@ def load_results(dirs: Iterable[Path]) -> list[dict]:
 
 
 def _fmt(v: Any) -> str:
+    from rich.markup import escape  # run names hold overrides such as evaluator=[a,b]
+
     if v is None:
         return "—"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
-    return str(v)
+    return escape(str(v))
 
 
 def sparsifier_label(sp: dict) -> str:
@@ -125,7 +127,7 @@ def combined_table(all_results: list[dict], title: str = "sweep"):
         table.add_column(k, justify="right")
         table.add_column(f"dense {k.split('/')[-1]}", justify="right")
     for r in all_results:
-        row = [r["run"]["name"], r["model"]["id"], r["sparsifier"]["name"], _fmt(r["sparsifier"].get("sparsity"))]
+        row = [_fmt(r["run"]["name"]), _fmt(r["model"]["id"]), r["sparsifier"]["name"], _fmt(r["sparsifier"].get("sparsity"))]
         for k in keys:
             row += [_fmt(r["metrics"].get(k)), _fmt((r.get("dense_metrics") or {}).get(k))]
         table.add_row(*row)

@@ -50,6 +50,8 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     from .calibration import load_or_calibrate
     from .data.corpus import load_corpus
     from .evaluators import RunContext
+    from .faults import checkpoint
+    from .timing import exclusive_timing
     from .models.loader import load_model, set_offline
     from .patching import SparsityController
     from .results import (
@@ -74,15 +76,23 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     controller = SparsityController(sparsifier, backend, prefill=prefill_policy(cfg)).attach(model)
     _, calib_info = load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id,
                                       cfg.data, int(cfg.seed), cfg.cache_dir)
+    checkpoint("after_calibration")
     ctx = RunContext(model=model, tokenizer=tokenizer, controller=controller, splits=splits, cfg=cfg,
                      cache_dir=cfg.cache_dir)
 
     compare = bool(cfg.compare_dense) and sparsifier.name != "none"
     metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
+    lock_wait = 0.0
     for ev in evaluators:
         t0 = time.time()
-        res = ev.evaluate(ctx)
-        timings[ev.name] = round(time.time() - t0, 2)
+        if ev.timing:
+            with exclusive_timing(cfg.cache_dir, ev.name) as lock:
+                res = ev.evaluate(ctx)
+            lock_wait += lock["waited_s"]
+        else:
+            res = ev.evaluate(ctx)
+        timings[ev.name] = round(time.time() - t0 - (lock["waited_s"] if ev.timing else 0.0), 2)
+        checkpoint("after_evaluator")
         metrics.update(res.metrics)
         per_layer.update(res.per_layer)
         if compare and ev.compare_dense:
@@ -101,7 +111,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         "status": "ok",
         "run": {"name": name, "group": group, "output_dir": str(output_dir),
                 "started_at": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-                "wall_time_s": None, "evaluator_time_s": timings},
+                "wall_time_s": None, "evaluator_time_s": timings, "timing_lock_wait_s": lock_wait},
         "model": {"id": model_id, "model_type": model.config.model_type, "num_layers": n_layers,
                   "hidden_size": model.config.hidden_size,
                   "intermediate_size": controller.sites[0].intermediate_size if n_layers else None},
@@ -118,6 +128,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         "machine": machine(),
     }
     results["run"]["wall_time_s"] = round(time.time() - started, 2)
+    checkpoint("before_results")
     write_results(output_dir, results)  # before W&B: a failing logger must not lose results
     log_run(cfg.logger, results, output_dir, group, name)
     print_tables(run_table(results), per_layer_table(results) if cfg.get("print_per_layer", True) else None)

@@ -29,6 +29,9 @@ class Evaluator:
     # Whether run.py repeats this evaluator with every mask off (compare_dense=true);
     # evaluators that carry their own baselines (decode) or need masks (churn) opt out.
     compare_dense: bool = True
+    # Whether the evaluator measures time: run.py then holds the per-machine timing lock
+    # (sparsebench.timing) around it, so parallel sweep jobs never time on shared cores.
+    timing: bool = False
 
     def __init__(self, cfg):
         self.cfg = cfg

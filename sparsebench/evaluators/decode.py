@@ -126,6 +126,7 @@ def replaying_masks(sparsifier, mlp: list, linear: list):
 
 @EVALUATORS.register("decode")
 class Decode(Evaluator):
+    timing = True
     compare_dense = False  # carries its own baselines
 
     def evaluate(self, ctx):

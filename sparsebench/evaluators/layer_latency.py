@@ -40,6 +40,7 @@ class _Timer:
 
 @EVALUATORS.register("layer_latency")
 class LayerLatency(Evaluator):
+    timing = True
     @torch.no_grad()
     def evaluate(self, ctx):
         ctl = ctx.controller

@@ -1,0 +1,77 @@
+"""Resumable sweeps: reuse finished points, record failed ones, list them at the end.
+
+A point is *finished* when its output folder holds a ``results.json`` with status ``ok``
+whose configuration equals the one being run (keys that cannot change a result, such as
+the W&B mode, are ignored). Rerunning the same sweep command therefore runs only the
+missing or changed points; ``rerun=true`` forces every point.
+
+A point that raises is recorded in ``failed.json`` beside where its results would be and
+the sweep goes on; the multirun callback lists the failures and the command exits 1.
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .cache import atomic_write_json
+from .results import RESULTS_FILE
+
+FAILED_FILE = "failed.json"
+# Config keys that do not change what a run measures: where the cache lives, how W&B
+# logs, what is printed, and the rerun switch itself.
+VOLATILE_KEYS = ("logger", "cache_dir", "print_per_layer", "rerun")
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+
+
+def finished_run(output_dir: Path, config: dict[str, Any]) -> dict | None:
+    """The results of an earlier successful run of exactly this config in ``output_dir``."""
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        return None  # unreadable: run again (results.json is written atomically, so this is rare)
+    if previous.get("status") != "ok":
+        return None
+    if comparable_config(previous.get("config") or {}) != comparable_config(config):
+        return None
+    return previous
+
+
+def config_differs(output_dir: Path, config: dict[str, Any]) -> bool:
+    """True when ``output_dir`` holds results of a *different* config (to say why we rerun)."""
+    path = Path(output_dir) / RESULTS_FILE
+    return path.is_file() and finished_run(output_dir, config) is None
+
+
+def record_failure(output_dir: Path, exc: BaseException, overrides: str) -> Path:
+    path = Path(output_dir) / FAILED_FILE
+    atomic_write_json(path, {
+        "status": "failed", "overrides": overrides, "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+    })
+    return path
+
+
+def clear_failure(output_dir: Path) -> None:
+    (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def failed_points(sweep_dir: Path) -> list[dict]:
+    """Failures recorded under ``sweep_dir`` whose point has not succeeded since."""
+    out = []
+    for f in sorted(Path(sweep_dir).rglob(FAILED_FILE)):
+        if (f.parent / RESULTS_FILE).exists() and f.stat().st_mtime < (f.parent / RESULTS_FILE).stat().st_mtime:
+            continue
+        try:
+            info = json.loads(f.read_text())
+        except ValueError:
+            info = {"overrides": f.parent.name, "error": "unreadable failed.json"}
+        out.append(info | {"dir": str(f.parent)})
+    return out
