@@ -1,8 +1,8 @@
 """Markdown tables (and CSV) from trees of results.json.
 
-    python experiments/tables.py methods RUNS_DIR   # method × sparsity: sparsity, perplexity, lm-eval accuracy
-    python experiments/tables.py churn   RUNS_DIR   # mask churn per method (backend benchmark 3)
-    python experiments/tables.py decode  RUNS_DIR   # end-to-end decode (backend benchmark 4)
+    python -m sparsebench.experiments.tables methods RUNS_DIR  # method × sparsity: sparsity, perplexity, lm-eval accuracy
+    python -m sparsebench.experiments.tables churn   RUNS_DIR  # mask churn per method (backend benchmark 3)
+    python -m sparsebench.experiments.tables decode  RUNS_DIR  # end-to-end decode (backend benchmark 4)
 
 Dense rows of the methods table come from runs with ``sparsifier=none``.
 
@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
+from sparsebench.experiments.figures import TASKS, method_rows
+from sparsebench.results import load_results
 
-TASKS = ("arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
-
-
-def method_rows(root: Path) -> list[dict]:
-    rows = []
-    for f in sorted(root.rglob("results.json")):
-        r = json.loads(f.read_text())
-        m, sp = r["metrics"], r["sparsifier"]
-        lm = r["config"].get("evaluator", {}).get("lm_eval", {})
-        rows.append({
-            "model": r["model"]["id"].split("/")[-1], "method": sp["name"],
-            "sparsity": 0.0 if sp["name"] == "none" else sp.get("sparsity"),
-            "measured": m.get("sparsity/mean", 0.0), "min_layer": m.get("sparsity/min_layer", 0.0),
-            "max_layer": m.get("sparsity/max_layer", 0.0), "perplexity": m.get("perplexity"),
-            **{t: m.get(f"lm_eval/{t}/acc") for t in TASKS}, "avg_acc": m.get("lm_eval/avg_acc"),
-            "lm_eval_limit": lm.get("limit"), "masked_token_fraction": m.get("lm_eval/masked_token_fraction"),
-            "wall_s": r["run"]["wall_time_s"], "path": str(f.parent),
-        })
-    order = {"none": 0}
-    rows.sort(key=lambda x: (x["model"], order.get(x["method"], 1), x["method"], x["sparsity"] or 0))
-    return rows
+TABLES = {"methods": lambda results: [r for r in method_rows(results) if r["perplexity"] is not None
+                                      or r["avg_acc"] is not None]}
 
 
 def methods_markdown(rows: list[dict]) -> str:
@@ -52,14 +34,9 @@ def methods_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _load(root: Path):
-    for f in sorted(root.rglob("results.json")):
-        yield json.loads(f.read_text())
-
-
-def churn_rows(root: Path) -> list[dict]:
+def churn_rows(results: list[dict]) -> list[dict]:
     rows = []
-    for r in _load(root):
+    for r in results:
         m = r["metrics"]
         if "churn/fraction" not in m:
             continue
@@ -73,9 +50,9 @@ def churn_rows(root: Path) -> list[dict]:
     return rows
 
 
-def decode_rows(root: Path) -> list[dict]:
+def decode_rows(results: list[dict]) -> list[dict]:
     rows = []
-    for r in _load(root):
+    for r in results:
         m = r["metrics"]
         if "decode/tokens_per_s" not in m:
             continue
@@ -104,12 +81,12 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("table", choices=["methods", "churn", "decode"])
-    p.add_argument("root", type=Path)
+    p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--csv", type=Path)
     a = p.parse_args(argv)
-    rows = {"methods": method_rows, "churn": churn_rows, "decode": decode_rows}[a.table](a.root)
+    rows = (TABLES | {"churn": churn_rows, "decode": decode_rows})[a.table](load_results(a.roots))
     if not rows:
-        raise SystemExit(f"no {a.table} results under {a.root}")
+        raise SystemExit(f"no {a.table} results under {', '.join(map(str, a.roots))}")
     print(methods_markdown(rows) if a.table == "methods" else markdown(rows))
     if a.csv:
         with open(a.csv, "w", newline="") as fh:

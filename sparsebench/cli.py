@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
 def config_groups() -> dict[str, list[str]]:
     root = resources.files(CONFIG_MODULE)
     return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
-            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_")}
+            for d in root.iterdir() if d.is_dir() and not d.name.startswith("_") and d.name != "hydra"}
 
 
 def check_group_overrides(argv: list[str]) -> None:

@@ -43,6 +43,37 @@ def build_components(cfg: DictConfig):
     return sparsifier, backend, evaluators
 
 
+def dense_baseline_cache(cfg: DictConfig, model_id: str):
+    """Where the dense baselines of this model, data and seed are kept: every point of a
+    sweep over methods and sparsities shares them, so the dense pass runs once per model."""
+    from .cache import cache_root
+    from .calibration import ArtifactCache
+    from .results import versions
+
+    v = versions()
+    key = {"model": model_id, "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+           "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
+           "versions": {k: v[k] for k in ("torch", "transformers", "lm_eval")}}
+    return ArtifactCache(cache_root(cfg.cache_dir) / "dense_baselines", key)
+
+
+def dense_baseline(ev, ctx, cache, model_id: str):
+    """The evaluator's result with every mask off, from the cache when the same dense
+    evaluation was done before (same model, data, seed, evaluator settings)."""
+    from .evaluators import EvalResult
+
+    def compute():
+        with ctx.controller.dense():
+            res = ev.evaluate(ctx)
+        return {"metrics": res.metrics, "per_layer": res.per_layer}
+
+    if cache is None:
+        state = compute()
+    else:
+        state = cache.get(f"dense-{ev.name}", {"evaluator": OmegaConf.to_container(ev.cfg, resolve=True)}, compute)
+    return EvalResult(metrics=dict(state["metrics"]), per_layer=dict(state["per_layer"]))
+
+
 def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | None = None) -> dict:
     import torch
 
@@ -81,6 +112,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
                      cache_dir=cfg.cache_dir)
 
     compare = bool(cfg.compare_dense) and sparsifier.name != "none"
+    dense_cache = dense_baseline_cache(cfg, model_id) if cfg.get("dense_cache", True) else None
     metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
     lock_wait = 0.0
     for ev in evaluators:
@@ -97,8 +129,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         per_layer.update(res.per_layer)
         if compare and ev.compare_dense:
             t0 = time.time()
-            with controller.dense():
-                dres = ev.evaluate(ctx)
+            dres = dense_baseline(ev, ctx, dense_cache, model_id)
             timings[f"{ev.name}/dense"] = round(time.time() - t0, 2)
             dense_metrics.update(dres.metrics)
             per_layer.update({f"dense_{k}": v for k, v in dres.per_layer.items()})

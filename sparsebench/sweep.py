@@ -21,7 +21,7 @@ from .results import RESULTS_FILE
 FAILED_FILE = "failed.json"
 # Config keys that do not change what a run measures: where the cache lives, how W&B
 # logs, what is printed, and the rerun switch itself.
-VOLATILE_KEYS = ("logger", "cache_dir", "print_per_layer", "rerun")
+VOLATILE_KEYS = ("logger", "cache_dir", "print_per_layer", "rerun", "figures", "dense_cache")
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:

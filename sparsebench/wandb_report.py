@@ -7,7 +7,7 @@ per sparsifier; per-layer curves; a runs table). The spec is always written loca
 nothing depends on reaching W&B. When the runs were logged online and an API key is at
 hand, the spec is also rendered with ``wandb_workspaces.reports.v2`` and saved; otherwise
 the caller gets the exact ``wandb sync`` command that uploads the offline runs, after
-which ``python -m sparsebench.wandb_report <dirs> --mode online`` creates the report.
+which ``sparsebench-report <dirs> --wandb online`` creates the report.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def _sync_command(spec: dict, run_dirs: list[str], result_dirs: list[str], group
     sync = ["wandb", "sync", "--project", spec["project"] or "sparsebench"]
     if spec["entity"]:
         sync += ["--entity", spec["entity"]]
-    report = ["python", "-m", "sparsebench.wandb_report", *result_dirs, "--mode", "online"]
+    report = ["sparsebench-report", *result_dirs, "--wandb", "online"]
     report += ["--group", group] if group is not None else []
     return f"{shlex.join(sync + run_dirs)} && {shlex.join(report)}"
 
@@ -210,7 +210,7 @@ def publish(results: list[dict], out_dir, mode: str | None = None, group: str | 
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build a W&B comparison report from sparsebench results.")
     ap.add_argument("dirs", nargs="+", type=Path, help="folders searched for results.json")
     ap.add_argument("--group", default=None, help="only this sweep group")
@@ -223,7 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = publish(results, args.out or args.dirs[0], args.mode, args.group)
     if out["url"]:
         print(f"[sparsebench] report: {out['url']}")
-    return out
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ import multiprocessing as mp
 import os
 import time
 
-import pytest
-
 from sparsebench.sweep import comparable_config, failed_points, finished_run, record_failure
 from test_cli import TINY, sparsebench
 
@@ -36,6 +34,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_points(tmp_path):
     assert json.loads(other.read_text())["status"] == "ok"
     # the combined table at the end covers both points, the reused one included
     assert "2 runs" in resumed.stdout
+    # both points compared against one dense baseline, computed once and cached
+    baselines = list((tmp_path / "cache" / "dense_baselines").glob("dense-sparsity-*.pt"))
+    assert len(baselines) == 1
+    dense = [json.loads(p.read_text())["dense_metrics"] for p in after.values()]
+    assert dense[0] == dense[1] and dense[0]["sparsity/mean"] == 0.0
 
     forced = sparsebench([*args, "rerun=true"], tmp_path)
     assert forced.returncode == 0 and "reusing" not in forced.stdout

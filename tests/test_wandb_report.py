@@ -123,7 +123,7 @@ def test_offline_publish_writes_spec_and_sync_command(sweep, tmp_path, capsys):
     assert args[:2] == ["wandb", "sync"] and args[args.index("--project") + 1] == "sb-proj"
     expected = sorted(str(p) for p in sweep.rglob("offline-run-*"))
     assert len(expected) == 4 and [a for a in args if "offline-run-" in a] == expected
-    assert "--mode online" in follow_up
+    assert follow_up.startswith("sparsebench-report") and "--wandb online" in follow_up
     assert out["sync_command"] in capsys.readouterr().out
 
 

@@ -1,0 +1,1 @@
+"""Figures, tables and reports drawn from runs' results.json (installed as sparsebench.experiments)."""
