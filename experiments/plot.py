@@ -27,6 +27,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def results_or_exit(parser: argparse.ArgumentParser, dirs: list[Path]) -> list[dict]:
+    """Every results.json under ``dirs``; a one-line usage error when there are none."""
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    results = load_results(dirs)
+    if not results:
+        parser.error(f"no results.json under {', '.join(map(str, dirs))}; run the sweep first")
+    return results
+
+
 def draw(results: list[dict], out: Path, names: list[str] | None = None) -> dict[str, dict]:
     """Draw ``names`` (default: every figure the results feed); return name -> file paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -57,12 +68,7 @@ def draw_dirs(argv=None) -> dict:
                    help="draw this figure (repeatable); default: the figures the runs' experiments name")
     p.add_argument("--out", type=Path, help="output folder (default: FIRST_DIR/figures)")
     a = p.parse_args(argv)
-    missing = [str(d) for d in a.dirs if not d.is_dir()]
-    if missing:
-        p.error(f"not a folder: {', '.join(missing)}")
-    results = load_results(a.dirs)
-    if not results:
-        p.error(f"no results.json under {', '.join(map(str, a.dirs))}; run the experiment first")
+    results = results_or_exit(p, a.dirs)
     names = a.figure or figures_for(results)
     if not names:
         p.error("these runs feed no known figure; name one with --figure (" + ", ".join(sorted(FIGURES)) + ")")

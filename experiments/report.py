@@ -15,11 +15,10 @@ import html
 from pathlib import Path
 
 from sparsebench.cache import atomic_write_bytes
-from sparsebench.results import load_results
 from sparsebench.sweep import failed_points
 
 from .figures import CAPTIONS, method_rows
-from .plot import draw
+from .plot import draw, results_or_exit
 from .tables import churn_rows, decode_rows, markdown, methods_markdown
 
 
@@ -73,12 +72,7 @@ def report(argv=None) -> dict:
     p.add_argument("--title", default="sparsebench report")
     p.add_argument("--wandb", choices=("offline", "online"), help="also build the W&B comparison report")
     a = p.parse_args(argv)
-    missing = [str(d) for d in a.dirs if not d.is_dir()]
-    if missing:
-        p.error(f"not a folder: {', '.join(missing)}")
-    results = load_results(a.dirs)
-    if not results:
-        p.error(f"no results.json under {', '.join(map(str, a.dirs))}; run a sweep first")
+    results = results_or_exit(p, a.dirs)
     out = a.out or a.dirs[0] / "report"
     figures = draw(results, out / "figures")
     md = build_markdown(results, figures, out, a.dirs, a.title)

@@ -125,43 +125,65 @@ def weight_selection(shapes, densities, churns, threads, steps, out: Path, point
     return rows
 
 
-def _dense_step(gate, up, down, x):
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def time_layer(gate, up, down_t, masks: list[torch.Tensor], threads: int) -> dict[str, float]:
+    """Median times (ms) of weight selection and of one MLP step over ``masks`` (the first
+    mask fills the cache and is not timed), plus the rows the cache copied per step."""
+    hidden = gate.shape[1]
+    down = down_t.t().contiguous()
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(gate.dtype)
+    k_max = max(int(m.sum()) for m in masks)
+    naive = NaiveGather(gate, up, down_t, k_max)
+
+    def naive_select(m):
+        idx = m.nonzero().squeeze(1)
+        k = idx.numel()
+        for w, b in zip(naive.w, naive.bufs):
+            torch.index_select(w, 0, idx, out=b[:k])
+        return k
+
+    def naive_step(m):
+        k = naive_select(m)
+        g, u, d = (b[:k] for b in naive.bufs)
+        return (F.silu(x @ g.t()) * (x @ u.t())) @ d
+
+    cache = cache_for(gate, up, down_t, threads)
+    cache.update(masks[0])
+
+    def cached_step(m):
+        cache.update(m)
+        z = (x @ cache.rows(0).view(cache.k * 2, hidden).t()).view(cache.k, 2)
+        return (F.silu(z[:, 0]) * z[:, 1]) @ cache.rows(1).view(cache.k, hidden)
+
+    def dense_step(_):
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    steps = masks[1:]
+    out = {"naive_select_ms": _median_ms(naive_select, steps)}
+    copied0 = cache.rows_copied
+    out["cached_select_ms"] = _median_ms(cache.update, steps)
+    out["rows_copied_per_step"] = (cache.rows_copied - copied0) / len(steps)
+    cache.update(masks[0])  # restart the sequence for the step timing
+    out["dense_step_ms"] = _median_ms(dense_step, steps)
+    out["index_select_step_ms"] = _median_ms(naive_step, steps)
+    out["cached_step_ms"] = _median_ms(cached_step, steps)
+    return out
+
 
 
 def mlp_step(shapes, densities, churn, threads_list, steps, out: Path) -> list[dict]:
     rows = []
     for hidden, inter in shapes:
         gate, up, down_t = random_mlp(hidden, inter)
-        down = down_t.t().contiguous()  # dense uses the model's own [hidden, inter] layout
-        x = torch.randn(1, hidden)
         for threads in threads_list:
             torch.set_num_threads(threads)
-            dense_ms = _median_ms(lambda m: _dense_step(gate, up, down, x), [None] * (steps + 1))
             for density in densities:
-                k = max(1, round(density * inter))
                 masks = mask_sequence(inter, density, churn, steps + 1, seed=int(1e3 * density))
-                naive = NaiveGather(gate, up, down_t, k)
-
-                def naive_step(m):
-                    naive(m)
-                    g, u, d = naive.bufs
-                    return (F.silu(x @ g.t()) * (x @ u.t())) @ d
-
-                cache = cache_for(gate, up, down_t, threads)
-                cache.update(masks[0])
-
-                def cached_step(m):
-                    cache.update(m)
-                    z = (x @ cache.rows(0).view(cache.k * 2, hidden).t()).view(cache.k, 2)
-                    return (F.silu(z[:, 0]) * z[:, 1]) @ cache.rows(1).view(cache.k, hidden)
-
-                naive_ms = _median_ms(naive_step, masks[1:])
-                cached_ms = _median_ms(cached_step, masks[1:])
+                t = time_layer(gate, up, down_t, masks, threads)
                 rows.append({
                     "hidden": hidden, "intermediate": inter, "density": density, "churn": churn,
-                    "threads": threads, "dense_ms": dense_ms, "index_select_ms": naive_ms, "cached_ms": cached_ms,
-                    "cached_speedup": dense_ms / cached_ms, "index_select_speedup": dense_ms / naive_ms,
+                    "threads": threads, "dense_ms": t["dense_step_ms"], "index_select_ms": t["index_select_step_ms"],
+                    "cached_ms": t["cached_step_ms"], "cached_speedup": t["dense_step_ms"] / t["cached_step_ms"],
+                    "index_select_speedup": t["dense_step_ms"] / t["index_select_step_ms"],
                     "target_speedup": 0.8 / density,
                 })
                 _print_row(rows[-1], ["hidden", "intermediate", "density", "threads", "dense_ms",

@@ -144,3 +144,25 @@ def test_churn_union_density_matches_brute_force():
         ref = masks[:b].any(0).float().mean().item()
         assert counter.union_sum[(0, b)] == pytest.approx(ref)
     assert counter.union_sum[(0, 1)] < counter.union_sum[(0, 2)] < counter.union_sum[(0, 4)]
+
+
+def test_cache_speedup_evaluator_counts_what_the_cache_copies(tmp_path):
+    """On real decode masks the row cache copies exactly the neurons that entered (brute-force
+    diff of consecutive masks); the synthetic curve swaps churn × active rows per step."""
+    proc = sparsebench(["sparsifier=dejavu", "sparsifier.oracle=true", "sparsifier.steps=5", "evaluator=[cache_speedup]",
+                        "evaluator.cache_speedup.new_tokens=9", "evaluator.cache_speedup.prompt_tokens=8",
+                        "evaluator.cache_speedup.threads=1", "evaluator.cache_speedup.churns=[0.25,1.0]",
+                        *TINY, "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    m, rows = r["metrics"], r["per_layer"]
+    assert m["cache/timed_updates"] == 7 and m["cache/density"] == pytest.approx(0.5, abs=0.02)
+    for row in rows:  # oracle top-k: a fixed-size set, so each entering neuron is one row copy
+        assert row["cache/rows_copied_per_step"] == pytest.approx(row["cache/swaps_per_update"])
+        assert 0 <= row["cache/churn"] <= 1
+    k = m["cache/density"] * r["model"]["intermediate_size"]
+    assert m["cache/grid/churn=1/swaps_per_update"] == pytest.approx(k, abs=1)
+    assert m["cache/grid/churn=0.25/swaps_per_update"] == pytest.approx(0.25 * k, abs=1)
+    for key in ("select_speedup", "mlp_speedup_cached", "mlp_speedup_index_select"):
+        assert m[f"cache/{key}"] > 0
+    assert r["run"]["timing_lock_wait_s"] >= 0

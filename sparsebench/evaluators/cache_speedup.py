@@ -23,70 +23,15 @@ change which rows are read.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
-from ..bench import NaiveGather, cache_for, mask_sequence
+from ..bench import mask_sequence, time_layer
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode
-
-
-def _median_ms(fn, items) -> float:
-    times = []
-    for item in items:
-        t0 = time.perf_counter()
-        fn(item)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def time_layer(gate, up, down_t, masks: list[torch.Tensor], threads: int) -> dict[str, float]:
-    """Median times (ms) of weight selection and of one MLP step over ``masks`` (the first
-    mask fills the cache and is not timed), plus the rows the cache copied per step."""
-    hidden = gate.shape[1]
-    down = down_t.t().contiguous()
-    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(gate.dtype)
-    k_max = max(int(m.sum()) for m in masks)
-    naive = NaiveGather(gate, up, down_t, k_max)
-
-    def naive_select(m):
-        idx = m.nonzero().squeeze(1)
-        k = idx.numel()
-        for w, b in zip(naive.w, naive.bufs):
-            torch.index_select(w, 0, idx, out=b[:k])
-        return k
-
-    def naive_step(m):
-        k = naive_select(m)
-        g, u, d = (b[:k] for b in naive.bufs)
-        return (F.silu(x @ g.t()) * (x @ u.t())) @ d
-
-    cache = cache_for(gate, up, down_t, threads)
-    cache.update(masks[0])
-
-    def cached_step(m):
-        cache.update(m)
-        z = (x @ cache.rows(0).view(cache.k * 2, hidden).t()).view(cache.k, 2)
-        return (F.silu(z[:, 0]) * z[:, 1]) @ cache.rows(1).view(cache.k, hidden)
-
-    def dense_step(_):
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-    steps = masks[1:]
-    out = {"naive_select_ms": _median_ms(naive_select, steps)}
-    copied0 = cache.rows_copied
-    out["cached_select_ms"] = _median_ms(cache.update, steps)
-    out["rows_copied_per_step"] = (cache.rows_copied - copied0) / len(steps)
-    cache.update(masks[0])  # restart the sequence for the step timing
-    out["dense_step_ms"] = _median_ms(dense_step, steps)
-    out["index_select_step_ms"] = _median_ms(naive_step, steps)
-    out["cached_step_ms"] = _median_ms(cached_step, steps)
-    return out
 
 
 def record_decode_masks(ctx, prompt: torch.Tensor, new_tokens: int) -> dict[int, list[torch.Tensor]]:
@@ -154,7 +99,7 @@ class CacheSpeedup(Evaluator):
         width = ctl.sites[layers[0]].intermediate_size
         density = total("active") / n / width
         metrics = {
-            "cache/layers": n, "cache/threads": threads, "cache/decode_steps": len(masks[layers[0]]) - 1,
+            "cache/layers": n, "cache/threads": threads, "cache/timed_updates": len(masks[layers[0]]) - 1,
             "cache/density": density, "cache/swaps_per_update": total("swaps_per_update") / n,
             "cache/churn": total("swaps_per_update") / max(total("active"), 1.0),
             "cache/naive_select_ms": total("naive_select_ms"), "cache/cached_select_ms": total("cached_select_ms"),
