@@ -6,6 +6,10 @@ class SparsebenchError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = ""):
+        # one line, whatever the user typed (a value may hold a newline)
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class ConfigError(SparsebenchError):
     pass

@@ -31,12 +31,18 @@ def build_components(cfg: DictConfig):
     """Instantiate sparsifier, backend and evaluators; raises ConfigError on bad values
     (done before any model is loaded, so a bad override costs nothing and writes nothing)."""
     from .backends import BACKENDS
+    from .config_check import check_option
     from .evaluators import EVALUATORS
     from .models.loader import check_model_config
     from .sparsifiers import SPARSIFIERS
 
     check_model_config(cfg.model)
     prefill_policy(cfg)
+    check_option("data", cfg.data)
+    check_option("sparsifier", cfg.sparsifier)
+    check_option("backend", cfg.backend)
+    for e in evaluator_configs(cfg):
+        check_option("evaluator", e, prefix=f"evaluator.{e.name}")
     sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)
     backend = BACKENDS.get(cfg.backend.name)(cfg.backend)
     evaluators = [EVALUATORS.get(e.name)(e) for e in evaluator_configs(cfg)]

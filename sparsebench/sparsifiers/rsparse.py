@@ -30,6 +30,7 @@ matches the calibration.
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 
 from . import SPARSIFIERS
 from ..errors import ConfigError
@@ -62,9 +63,11 @@ class RSparse(Sparsifier):
 
     def validate(self):
         super().validate()
-        alphas = list(self.cfg.get("alphas", [1.0]))
-        if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
-            raise ConfigError(f"sparsifier.alphas={alphas} must be a non-empty list of numbers in [0, 1]")
+        raw = self.cfg.get("alphas", [1.0])
+        alphas = list(raw) if OmegaConf.is_list(raw) or isinstance(raw, (list, tuple)) else [raw]
+        if not OmegaConf.is_list(raw) and not isinstance(raw, (list, tuple)) or not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+            raise ConfigError(f"sparsifier.alphas={raw} must be a non-empty list of numbers in [0, 1], "
+                              "e.g. sparsifier.alphas=[0.8,0.9,1.0]")
 
     def attach(self, controller, model):
         self._sites = controller.sites
