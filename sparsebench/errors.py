@@ -25,3 +25,7 @@ class DataUnavailable(SparsebenchError):
 
 class UnsupportedArchitecture(SparsebenchError):
     pass
+
+
+class NonFiniteActivation(SparsebenchError):
+    """NaN/inf appeared in an MLP output; the message names the layer."""

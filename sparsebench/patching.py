@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import NonFiniteActivation
 from .models.adapters import MLPSite, mlp_sites
 
 
@@ -147,6 +148,9 @@ class SparsityController:
     linear_mask_observer: Callable[[LinearInput, torch.Tensor | None], None] | None = None
     # (layer, projection) -> counts, for sparsifiers that mask linear inputs
     linear_stats: dict[tuple[int, str], LayerStats] = field(default_factory=dict)
+    # stop at the first MLP output holding NaN/inf, naming the layer (off while timing:
+    # the unpatched baseline pays no such check)
+    check_finite: bool = True
 
     # -------------------------------------------------------------- model surgery
     def attach(self, model: nn.Module) -> SparsityController:
@@ -275,7 +279,17 @@ class SparsityController:
             self.mask_observer(inp, mask)
         if self.collect_stats:
             self._count(site, inp, mask)  # before the backend: the act it sees is unmodified
-        return self.backend.mlp(site, inp, mask)
+        out = self.backend.mlp(site, inp, mask)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteActivation(self._non_finite_message(site, x, mask))
+        return out
+
+    def _non_finite_message(self, site: MLPSite, x: torch.Tensor, mask) -> str:
+        where = "its input was already non-finite" if not bool(torch.isfinite(x).all()) else "its input was finite"
+        masked = "with the sparse mask applied" if mask is not None else "with no mask (dense)"
+        return (f"NaN/inf in the MLP output of layer {site.layer_idx} under sparsifier={self.sparsifier.name} "
+                f"({masked}; {where}); the run is stopped and writes no results: check the model weights "
+                f"(sparsifier=none reproduces a model fault) or rerun in fp32 (model.dtype=float32)")
 
     def run_linear(self, site: MLPSite, proj: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         inp = LinearInput(site, proj, x)

@@ -1,4 +1,8 @@
-"""Reliability: bad values are refused in one line, never crash elsewhere (fuzzed)."""
+"""Reliability: bad values are refused in one line (fuzzed); faults, kills, concurrent runs,
+loggers and reruns lose nothing and repeat exactly."""
+import json
+import os
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -11,6 +15,7 @@ from sparsebench.config_check import check_option, shipped_defaults
 from sparsebench.errors import SparsebenchError
 from sparsebench.evaluators import EVALUATORS
 from sparsebench.sparsifiers import SPARSIFIERS
+from test_cli import sparsebench
 
 GROUPS = config_groups()
 
@@ -103,3 +108,104 @@ def test_a_wrong_type_is_refused_for_every_setting(group, registry):
                 check_option(group, cfg, prefix=f"evaluator.{name}" if group == "evaluator" else None)
                 if registry is not None:
                     registry.get(name)(cfg)
+
+
+# ------------------------------------------------------------------ runs that go wrong
+
+def _poisoned_checkpoint(tmp_path, tiny_tokenizer, layer=1):
+    import torch
+
+    from conftest import make_tiny
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[layer].mlp.up_proj.weight[3, 5] = float("inf")
+    folder = tmp_path / "poisoned"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("sparsifier", ["cats", "none"])
+def test_non_finite_activation_stops_the_run_naming_the_layer(tmp_path, tiny_tokenizer, sparsifier):
+    folder = _poisoned_checkpoint(tmp_path, tiny_tokenizer)
+    proc = sparsebench(["model=local", f"model.path={folder}", f"sparsifier={sparsifier}", "data=tiny",
+                        "logger.mode=disabled", "evaluator=[sparsity,perplexity]", "hydra.run.dir=out"], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sparsebench: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "NaN/inf in the MLP output of layer 1" in lines[0] and "input was finite" in lines[0]
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_failing_logger_keeps_results_json(tmp_path):
+    # an unknown W&B mode makes wandb.init raise; the run must still finish with its results
+    proc = sparsebench(["evaluator=[sparsity]", "model=tiny-llama", "data=tiny", "logger.mode=no-such-mode",
+                        "hydra.run.dir=out"], tmp_path, env={"WANDB_MODE": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["status"] == "ok"
+    assert "W&B logging failed" in proc.stderr
+
+
+def test_offline_wandb_finishes_without_network(tmp_path):
+    proc = sparsebench(["evaluator=[sparsity]", "model=tiny-llama", "data=tiny", "logger.mode=offline",
+                        "hydra.run.dir=out"], tmp_path, env={"WANDB_MODE": "offline", "WANDB_API_KEY": "",
+                                                             "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def _stable(r):
+    return {k: r[k] for k in ("metrics", "dense_metrics", "per_layer", "sparsifier")} | {
+        "sparsifier": {k: v for k, v in r["sparsifier"].items() if k not in ("calibration", "calibration_file")}}
+
+
+@pytest.mark.parametrize("sparsifier", ["cats", "dejavu", "teal"])
+def test_same_config_and_seed_give_the_same_results_twice(tmp_path, sparsifier):
+    """Masks (per-layer sparsity), metrics and generated tokens repeat exactly, with the
+    calibration computed afresh each time (separate caches)."""
+    args = [f"sparsifier={sparsifier}", "sparsifier.steps=20" if sparsifier == "dejavu" else "seed=0",
+            "evaluator=[sparsity,perplexity,churn]", "model=tiny-llama", "data=tiny", "logger.mode=disabled"]
+    runs = []
+    for i in range(2):
+        proc = sparsebench([*args, f"hydra.run.dir=run{i}", f"cache_dir={tmp_path}/cache{i}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads((tmp_path / f"run{i}" / "results.json").read_text()))
+    assert runs[0]["sparsifier"]["calibration"] == runs[1]["sparsifier"]["calibration"] == "computed"
+    assert _stable(runs[0]) == _stable(runs[1])
+
+
+def test_two_runs_on_a_cold_cache_at_once_share_one_calibration(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARSEBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-c", "from sparsebench.cli import main; main()", "sparsifier=teal", "evaluator=[sparsity]",
+           "model=tiny-llama", "data=tiny", "logger.mode=disabled"]
+    procs = [subprocess.Popen([*cmd, f"hydra.run.dir=run{i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        p.communicate(timeout=600)
+        assert p.returncode == 0
+    rs = [json.loads((tmp_path / f"run{i}" / "results.json").read_text()) for i in range(2)]
+    # one computed it under the lock, the other waited and loaded it
+    assert sorted(r["sparsifier"]["calibration"] for r in rs) == ["cached", "computed"]
+    assert rs[0]["metrics"] == rs[1]["metrics"]
+    states = [p for p in (tmp_path / "cache" / "calibration").glob("teal-*.pt") if "greedy" not in p.name]
+    assert len(states) == 1
+
+
+@pytest.mark.parametrize("point", ["job_start", "after_calibration", "after_evaluator", "before_results"])
+def test_killed_run_leaves_nothing_trusted_and_the_rerun_completes(tmp_path, point):
+    args = ["sparsifier=cats", "evaluator=[sparsity,perplexity]", "model=tiny-llama", "data=tiny",
+            "logger.mode=disabled", "hydra.run.dir=out"]
+    killed = sparsebench(args, tmp_path, env={"SPARSEBENCH_KILL_AT": point})
+    assert killed.returncode == -9
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left behind under its final name
+    again = sparsebench(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["status"] == "ok" and r["metrics"]["sparsity/mean"] > 0
+    # the calibration state is reused only if it was completely written before the kill
+    expected = "computed" if point == "job_start" else "cached"
+    assert r["sparsifier"]["calibration"] == expected
