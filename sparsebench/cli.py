@@ -50,6 +50,36 @@ def check_group_overrides(argv: list[str]) -> None:
         for v in values:
             if v not in groups[key] and v != "null":
                 _fail(f"unknown {key} '{v}'; choose one of: {', '.join(groups[key])} (e.g. {key}={groups[key][0]})")
+    check_composes(overrides)
+
+
+def check_composes(overrides) -> None:
+    """Compose the config once (the first value of every sweep) so a misspelt setting fails
+    here in one line instead of in Hydra's multi-line report."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    first = []
+    for ov in overrides:
+        if ov.is_sweep_override():
+            value = next(iter(ov.sweep_string_iterator()), None)
+            if value is None:
+                continue
+            first.append(f"{ov.get_key_element()}={value}")
+        else:
+            first.append(ov.input_line)
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            compose(config_name="config", overrides=first, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = f"{exc}\n{exc.__cause__ or ''}"  # Hydra keeps the reason in the cause
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        why = next((line for line in lines if "not in struct" in line), "")
+        head = lines[0].rstrip(".") if lines else type(exc).__name__
+        hint = ("; check the spelling (sparsebench --cfg job lists every setting) or add a new key with +KEY=VALUE"
+                if why else "")
+        _fail(f"{head}{': ' + why if why else ''}{hint}")
 
 
 def _output_dir_and_name() -> tuple[Path, str, str | None]:

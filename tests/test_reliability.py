@@ -15,6 +15,7 @@ from sparsebench.config_check import check_option, shipped_defaults
 from sparsebench.errors import SparsebenchError
 from sparsebench.evaluators import EVALUATORS
 from sparsebench.sparsifiers import SPARSIFIERS
+from bad_input_cases import CASES, error_lines, run_case
 from test_cli import sparsebench
 
 GROUPS = config_groups()
@@ -209,3 +210,12 @@ def test_killed_run_leaves_nothing_trusted_and_the_rerun_completes(tmp_path, poi
     # the calibration state is reused only if it was completely written before the kill
     expected = "computed" if point == "job_start" else "cached"
     assert r["sparsifier"]["calibration"] == expected
+
+
+@pytest.mark.parametrize("case,args,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, args, needle):
+    proc = run_case(args(tmp_path) if callable(args) else args, tmp_path)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not list(tmp_path.rglob("results.json"))

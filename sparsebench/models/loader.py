@@ -234,5 +234,19 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
     except ValueError as exc:
         raise ModelUnavailable(f"{folder} is not a causal LM transformers can load ({str(exc).splitlines()[0]})") from None
     install_activation(model, fmt)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError, TypeError) as exc:
+        raise ModelUnavailable(f"{folder} has no tokenizer transformers can load ({str(exc).splitlines()[0]}); "
+                               "copy the model's own tokenizer files into the folder") from None
+    check_vocabulary(tokenizer, model, folder)
     return model.eval(), tokenizer, str(mcfg.get("name", folder.name))
+
+
+def check_vocabulary(tokenizer, model, folder) -> None:
+    """A tokenizer with more tokens than the model has embedding rows belongs to another
+    model: its ids would index past the embedding (or silently read the wrong rows)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embedding has "
+                          f"{rows} rows: the tokenizer belongs to another model; use the model's own tokenizer files")
