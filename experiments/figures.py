@@ -153,23 +153,27 @@ def speedup_vs_swaps(results):
     plt = _plt()
     runs = _cache_runs(results)
     by_model = _by_model(runs)
-    fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(5.2 * max(len(by_model), 1), 3.8), squeeze=False)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(7.6 * max(len(by_model), 1), 3.9), squeeze=False)
     rows = []
     for ax, (model, rs) in zip(axes[0], by_model.items()):
         ref = rs[0]
         grid = _grid(ref)
         if grid:
             x = [g["swaps_per_update"] for g in grid]
-            ax.plot(x, [g["mlp_speedup_cached"] for g in grid], "-", color="C0", label="cached (synthetic masks)")
+            ax.plot(x, [g["mlp_speedup_cached"] for g in grid], "-", color="C0", label="cached, synthetic masks")
             ax.plot(x, [g["mlp_speedup_index_select"] for g in grid], "--", color="C1",
-                    label="index_select (synthetic masks)")
+                    label="index_select, synthetic masks")
             rows += [{"model": model, "kind": "synthetic", "method": "", "density": ref["metrics"]["cache/density"],
                       **g} for g in grid]
         for i, r in enumerate(sorted(rs, key=method)):
             m = r["metrics"]
             label = METHOD_LABELS.get(method(r), method(r))
+            if abs(m["cache/density"] - ref["metrics"]["cache/density"]) > 0.05:  # e.g. TEAL's down-proj input
+                label += f" (density {m['cache/density']:.2f})"
             ax.plot(m["cache/swaps_per_update"], m["cache/mlp_speedup_cached"], linestyle="none", color=f"C{i + 2}",
-                    **_style(i), label=f"{label} (cached)")
+                    **_style(i), label=label)
             ax.plot(m["cache/swaps_per_update"], m["cache/mlp_speedup_index_select"], linestyle="none",
                     markerfacecolor="none", color=f"C{i + 2}", **_style(i))
             rows.append({"model": model, "kind": "measured", "method": method(r), "density": m["cache/density"],
@@ -183,7 +187,12 @@ def speedup_vs_swaps(results):
         ax.set_ylabel("MLP step speedup over dense (×)")
         ax.set_title(f"{model}, density {ref['metrics']['cache/density']:.2f}, {int(ref['metrics']['cache/threads'])} threads")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        handles, labels = ax.get_legend_handles_labels()
+        # filled markers: cached backend; hollow: index_select on the same masks
+        handles += [Line2D([], [], marker="o", color="gray", linestyle="none"),
+                    Line2D([], [], marker="o", color="gray", markerfacecolor="none", linestyle="none")]
+        labels += ["filled: cached, real masks", "hollow: index_select, real masks"]
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig, rows
 
 

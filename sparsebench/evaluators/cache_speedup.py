@@ -113,7 +113,7 @@ class CacheSpeedup(Evaluator):
         # the synthetic curve on one layer, at this run's density
         grid_layer = layers[len(layers) // 2] if cfg.get("grid_layer") is None else int(cfg.grid_layer)
         w = mlp_weights(ctl.sites[grid_layer], weights)
-        steps = len(masks[layers[0]])
+        steps = int(cfg.grid_steps)
         for c in cfg.churns:
             seq = mask_sequence(width, density, float(c), steps, seed=int(1e4 * float(c)))
             row = time_layer(w.gate, w.up, w.down_t, seq, threads)
