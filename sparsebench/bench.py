@@ -127,7 +127,8 @@ def weight_selection(shapes, densities, churns, threads, steps, out: Path, point
 
 def time_layer(gate, up, down_t, masks: list[torch.Tensor], threads: int) -> dict[str, float]:
     """Median times (ms) of weight selection and of one MLP step over ``masks`` (the first
-    mask fills the cache and is not timed), plus the rows the cache copied per step."""
+    mask fills the cache and is not timed), plus the rows the cache copied per step.
+    The variants compared alternate step by step (``_interleaved_median_ms``)."""
     hidden = gate.shape[1]
     down = down_t.t().contiguous()
     x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(gate.dtype)
@@ -158,15 +159,25 @@ def time_layer(gate, up, down_t, masks: list[torch.Tensor], threads: int) -> dic
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
     steps = masks[1:]
-    out = {"naive_select_ms": _median_ms(naive_select, steps)}
     copied0 = cache.rows_copied
-    out["cached_select_ms"] = _median_ms(cache.update, steps)
+    out = _interleaved_median_ms({"naive_select_ms": naive_select, "cached_select_ms": cache.update}, steps)
     out["rows_copied_per_step"] = (cache.rows_copied - copied0) / len(steps)
     cache.update(masks[0])  # restart the sequence for the step timing
-    out["dense_step_ms"] = _median_ms(dense_step, steps)
-    out["index_select_step_ms"] = _median_ms(naive_step, steps)
-    out["cached_step_ms"] = _median_ms(cached_step, steps)
+    out |= _interleaved_median_ms({"dense_step_ms": dense_step, "index_select_step_ms": naive_step,
+                                   "cached_step_ms": cached_step}, steps)
     return out
+
+
+def _interleaved_median_ms(fns: dict, items) -> dict[str, float]:
+    """Median ms of each function over ``items``, the functions taking turns on every item,
+    so a slow spell of the machine hits all of them alike (their ratios stay fair)."""
+    times = {name: [] for name in fns}
+    for item in items:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(item)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 
