@@ -264,22 +264,38 @@ def method_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def avg_acc_stderr(r: dict) -> float | None:
+    """Standard error of the 5-task average from the item count (binomial per task):
+    sqrt(sum_t p_t(1 - p_t) / n) / 5. None when the item limit is unknown (full sets)."""
+    n = ((r.get("config") or {}).get("evaluator", {}).get("lm_eval") or {}).get("limit")
+    accs = [r["metrics"].get(f"lm_eval/{t}/acc") for t in TASKS]
+    if not n or any(a is None for a in accs):
+        return None
+    return math.sqrt(sum(a * (1 - a) / n for a in accs)) / len(accs)
+
+
 def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
     plt = _plt()
     by_model = _by_model([r for r in results if key in r["metrics"]])
     fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(5.2 * max(len(by_model), 1), 3.9), squeeze=False)
     rows = []
+    # one colour and marker per method across every panel
+    everyone = sorted({method(r) for r in results} - {"none"})
     for ax, (model, rs) in zip(axes[0], by_model.items()):
         dense = dense_value(rs, key)
-        methods = sorted({method(r) for r in rs} - {"none"})
-        for i, name in enumerate(methods):
-            pts = sorted((r["sparsifier"]["sparsity"], r["metrics"].get("sparsity/mean"), r["metrics"][key])
+        for name in sorted({method(r) for r in rs} - {"none"}):
+            i = everyone.index(name)
+            pts = sorted((r["sparsifier"]["sparsity"], r["metrics"].get("sparsity/mean"), r["metrics"][key],
+                          avg_acc_stderr(r) if key == "lm_eval/avg_acc" else None)
                          for r in rs if method(r) == name and r["sparsifier"].get("sparsity") is not None)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], label=METHOD_LABELS.get(name, name), **_style(i))
+            err = [p[3] for p in pts] if all(p[3] is not None for p in pts) else None
+            ax.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=err, capsize=2, color=f"C{i}",
+                        label=METHOD_LABELS.get(name, name), **_style(i))
             rows += [{"model": model, "method": name, "requested_sparsity": s, "measured_sparsity": ms, key: v,
-                      f"dense_{key}": dense} for s, ms, v in pts]
+                      **({"stderr": se} if key == "lm_eval/avg_acc" else {}), f"dense_{key}": dense}
+                     for s, ms, v, se in pts]
         if dense is not None:
             ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
         values = [row[key] for row in rows if row["model"] == model]
@@ -297,7 +313,8 @@ def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
 
 @figure("accuracy_vs_sparsity",
         "Average zero-shot accuracy over ARC-E, BoolQ, HellaSwag, PIQA and WinoGrande (lm-eval, the sparse "
-        "path active on every scored token) vs requested sparsity; dashed: the dense model.")
+        "path active on every scored token) vs requested sparsity; dashed: the dense model; bars: ±1 standard "
+        "error from the number of items.")
 def accuracy_vs_sparsity(results):
     return _versus_sparsity(results, "lm_eval/avg_acc", "average accuracy (5 tasks)", "Accuracy vs sparsity", False)
 
