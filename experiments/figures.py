@@ -329,12 +329,12 @@ def perplexity_vs_sparsity(results):
 
 @figure("dejavu_rank",
         "Deja Vu predictors of increasing rank (fraction of the hidden size): per-layer recall of the oracle "
-        "top-k neurons, and the sparsity each layer ends up with, on held-out text.")
+        "top-k neurons, the sparsity each layer ends up with, and the model's perplexity, on held-out text.")
 def dejavu_rank(results):
     plt = _plt()
     runs = sorted((r for r in results if method(r) == "dejavu" and r.get("per_layer")
                    and "recall" in r["per_layer"][0]), key=lambda r: (model_name(r), r["sparsifier"].get("rank", 0)))
-    fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    fig, (ax_r, ax_s, ax_p) = plt.subplots(1, 3, figsize=(14.5, 3.8), gridspec_kw={"width_ratios": [3, 3, 2]})
     rows = []
     for i, r in enumerate(runs):
         rank = r["config"]["sparsifier"]["rank"]
@@ -349,6 +349,20 @@ def dejavu_rank(results):
                   "recall": rc, "precision": row.get("precision"), "sparsity": s,
                   "perplexity": r["metrics"].get("perplexity")}
                  for l, rc, s, row in zip(layers, recall, sparsity, r["per_layer"])]
+    for i, (model, rs) in enumerate(_by_model(runs).items()):
+        pts = sorted((r["config"]["sparsifier"]["rank"], r["metrics"]["perplexity"]) for r in rs
+                     if "perplexity" in r["metrics"])
+        if pts:
+            ax_p.plot([p[0] for p in pts], [p[1] for p in pts], label=model, **_style(i))
+    ax_p.set_xscale("log")
+    ranks = sorted({r["config"]["sparsifier"]["rank"] for r in runs})
+    ax_p.set_xticks(ranks, [f"{x:g}" for x in ranks])
+    ax_p.xaxis.set_minor_locator(plt.NullLocator())
+    ax_p.set_yscale("log")
+    ax_p.set_xlabel("predictor rank (fraction of hidden size, log)")
+    ax_p.set_ylabel("held-out perplexity (log)")
+    ax_p.grid(alpha=0.3, which="both")
+    ax_p.legend(fontsize=7)
     ax_r.set_ylabel("recall of the oracle top-k neurons")
     ax_s.set_ylabel("MLP neurons skipped (fraction)")
     for ax in (ax_r, ax_s):
@@ -356,5 +370,5 @@ def dejavu_rank(results):
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     ax_r.legend(fontsize=7)
-    fig.suptitle("Deja Vu predictor rank: recall and sparsity per layer")
+    fig.suptitle("Deja Vu predictor rank: recall and sparsity per layer, perplexity")
     return fig, rows
