@@ -55,41 +55,18 @@ def _check(group, factory, cfg):
         assert any(k in msg for k in cfg), msg  # it names the offending setting
 
 
-def _fuzz_group(group, registry):
-    cases = []
-    for name in GROUPS[group]:
-        base = _yaml(group, name)
-        keys = [k for k in base if k != "name"]
-        for key in keys:
-            cases.append((name, key))
-    return cases
+REGISTRIES = {"sparsifier": SPARSIFIERS, "backend": BACKENDS, "evaluator": EVALUATORS}
+FUZZ_CASES = [(group, name, key) for group in REGISTRIES for name in GROUPS[group]
+              for key in _yaml(group, name) if key != "name"]
 
 
-@pytest.mark.parametrize("name,key", _fuzz_group("sparsifier", SPARSIFIERS))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("group,name,key", FUZZ_CASES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=VALUES)
-def test_fuzzed_sparsifier_settings_build_or_fail_in_one_line(name, key, value):
-    cfg = _yaml("sparsifier", name)
+def test_fuzzed_settings_build_or_fail_in_one_line(group, name, key, value):
+    cfg = _yaml(group, name)
     _set(cfg, key, value)
-    _check("sparsifier", SPARSIFIERS.get(name), cfg)
-
-
-@pytest.mark.parametrize("name,key", _fuzz_group("backend", BACKENDS))
-@settings(max_examples=40, deadline=None)
-@given(value=VALUES)
-def test_fuzzed_backend_settings_build_or_fail_in_one_line(name, key, value):
-    cfg = _yaml("backend", name)
-    _set(cfg, key, value)
-    _check("backend", BACKENDS.get(name), cfg)
-
-
-@pytest.mark.parametrize("name,key", _fuzz_group("evaluator", EVALUATORS))
-@settings(max_examples=25, deadline=None)
-@given(value=VALUES)
-def test_fuzzed_evaluator_settings_build_or_fail_in_one_line(name, key, value):
-    cfg = _yaml("evaluator", name)
-    _set(cfg, key, value)
-    _check("evaluator", EVALUATORS.get(name), cfg)
+    _check(group, REGISTRIES[group].get(name), cfg)
 
 
 @pytest.mark.parametrize("group,registry", [("sparsifier", SPARSIFIERS), ("backend", BACKENDS),
