@@ -1,16 +1,32 @@
 """The ``sparsebench`` command: ``@hydra.main`` over the configs shipped in sparsebench.conf."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from importlib import resources
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import SparsebenchError
 
 CONFIG_MODULE = "sparsebench.conf"
+MAX_DIRNAME_BYTES = 200  # filesystems allow 255 bytes per name
+
+
+def point_dirname(overrides: str) -> str:
+    """A sweep point's folder name: its overrides, or for long ones a prefix plus a hash of
+    all of them (deterministic, so a rerun of the sweep finds the point again)."""
+    if len(overrides.encode()) <= MAX_DIRNAME_BYTES:
+        return overrides
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
+    return f"{overrides.encode()[:MAX_DIRNAME_BYTES - 14].decode(errors='ignore')}__{digest}"
+
+
+# Registered when this entry module is imported (also in submitit's job processes, which
+# unpickle hydra_main from here): Hydra resolves hydra.sweep.subdir before our code runs.
+OmegaConf.register_new_resolver("point_dirname", point_dirname, replace=True)
 
 
 def _fail(message: str) -> None:

@@ -177,3 +177,28 @@ def test_report_has_figures_tables_and_failed_points(sweep, tmp_path):
     assert "<table>" in html and 'src="figures/accuracy_vs_sparsity.png"' in html
     assert json.loads((out / "wandb_report_spec.json").read_text())["sections"]
     assert written["wandb"]["sync_command"] is None  # these fixture runs had W&B disabled
+
+
+TINY_RUN = ["model=tiny-llama", "data=tiny", "logger.mode=disabled"]
+
+
+@pytest.mark.parametrize("experiment,overrides,figure", [
+    ("fig1_cett_layer_sparsity", [], "cett_layer_sparsity"),
+    ("fig2_3_cache_speedup", ["sparsifier=cats,teal", "evaluator.cache_speedup.new_tokens=6",
+                              "evaluator.cache_speedup.prompt_tokens=8", "evaluator.cache_speedup.grid_steps=5",
+                              "evaluator.cache_speedup.churns=[0.1,1.0]", "evaluator.cache_speedup.threads=1"],
+     "speedup_vs_swaps"),
+    ("fig5_perplexity_vs_sparsity", ["sparsifier=cats", "sparsifier.sparsity=0.3,0.6"], "perplexity_vs_sparsity"),
+    ("fig6_dejavu_rank", ["sparsifier.rank=0.1,0.5", "sparsifier.steps=10"], "dejavu_rank"),
+])
+def test_figure_experiment_runs_and_plots_end_to_end(tmp_path, experiment, overrides, figure):
+    """The figure's own command on a tiny model (command-line values replace its sweep lists),
+    then sparsebench-plot on the sweep folder it wrote."""
+    from test_cli import sparsebench
+
+    sweep = tmp_path / "sweep"
+    proc = sparsebench(["-m", f"experiment={experiment}", *overrides, *TINY_RUN, f"hydra.sweep.dir={sweep}"],
+                       tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = plot.draw_dirs([str(sweep)])
+    assert figure in written and (sweep / "figures" / f"{figure}.png").stat().st_size > 0

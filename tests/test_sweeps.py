@@ -129,3 +129,15 @@ def test_run_names_with_brackets_survive_the_rich_table():
     console = Console(width=300, record=True)
     console.print(combined_table([r]))
     assert "evaluator=[sparsity],sparsifier=cats" in console.export_text()
+
+
+def test_long_override_lists_get_short_stable_folder_names():
+    from sparsebench.cli import MAX_DIRNAME_BYTES, point_dirname
+
+    short = "model=tiny-llama,sparsifier=cats"
+    assert point_dirname(short) == short
+    long_a = ",".join(f"evaluator.cache_speedup.k{i}=ü{i}" for i in range(40))
+    long_b = long_a.replace("k39", "k40")
+    a, b = point_dirname(long_a), point_dirname(long_b)
+    assert len(a.encode()) <= MAX_DIRNAME_BYTES and len(b.encode()) <= MAX_DIRNAME_BYTES
+    assert a == point_dirname(long_a) and a != b  # stable across reruns, distinct per point
