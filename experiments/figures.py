@@ -300,10 +300,14 @@ def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
             ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
         values = [row[key] for row in rows if row["model"] == model]
         if log_when_exploding and dense and values and max(values) > 3 * dense:
+            from matplotlib.ticker import ScalarFormatter
+
             ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(ScalarFormatter())  # plain numbers on the log axis
         xs = [row["requested_sparsity"] for row in rows if row["model"] == model]
         ax.set_xlim(-0.02, max(xs + [0.6]) + 0.05)
-        ax.set_xlabel("requested sparsity (fraction of MLP neurons / linear inputs skipped)")
+        ax.set_xlabel("requested sparsity (fraction skipped)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}: {model}")
         ax.grid(alpha=0.3, which="both")
@@ -320,7 +324,8 @@ def accuracy_vs_sparsity(results):
 
 
 @figure("perplexity_vs_sparsity",
-        "Held-out perplexity vs requested sparsity (log scale where a method explodes); dashed: the dense model.")
+        "Held-out perplexity vs requested sparsity (the fraction of MLP neurons, or of linear inputs for "
+        "TEAL/WINA/R-Sparse, skipped); log scale where a method explodes; dashed: the dense model.")
 def perplexity_vs_sparsity(results):
     return _versus_sparsity(results, "perplexity", "held-out perplexity", "Perplexity vs sparsity", True)
 
