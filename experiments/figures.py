@@ -277,7 +277,7 @@ def avg_acc_stderr(r: dict) -> float | None:
 def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
     plt = _plt()
     by_model = _by_model([r for r in results if key in r["metrics"]])
-    fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(5.2 * max(len(by_model), 1), 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(6.4 * max(len(by_model), 1), 4.2), squeeze=False)
     rows = []
     # one colour and marker per method across every panel
     everyone = sorted({method(r) for r in results} - {"none"})
@@ -300,11 +300,13 @@ def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
             ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
         values = [row[key] for row in rows if row["model"] == model]
         if log_when_exploding and dense and values and max(values) > 3 * dense:
-            from matplotlib.ticker import ScalarFormatter
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
             ax.set_yscale("log")
-            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis(ScalarFormatter())  # plain numbers on the log axis
+            # plain numbers at 1-2-5 steps on the log axis
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         xs = [row["requested_sparsity"] for row in rows if row["model"] == model]
         ax.set_xlim(-0.02, max(xs + [0.6]) + 0.05)
         ax.set_xlabel("requested sparsity (fraction skipped)")
