@@ -17,13 +17,13 @@ from pathlib import Path
 from sparsebench.cache import atomic_write_bytes
 from sparsebench.sweep import failed_points
 
-from .figures import CAPTIONS, method_rows
+from .figures import CAPTIONS, method_rows, model_name
 from .plot import draw, results_or_exit
 from .tables import churn_rows, decode_rows, markdown, methods_markdown
 
 
 def _runs_markdown(results: list[dict]) -> str:
-    rows = [{"run": r["run"]["name"], "group": r["run"].get("group") or "—", "model": r["model"]["id"].split("/")[-1],
+    rows = [{"run": r["run"]["name"], "group": r["run"].get("group") or "—", "model": model_name(r),
              "sparsifier": r["sparsifier"]["name"], "backend": r["backend"],
              "wall s": r["run"].get("wall_time_s"), "started": r["run"].get("started_at")} for r in results]
     return markdown(rows)

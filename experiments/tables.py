@@ -14,7 +14,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from sparsebench.experiments.figures import TASKS, method_rows
+from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
 from sparsebench.results import load_results
 
 TABLES = {"methods": lambda results: [r for r in method_rows(results) if r["perplexity"] is not None
@@ -40,7 +40,7 @@ def churn_rows(results: list[dict]) -> list[dict]:
         m = r["metrics"]
         if "churn/fraction" not in m:
             continue
-        rows.append({"model": r["model"]["id"].split("/")[-1], "method": r["sparsifier"]["name"],
+        rows.append({"model": model_name(r), "method": method(r),
                      "shape": f"{r['model']['hidden_size']}x{r['model']['intermediate_size']}",
                      "sparsity": m.get("sparsity/mean"), "density": m["churn/density"],
                      "active_per_token": m["churn/active_per_token"], "swaps_per_token": m["churn/swaps_per_token"],
@@ -56,7 +56,7 @@ def decode_rows(results: list[dict]) -> list[dict]:
         m = r["metrics"]
         if "decode/tokens_per_s" not in m:
             continue
-        rows.append({"model": r["model"]["id"].split("/")[-1], "method": r["sparsifier"]["name"],
+        rows.append({"model": model_name(r), "method": method(r),
                      "sparsity": r["sparsifier"].get("sparsity"), "backend": r["backend"],
                      "threads": m["decode/threads"], "tok_s_hf": m["decode/tokens_per_s_hf"],
                      "tok_s_dense_mask": m["decode/tokens_per_s_dense_mask"], "tok_s": m["decode/tokens_per_s"],

@@ -57,12 +57,7 @@ def random_mlp(hidden: int, inter: int, dtype=torch.float32, seed: int = 0):
 
 
 def _median_ms(fn, masks) -> float:
-    times = []
-    for m in masks:
-        t0 = time.perf_counter()
-        fn(m)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return _interleaved_median_ms({"fn": fn}, masks)["fn"]
 
 
 class NaiveGather:

@@ -117,11 +117,10 @@ def sweep_group(sweep_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     from .faults import checkpoint
+    from .results import RESULTS_FILE
     from .run import run
-    from .sweep import clear_failure, config_differs, finished_run, record_failure
+    from .sweep import clear_failure, finished_run, record_failure
 
     output_dir, name, group = _output_dir_and_name()
     checkpoint("job_start")
@@ -131,7 +130,7 @@ def hydra_main(cfg: DictConfig) -> None:
             print(f"[sparsebench] {output_dir}: finished earlier with this config, reusing its results.json "
                   "(rerun=true to run it again)")
             return
-        if config_differs(output_dir, config):
+        if (output_dir / RESULTS_FILE).is_file():  # not reusable: another config, or not ok
             print(f"[sparsebench] {output_dir}: holds results of a different config; running again")
     try:
         run(cfg, output_dir, name=name, group=group)

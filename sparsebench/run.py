@@ -63,7 +63,7 @@ def dense_baseline_cache(cfg: DictConfig, model_id: str):
     return ArtifactCache(cache_root(cfg.cache_dir) / "dense_baselines", key)
 
 
-def dense_baseline(ev, ctx, cache, model_id: str):
+def dense_baseline(ev, ctx, cache):
     """The evaluator's result with every mask off, from the cache when the same dense
     evaluation was done before (same model, data, seed, evaluator settings)."""
     from .evaluators import EvalResult
@@ -110,8 +110,9 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
 
     model, tokenizer, model_id = load_model(cfg.model, cfg.cache_dir)
     splits = load_corpus(cfg.data, cfg.cache_dir)
+    check_finite = bool(cfg.get("check_finite", True))
     controller = SparsityController(sparsifier, backend, prefill=prefill_policy(cfg),
-                                    check_finite=bool(cfg.get("check_finite", True))).attach(model)
+                                    check_finite=check_finite).attach(model)
     _, calib_info = load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id,
                                       cfg.data, int(cfg.seed), cfg.cache_dir)
     checkpoint("after_calibration")
@@ -123,22 +124,23 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
     lock_wait = 0.0
     for ev in evaluators:
-        t0 = time.time()
+        t0, waited = time.time(), 0.0
         if ev.timing:
             controller.check_finite = False  # the unpatched baseline it is timed against has no check
             with exclusive_timing(cfg.cache_dir, ev.name) as lock:
                 res = ev.evaluate(ctx)
-            controller.check_finite = bool(cfg.get("check_finite", True))
-            lock_wait += lock["waited_s"]
+            controller.check_finite = check_finite
+            waited = lock["waited_s"]
         else:
             res = ev.evaluate(ctx)
-        timings[ev.name] = round(time.time() - t0 - (lock["waited_s"] if ev.timing else 0.0), 2)
+        lock_wait += waited
+        timings[ev.name] = round(time.time() - t0 - waited, 2)
         checkpoint("after_evaluator")
         metrics.update(res.metrics)
         per_layer.update(res.per_layer)
         if compare and ev.compare_dense:
             t0 = time.time()
-            dres = dense_baseline(ev, ctx, dense_cache, model_id)
+            dres = dense_baseline(ev, ctx, dense_cache)
             timings[f"{ev.name}/dense"] = round(time.time() - t0, 2)
             dense_metrics.update(dres.metrics)
             per_layer.update({f"dense_{k}": v for k, v in dres.per_layer.items()})

@@ -44,12 +44,6 @@ def finished_run(output_dir: Path, config: dict[str, Any]) -> dict | None:
     return previous
 
 
-def config_differs(output_dir: Path, config: dict[str, Any]) -> bool:
-    """True when ``output_dir`` holds results of a *different* config (to say why we rerun)."""
-    path = Path(output_dir) / RESULTS_FILE
-    return path.is_file() and finished_run(output_dir, config) is None
-
-
 def record_failure(output_dir: Path, exc: BaseException, overrides: str) -> Path:
     path = Path(output_dir) / FAILED_FILE
     atomic_write_json(path, {

@@ -123,8 +123,6 @@ class CacheSpeedup(Evaluator):
                         f"{tag}/mlp_speedup_cached": row["dense_step_ms"] / row["cached_step_ms"],
                         f"{tag}/mlp_speedup_index_select": row["dense_step_ms"] / row["index_select_step_ms"]}
         metrics["cache/grid_layer"] = grid_layer
-        full = [per_layer[k] for k in per_layer]
-        assert all(len(v) == n for v in full)
         if n != len(ctl.sites):  # per-layer rows must cover every layer; pad the unmasked ones
             per_layer = {k: [v[layers.index(i)] if i in layers else float("nan") for i in range(len(ctl.sites))]
                          for k, v in per_layer.items()}
