@@ -23,7 +23,9 @@ Allocation of the block's sparsity over the groups:
 Sparsity is counted as the parameter-weighted fraction of dropped input channels over
 the block's linears (``sparsity_unit = linear_inputs``). Thresholds are then
 calibrated layer by layer with the layers below already sparse (TEAL uses the dense
-model throughout); within a block the quantile tables come from the dense block.
+model throughout). Within a block each group's table is refitted on the inputs the
+sparse block gives it (o sees sparse q/k/v, down sees sparse gate/up): fitting on the
+dense block overshot the requested sparsity by 2 points at 65% on SmolLM2.
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ class TEAL(Sparsifier):
     calibration_params = ("sparsity", "allocation", "greedy_step", "greedy_max", "greedy_sequences")
     input_projections = ("q", "k", "v", "o", "gate", "up", "down")
     sparsity_unit = "linear_inputs"
+    calibration_version = 2  # 2: thresholds fitted on the sparse block's own inputs (block_refits)
     ALLOCATIONS = ("greedy", "uniform")
 
     def __init__(self, cfg):
@@ -133,7 +136,8 @@ class TEAL(Sparsifier):
             tables[i] = self._tables(linear_values, gen)
             self._set_levels(i, tables[i], dict(zip(GROUP_NAMES, targets[i].tolist())))
 
-        calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input)
+        # qkv → o → gate/up → down: three refits make every group's input the sparse block's
+        calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input, block_refits=len(GROUPS) - 1)
         return {"thresholds": self.thresholds.clone(), "levels": self.levels.clone()}
 
     def _set_levels(self, i, table, levels):
