@@ -500,6 +500,23 @@ def test_teal_greedy_path_is_computed_once_for_every_sparsity(tmp_path):
     assert len(calls) == 2
 
 
+def test_teal_greedy_path_survives_a_new_calibration_version(tmp_path):
+    """The greedy path is keyed by its own version: bumping the method's calibration
+    version (a change to the final fit) recomputes the thresholds, not the path."""
+    from sparsebench.calibration import ArtifactCache
+
+    calls = []
+    for method_version in (2, 3):
+        sp = SPARSIFIERS.get("teal")(OmegaConf.create({"name": "teal", **DEFAULTS["teal"], "allocation": "greedy", "sparsity": 0.5}))
+        sp.artifacts = ArtifactCache(tmp_path, {"model": "tiny", "method": "teal", "version": method_version})
+        original = sp.greedy_trajectory
+        sp.greedy_trajectory = lambda *a, original=original: calls.append(1) or original(*a)
+        model = make_tiny("llama")
+        ctl = SparsityController(sp, DenseBackend()).attach(model)
+        sp.calibrate(ctl, model, random_ids(**CALIB).split(2))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("name", ["dejavu", "teal", "rsparse", "cett"])
 def test_calibration_is_reproducible_and_ignores_the_global_rng(name):
     torch.manual_seed(123)

@@ -88,6 +88,7 @@ class TEAL(Sparsifier):
     input_projections = ("q", "k", "v", "o", "gate", "up", "down")
     sparsity_unit = "linear_inputs"
     calibration_version = 2  # 2: thresholds fitted on the sparse block's own inputs (block_refits)
+    greedy_version = 1  # bump when greedy_trajectory changes
     ALLOCATIONS = ("greedy", "uniform")
 
     def __init__(self, cfg):
@@ -124,7 +125,9 @@ class TEAL(Sparsifier):
         self.thresholds = torch.full((n, len(GROUP_NAMES)), -1.0)
         self.levels = torch.zeros(n, len(GROUP_NAMES))
         if self.cfg.get("allocation", "greedy") == "greedy":
-            key = {k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}
+            # the path has its own version: a change to the final fit (calibration_version)
+            # leaves it valid, and it is the expensive part (minutes per model)
+            key = {"version": self.greedy_version, **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
             traj = self.artifacts.get("teal-greedy", key, lambda: self.greedy_trajectory(controller, model, batches))
             targets = [levels_at(traj["effective"], traj["levels"][i], self.sparsity) for i in range(n)]
         else:
