@@ -87,3 +87,55 @@ def test_dense_patched_model_matches_lm_eval_from_path(tmp_path, tiny_tokenizer)
     from_path = HFLM(pretrained=str(tmp_path / "m"), batch_size=2, dtype="float32", device="cpu").loglikelihood(requests)
     patched = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2).loglikelihood(requests)
     assert from_path == patched
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt"])
+def test_continuation_scoring_gives_hflm_answers(arch, tiny_tokenizer):
+    """The head-only-on-scored-positions LM returns lm-eval HFLM's (log-prob, greedy) for
+    random requests of mixed lengths: shared contexts, one- and multi-token continuations,
+    batches that mix lengths, with the sparse path on."""
+    import random
+
+    from lm_eval.models.huggingface import HFLM
+
+    from sparsebench.evaluators.lm_eval import continuation_scoring_lm
+
+    model = make_tiny(arch)
+    cats = CATS(OmegaConf.create({"sparsity": 0.5}))
+    ctl = SparsityController(cats, DenseBackend()).attach(model)
+    calib = tiny_tokenizer(TINY_TEXT, return_tensors="pt").input_ids[:, :64]
+    cats.load_state(cats.calibrate(ctl, model, [calib]))
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    requests = []
+    for _ in range(12):
+        context = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+        for _ in range(rng.randint(1, 3)):  # several continuations of one context
+            cont = [rng.randrange(3, vocab) for _ in range(rng.choice([1, 1, 2, 5]))]
+            requests.append((("c", "x"), context, cont))
+    requests.append((("c", "x"), requests[0][1], requests[0][2]))  # an exact duplicate
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(o.shape[:-1].numel()))
+    ours = continuation_scoring_lm(pretrained=model, tokenizer=tiny_tokenizer, batch_size=3)._loglikelihood_tokens(requests)
+    ours_rows, head_rows[:] = sum(head_rows), []
+    ref = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=3)._loglikelihood_tokens(requests)
+    hook.remove()
+    assert ours_rows < sum(head_rows) / 3  # the head ran on a fraction of the positions
+    assert len(ours) == len(ref) == len(requests)
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(ours, ref):
+        assert lp == pytest.approx(lp_ref, rel=1e-4, abs=1e-4) and greedy == greedy_ref
+    assert ours[-1] == ours[0]
+
+
+def test_both_scorers_give_the_same_task_metrics(task_dir, tiny_tokenizer):
+    model = make_tiny("llama")
+    ctl = SparsityController(CATS(OmegaConf.create({"sparsity": 0.0})), DenseBackend()).attach(model)
+    ctx = RunContext(model=model, tokenizer=tiny_tokenizer, controller=ctl, splits=load_tiny(None), cfg=None)
+    metrics = {}
+    for flag in (True, False):
+        ev = LMEvalAccuracy(OmegaConf.create({"tasks": ["tiny_mc"], "include_path": str(task_dir), "package": None,
+                                              "limit": None, "batch_size": 2, "num_fewshot": 0,
+                                              "score_continuations_only": flag}))
+        metrics[flag] = ev.evaluate(ctx).metrics
+    assert metrics[True]["lm_eval/avg_acc"] == metrics[False]["lm_eval/avg_acc"]
+    assert metrics[True]["lm_eval/tiny_mc/acc"] == metrics[False]["lm_eval/tiny_mc/acc"]

@@ -8,13 +8,74 @@ measure what it claims.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from ..data.tasks import PREFIX, prepare_tasks
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
+
+
+def continuation_scoring_lm(**kwargs):
+    """An lm-eval ``HFLM`` whose loglikelihood requests project to the vocabulary only the
+    positions they score.
+
+    HFLM computes [batch, length, vocabulary] logits and a log-softmax over all of them,
+    then keeps the continuation's few positions. With Gemma3's 262k vocabulary the head
+    and that softmax cost about twice the rest of the model on CPU. Here the decoder runs
+    on every position as before (the sparse MLPs see every token; nothing about the
+    sparse path changes), and the head runs only on the union of the batch's
+    continuation positions (``logits_to_keep`` with an index tensor). Tokenisation,
+    truncation and right padding are HFLM's; requests with the same input tokens
+    (same context, one-token continuations) share one forward, as HFLM's logits cache does.
+    """
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    class ContinuationScoringHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            model = self.model
+            keeps_indices = "logits_to_keep" in inspect.signature(model.forward).parameters
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for n, (_, context, continuation) in enumerate(requests):
+                inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+                groups.setdefault(inp, []).append(n)
+            inputs = sorted(groups, key=lambda t: (-len(t), t))  # longest first, like HFLM
+            size = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
+            answers: list[tuple[float, bool] | None] = [None] * len(requests)
+            bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+            for start in range(0, len(inputs), size):
+                batch = inputs[start:start + size]
+                ids = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+                spans = []  # (row, request, first scored position, continuation tokens)
+                for row, inp in enumerate(batch):
+                    ids[row, :len(inp)] = torch.tensor(inp)
+                    for n in groups[inp]:
+                        cont = requests[n][2]
+                        spans.append((row, n, len(inp) - len(cont), cont))
+                positions = sorted({p for _, _, a, c in spans for p in range(a, a + len(c))})
+                with torch.no_grad():
+                    if keeps_indices:
+                        logits = model(ids.to(self.device), logits_to_keep=torch.tensor(positions, device=self.device)).logits
+                    else:  # older architectures: full logits, then the same columns
+                        logits = model(ids.to(self.device)).logits[:, positions]
+                logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                column = {p: k for k, p in enumerate(positions)}
+                for row, n, a, cont in spans:
+                    lp = logp[row, [column[p] for p in range(a, a + len(cont))]]
+                    target = torch.tensor(cont, device=lp.device)
+                    answer = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                    answers[n] = answer
+                    if requests[n][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[n][0], answer)
+                    bar.update(1)
+            bar.close()
+            return answers
+
+    return ContinuationScoringHFLM(**kwargs)
 
 
 @EVALUATORS.register("lm_eval")
@@ -29,8 +90,9 @@ class LMEvalAccuracy(Evaluator):
         else:
             include_path, tasks = prepare_tasks(list(self.cfg.tasks), self.cfg.package, ctx.cache_dir)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=int(self.cfg.batch_size),
-                  max_length=self.cfg.get("max_length"))
+        lm_class = continuation_scoring_lm if self.cfg.get("score_continuations_only", True) else HFLM
+        lm = lm_class(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=int(self.cfg.batch_size),
+                      max_length=self.cfg.get("max_length"))
         with ctx.controller.counting() as stats, torch.no_grad():
             out = simple_evaluate(
                 model=lm, tasks=tasks, limit=self.cfg.limit, num_fewshot=self.cfg.get("num_fewshot"),
