@@ -1,6 +1,7 @@
 """Markdown tables (and CSV) from trees of results.json.
 
     python -m sparsebench.experiments.tables methods RUNS_DIR  # method × sparsity: sparsity, perplexity, lm-eval accuracy
+    python -m sparsebench.experiments.tables grid    RUNS_DIR  # per model: method rows × sparsity columns, "perplexity / avg acc"
     python -m sparsebench.experiments.tables churn   RUNS_DIR  # mask churn per method (backend benchmark 3)
     python -m sparsebench.experiments.tables decode  RUNS_DIR  # end-to-end decode (backend benchmark 4)
 
@@ -32,6 +33,30 @@ def methods_markdown(rows: list[dict]) -> str:
                    f"({f(x['min_layer'], 2)}–{f(x['max_layer'], 2)}) | {f(x['perplexity'], 2)} | "
                    + " | ".join(f(x[t], 2) for t in TASKS) + f" | {f(x['avg_acc'])} |")
     return "\n".join(out)
+
+
+def grid_markdown(rows: list[dict]) -> str:
+    """One block per model: a row per method, a column per requested sparsity, each cell
+    "perplexity / average accuracy" ("—" where not run); measured sparsity more than 2
+    points off the request is shown in brackets. Dense values head each block."""
+    def cell(x):
+        ppl = "—" if x["perplexity"] is None else f"{x['perplexity']:.2f}"
+        acc = "—" if x["avg_acc"] is None else f"{x['avg_acc']:.3f}"
+        off = "" if abs(x["measured"] - x["sparsity"]) <= 0.02 else f" (measured {x['measured']:.3f})"
+        return f"{ppl} / {acc}{off}"
+
+    out = []
+    for model in sorted({x["model"] for x in rows}):
+        mine = [x for x in rows if x["model"] == model]
+        dense = next((x for x in mine if x["method"] == "none"), None)
+        levels = sorted({x["sparsity"] for x in mine if x["method"] != "none"})
+        head = f"{model}" + (f" (dense {cell(dense)})" if dense else "")
+        out += [f"| {head} | " + " | ".join(f"{s:g}" for s in levels) + " |", "|---" * (1 + len(levels)) + "|"]
+        for name in sorted({x["method"] for x in mine} - {"none"}):
+            by_level = {x["sparsity"]: x for x in mine if x["method"] == name}
+            out.append(f"| {name} | " + " | ".join(cell(by_level[s]) if s in by_level else "—" for s in levels) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def churn_rows(results: list[dict]) -> list[dict]:
@@ -80,14 +105,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["methods", "churn", "decode"])
+    p.add_argument("table", choices=["methods", "grid", "churn", "decode"])
     p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--csv", type=Path)
     a = p.parse_args(argv)
-    rows = (TABLES | {"churn": churn_rows, "decode": decode_rows})[a.table](load_results(a.roots))
+    rows = (TABLES | {"grid": TABLES["methods"], "churn": churn_rows, "decode": decode_rows})[a.table](load_results(a.roots))
     if not rows:
         raise SystemExit(f"no {a.table} results under {', '.join(map(str, a.roots))}")
-    print(methods_markdown(rows) if a.table == "methods" else markdown(rows))
+    print({"methods": methods_markdown, "grid": grid_markdown}.get(a.table, markdown)(rows))
     if a.csv:
         with open(a.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))

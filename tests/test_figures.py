@@ -202,3 +202,17 @@ def test_figure_experiment_runs_and_plots_end_to_end(tmp_path, experiment, overr
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = plot.draw_dirs([str(sweep)])
     assert figure in written and (sweep / "figures" / f"{figure}.png").stat().st_size > 0
+
+
+def test_grid_table_places_each_run_in_its_cell_and_flags_missed_sparsity():
+    from sparsebench.experiments.tables import grid_markdown
+
+    def row(model, method, s, measured, ppl, acc):
+        return {"model": model, "method": method, "sparsity": s, "measured": measured, "perplexity": ppl, "avg_acc": acc}
+
+    rows = [row("m", "none", 0.0, 0.0, 10.0, 0.5), row("m", "a", 0.5, 0.51, 12.345, 0.4),
+            row("m", "a", 0.25, 0.20, 11.0, None), row("m", "b", 0.5, 0.5, None, 0.3)]
+    lines = grid_markdown(rows).splitlines()
+    assert lines[0] == "| m (dense 10.00 / 0.500) | 0.25 | 0.5 |"
+    assert lines[2] == "| a | 11.00 / — (measured 0.200) | 12.35 / 0.400 |"
+    assert lines[3] == "| b | — | — / 0.300 |"
