@@ -18,8 +18,8 @@ from pathlib import Path
 from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
 from sparsebench.results import load_results
 
-TABLES = {"methods": lambda results: [r for r in method_rows(results) if r["perplexity"] is not None
-                                      or r["avg_acc"] is not None]}
+def evaluated_method_rows(results: list[dict]) -> list[dict]:
+    return [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
 
 
 def methods_markdown(rows: list[dict]) -> str:
@@ -103,16 +103,22 @@ def markdown(rows: list[dict]) -> str:
                      + ["| " + " | ".join(f(x[k]) for k in keys) + " |" for x in rows])
 
 
+# table name → (rows from results, markdown of the rows)
+TABLES = {"methods": (evaluated_method_rows, methods_markdown), "grid": (evaluated_method_rows, grid_markdown),
+          "churn": (churn_rows, markdown), "decode": (decode_rows, markdown)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["methods", "grid", "churn", "decode"])
+    p.add_argument("table", choices=list(TABLES))
     p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--csv", type=Path)
     a = p.parse_args(argv)
-    rows = (TABLES | {"grid": TABLES["methods"], "churn": churn_rows, "decode": decode_rows})[a.table](load_results(a.roots))
+    rows_of, to_markdown = TABLES[a.table]
+    rows = rows_of(load_results(a.roots))
     if not rows:
         raise SystemExit(f"no {a.table} results under {', '.join(map(str, a.roots))}")
-    print({"methods": methods_markdown, "grid": grid_markdown}.get(a.table, markdown)(rows))
+    print(to_markdown(rows))
     if a.csv:
         with open(a.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -8,7 +8,6 @@ measure what it claims.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
@@ -38,7 +37,6 @@ def continuation_scoring_lm(**kwargs):
     class ContinuationScoringHFLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             model = self.model
-            keeps_indices = "logits_to_keep" in inspect.signature(model.forward).parameters
             groups: dict[tuple[int, ...], list[int]] = {}
             for n, (_, context, continuation) in enumerate(requests):
                 inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
@@ -58,10 +56,7 @@ def continuation_scoring_lm(**kwargs):
                         spans.append((row, n, len(inp) - len(cont), cont))
                 positions = sorted({p for _, _, a, c in spans for p in range(a, a + len(c))})
                 with torch.no_grad():
-                    if keeps_indices:
-                        logits = model(ids.to(self.device), logits_to_keep=torch.tensor(positions, device=self.device)).logits
-                    else:  # older architectures: full logits, then the same columns
-                        logits = model(ids.to(self.device)).logits[:, positions]
+                    logits = model(ids.to(self.device), logits_to_keep=torch.tensor(positions, device=self.device)).logits
                 logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
                 column = {p: k for k, p in enumerate(positions)}
                 for row, n, a, cont in spans:

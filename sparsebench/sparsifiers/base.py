@@ -190,6 +190,11 @@ class LayerProbe:
             return [self._run_layer(self.layer_idx, self._hidden[b], b) for b in range(n)]
 
 
+# Stages of a decoder block whose linear inputs depend on the ones before: q/k/v → o →
+# gate/up → down (refits needed to fit each stage on the sparse block: stages − 1).
+BLOCK_INPUT_STAGES = 4
+
+
 @torch.no_grad()
 def calibrate_layerwise(controller, model, batches, fn, fit, linear_fn=None, probe: bool = False,
                         block_refits: int = 0) -> None:
@@ -213,15 +218,13 @@ def calibrate_layerwise(controller, model, batches, fn, fit, linear_fn=None, pro
     sparse q/k/v, the gate/up input on the sparse attention output and the down input on
     the sparse gate/up, so fitting on the dense block overshoots the later linears'
     sparsity (by ≈2 points at 65% on SmolLM2); each refit makes one more stage of that
-    chain exact, so (stages − 1) refits reproduce inference exactly.
+    chain exact, so ``BLOCK_INPUT_STAGES − 1`` refits reproduce inference exactly.
     """
     run_layer, hidden = capture_layer_inputs(controller, model, batches)
     layers = controller.sites
     from tqdm.auto import tqdm
 
     for i in tqdm(range(len(layers)), desc="calibration (layer by layer)", leave=False):
-        values, linear_values = [], {}
-
         def record(inp, i=i):
             if fn is not None and inp.layer_idx == i:
                 values.append(fn(inp))
@@ -230,19 +233,16 @@ def calibrate_layerwise(controller, model, batches, fn, fit, linear_fn=None, pro
             if inp.layer_idx == i:
                 linear_values.setdefault(inp.proj, []).append(linear_fn(inp))
 
-        with controller.recording(record, linear_recorder=record_linear if linear_fn else None):
-            for b, h in enumerate(hidden):
-                run_layer(i, h, b)
-        if linear_fn is None and not probe:
-            fit(i, values)
-        else:
-            fit(i, values, linear_values, LayerProbe(controller, i, run_layer, hidden) if probe else None)
-        for _ in range(block_refits if linear_fn is not None else 0):
-            values, linear_values = [], {}
-            with controller.recording(record, sparse_layers={i}, linear_recorder=record_linear):
+        for refit in range(1 + (block_refits if linear_fn is not None else 0)):
+            values, linear_values = [], {}  # fresh lists per pass (the recorders read these names)
+            with controller.recording(record, sparse_layers={i} if refit else (),
+                                      linear_recorder=record_linear if linear_fn else None):
                 for b, h in enumerate(hidden):
                     run_layer(i, h, b)
-            fit(i, values, linear_values, LayerProbe(controller, i, run_layer, hidden) if probe else None)
+            if linear_fn is None and not probe:
+                fit(i, values)
+            else:
+                fit(i, values, linear_values, LayerProbe(controller, i, run_layer, hidden) if probe else None)
         with controller.recording(None, sparse_layers={i}):
             hidden = [run_layer(i, h, b) for b, h in enumerate(hidden)]
 

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from . import SPARSIFIERS
 from ..errors import ConfigError
-from .base import Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs, dense_linear_inputs
+from .base import BLOCK_INPUT_STAGES, Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs, dense_linear_inputs
 from .teal import interp_threshold, quantile_table
 from .wina import PROJECTIONS
 
@@ -122,7 +122,8 @@ class RSparse(Sparsifier):
                 self._set_thresholds(i, tables, thresholds_for)
 
         if sparse_upstream:
-            calibrate_layerwise(controller, model, batches, None, fit, linear_fn=linear_fn, block_refits=3)
+            calibrate_layerwise(controller, model, batches, None, fit, linear_fn=linear_fn,
+                                block_refits=BLOCK_INPUT_STAGES - 1)
         else:  # dense model: every layer from its captured dense input
             run_layer, _ = capture_layer_inputs(controller, model, batches)
             for i in range(len(controller.sites)):

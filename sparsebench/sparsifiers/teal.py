@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier, calibrate_layerwise
+from .base import BLOCK_INPUT_STAGES, Sparsifier, calibrate_layerwise
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
 GROUP_OF = {p: g for g, ps in GROUPS.items() for p in ps}
@@ -139,8 +139,8 @@ class TEAL(Sparsifier):
             tables[i] = self._tables(linear_values, gen)
             self._set_levels(i, tables[i], dict(zip(GROUP_NAMES, targets[i].tolist())))
 
-        # qkv → o → gate/up → down: three refits make every group's input the sparse block's
-        calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input, block_refits=len(GROUPS) - 1)
+        calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input,
+                            block_refits=BLOCK_INPUT_STAGES - 1)
         return {"thresholds": self.thresholds.clone(), "levels": self.levels.clone()}
 
     def _set_levels(self, i, table, levels):
