@@ -41,7 +41,20 @@ def model_name(r: dict) -> str:
 
 
 def method(r: dict) -> str:
-    return r["sparsifier"]["name"]
+    """The sparsifier's name, plus every setting that differs from its shipped YAML (other
+    than the sparsity), e.g. ``stat_topk[rule=abs_act]``: variants are separate rows."""
+    from sparsebench.config_check import shipped_defaults
+
+    name = r["sparsifier"]["name"]
+    cfg = (r.get("config") or {}).get("sparsifier") or {}
+    defaults = shipped_defaults("sparsifier", name)
+    changed = [f"{k}={_plain(v)}" for k, v in cfg.items()
+               if k not in ("name", "sparsity") and k in defaults and defaults[k] != v]
+    return f"{name}[{','.join(changed)}]" if changed else name
+
+
+def _plain(v) -> str:
+    return "[" + ",".join(map(_plain, v)) + "]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _plt():
@@ -67,7 +80,7 @@ def _style(i: int) -> dict:
 # ---------------------------------------------------------------------------- applicability
 
 def _has_layer_sparsity(r):
-    return method(r) == "cett" and r["sparsifier"].get("budget") is not None and any(
+    return r["sparsifier"]["name"] == "cett" and r["sparsifier"].get("budget") is not None and any(
         "sparsity" in row for row in r.get("per_layer") or [])
 
 
@@ -75,7 +88,7 @@ def _sparsity_sweep(results, key) -> bool:
     """Some method of some model was run at two or more sparsities with ``key`` measured."""
     seen = defaultdict(set)
     for r in results:
-        if key in r["metrics"] and r["sparsifier"].get("sparsity") is not None and method(r) != "none":
+        if key in r["metrics"] and r["sparsifier"].get("sparsity") is not None and r["sparsifier"]["name"] != "none":
             seen[(model_name(r), method(r))].add(r["sparsifier"]["sparsity"])
     return any(len(v) >= 2 for v in seen.values())
 
@@ -95,7 +108,7 @@ def figures_for(results: list[dict]) -> list[str]:
         found.append("accuracy_vs_sparsity")
     if _sparsity_sweep(results, "perplexity"):
         found.append("perplexity_vs_sparsity")
-    if any(method(r) == "dejavu" and "mask_quality/recall" in r["metrics"] for r in results):
+    if any(r["sparsifier"]["name"] == "dejavu" and "mask_quality/recall" in r["metrics"] for r in results):
         found.append("dejavu_rank")
     return found
 
@@ -233,7 +246,7 @@ def cached_vs_index_select(results):
 def dense_value(rs: list[dict], key: str) -> float | None:
     """The dense reference of one model: a ``sparsifier=none`` run, else any run's dense baseline."""
     for r in rs:
-        if method(r) == "none" and key in r["metrics"]:
+        if r["sparsifier"]["name"] == "none" and key in r["metrics"]:
             return r["metrics"][key]
     for r in rs:
         v = (r.get("dense_metrics") or {}).get(key)
@@ -250,7 +263,7 @@ def method_rows(results: list[dict]) -> list[dict]:
         lm = (r.get("config") or {}).get("evaluator", {}).get("lm_eval") or {}
         rows.append({
             "model": model_name(r), "method": method(r),
-            "sparsity": 0.0 if method(r) == "none" else sp.get("sparsity"),
+            "sparsity": 0.0 if r["sparsifier"]["name"] == "none" else sp.get("sparsity"),
             "measured": m.get("sparsity/mean", 0.0), "min_layer": m.get("sparsity/min_layer", 0.0),
             "max_layer": m.get("sparsity/max_layer", 0.0), "perplexity": m.get("perplexity"),
             **{t: m.get(f"lm_eval/{t}/acc") for t in TASKS}, "avg_acc": m.get("lm_eval/avg_acc"),
@@ -264,72 +277,94 @@ def method_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def avg_acc_stderr(r: dict) -> float | None:
-    """Standard error of the 5-task average from the item count (binomial per task):
-    sqrt(sum_t p_t(1 - p_t) / n) / 5. None when the item limit is unknown (full sets)."""
-    n = ((r.get("config") or {}).get("evaluator", {}).get("lm_eval") or {}).get("limit")
-    accs = [r["metrics"].get(f"lm_eval/{t}/acc") for t in TASKS]
-    if not n or any(a is None for a in accs):
-        return None
-    return math.sqrt(sum(a * (1 - a) / n for a in accs)) / len(accs)
+def paired_avg_acc(r: dict) -> dict | None:
+    """The run's average-accuracy comparison with its dense baseline on the same items
+    (Δ, 95% paired-bootstrap CI, McNemar p), when it has one."""
+    return (r.get("paired") or {}).get("lm_eval/avg_acc")
 
 
-def _versus_sparsity(results, key, ylabel, title, log_when_exploding):
+def _versus_sparsity(results, panels, title, log_when_exploding):
+    """One row of panels per (metric key, y label) present, one column per model."""
     plt = _plt()
-    by_model = _by_model([r for r in results if key in r["metrics"]])
-    fig, axes = plt.subplots(1, max(len(by_model), 1), figsize=(6.4 * max(len(by_model), 1), 4.2), squeeze=False)
+    panels = [(k, y) for k, y in panels if any(k in r["metrics"] for r in results)] or panels[:1]
+    by_model = _by_model([r for r in results if any(k in r["metrics"] for k, _ in panels)])
+    ncol = max(len(by_model), 1)
+    fig, axes = plt.subplots(len(panels), ncol, figsize=(6.4 * ncol, 4.2 * len(panels)), squeeze=False)
     rows = []
     # one colour and marker per method across every panel
     everyone = sorted({method(r) for r in results} - {"none"})
-    for ax, (model, rs) in zip(axes[0], by_model.items()):
-        dense = dense_value(rs, key)
-        for name in sorted({method(r) for r in rs} - {"none"}):
-            i = everyone.index(name)
-            pts = sorted((r["sparsifier"]["sparsity"], r["metrics"].get("sparsity/mean"), r["metrics"][key],
-                          avg_acc_stderr(r) if key == "lm_eval/avg_acc" else None)
-                         for r in rs if method(r) == name and r["sparsifier"].get("sparsity") is not None)
-            if not pts:
-                continue
-            err = [p[3] for p in pts] if all(p[3] is not None for p in pts) else None
-            ax.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=err, capsize=2, color=f"C{i}",
-                        label=METHOD_LABELS.get(name, name), **_style(i))
-            rows += [{"model": model, "method": name, "requested_sparsity": s, "measured_sparsity": ms, key: v,
-                      **({"stderr": se} if key == "lm_eval/avg_acc" else {}), f"dense_{key}": dense}
-                     for s, ms, v, se in pts]
-        if dense is not None:
-            ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
-        values = [row[key] for row in rows if row["model"] == model]
-        if log_when_exploding and dense and values and max(values) > 3 * dense:
-            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-            ax.set_yscale("log")
-            # plain numbers at 1-2-5 steps on the log axis
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        xs = [row["requested_sparsity"] for row in rows if row["model"] == model]
-        ax.set_xlim(-0.02, max(xs + [0.6]) + 0.05)
-        ax.set_xlabel("requested sparsity (fraction skipped)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}: {model}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+    for axrow, (key, ylabel) in zip(axes, panels):
+        for ax, (model, rs) in zip(axrow, by_model.items()):
+            rows += _panel(ax, [r for r in rs if key in r["metrics"]], model, key, everyone, log_when_exploding)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}: {model}")
     return fig, rows
+
+
+def _panel(ax, rs, model, key, everyone, log_when_exploding) -> list[dict]:
+    rows = []
+    dense = dense_value(rs, key)
+    for name in sorted({method(r) for r in rs} - {"none"}):
+        i = everyone.index(name)
+        pts = sorted(((r["sparsifier"]["sparsity"], r["metrics"].get("sparsity/mean"), r["metrics"][key],
+                       paired_avg_acc(r) if key == "lm_eval/avg_acc" else None)
+                      for r in rs if method(r) == name and r["sparsifier"].get("sparsity") is not None),
+                     key=lambda p: p[0])
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[2] for p in pts]
+        if all(p[3] is not None for p in pts):
+            # the 95% paired CI of Δ vs dense, drawn around the sparse accuracy; filled
+            # markers: significantly different from dense (McNemar p < 0.05)
+            err = [[p[3]["delta"] - p[3]["ci_low"] for p in pts], [p[3]["ci_high"] - p[3]["delta"] for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, capsize=2, color=f"C{i}", label=METHOD_LABELS.get(name, name),
+                        marker="none", ls="-")
+            for x, y, p in zip(xs, ys, pts):
+                ax.plot([x], [y], color=f"C{i}", markerfacecolor=f"C{i}" if p[3]["significant"] else "white",
+                        **_style(i))
+        else:
+            ax.plot(xs, ys, color=f"C{i}", label=METHOD_LABELS.get(name, name), **_style(i))
+        rows += [{"model": model, "metric": key, "method": name, "requested_sparsity": s, "measured_sparsity": ms,
+                  "value": v, **({"delta": pr["delta"], "delta_ci_low": pr["ci_low"], "delta_ci_high": pr["ci_high"],
+                                  "p_mcnemar": pr["p_mcnemar"], "significant": pr["significant"]} if pr else {}),
+                  "dense": dense}
+                 for s, ms, v, pr in pts]
+    if dense is not None:
+        ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
+    values = [row["value"] for row in rows]
+    if log_when_exploding and dense and values and max(values) > 3 * dense:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.set_yscale("log")
+        # plain numbers at 1-2-5 steps on the log axis
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    xs = [row["requested_sparsity"] for row in rows]
+    ax.set_xlim(-0.02, max(xs + [0.6]) + 0.05)
+    ax.set_xlabel("requested sparsity (fraction skipped)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    return rows
 
 
 @figure("accuracy_vs_sparsity",
         "Average zero-shot accuracy over ARC-E, BoolQ, HellaSwag, PIQA and WinoGrande (lm-eval, the sparse "
-        "path active on every scored token) vs requested sparsity; dashed: the dense model; bars: ±1 standard "
-        "error from the number of items.")
+        "path active on every scored token) vs requested sparsity; dashed: the dense model; bars: the 95% "
+        "paired-bootstrap CI of the difference to dense on the same items; filled markers: significantly "
+        "different from dense (exact McNemar p < 0.05), hollow: not.")
 def accuracy_vs_sparsity(results):
-    return _versus_sparsity(results, "lm_eval/avg_acc", "average accuracy (5 tasks)", "Accuracy vs sparsity", False)
+    return _versus_sparsity(results, [("lm_eval/avg_acc", "average accuracy (5 tasks)")], "Accuracy vs sparsity", False)
 
 
 @figure("perplexity_vs_sparsity",
         "Held-out perplexity vs requested sparsity (the fraction of MLP neurons, or of linear inputs for "
-        "TEAL/WINA/R-Sparse, skipped); log scale where a method explodes; dashed: the dense model.")
+        "TEAL/WINA/R-Sparse, skipped): top, the five held-out Shakespeare plays; bottom, LAMBADA (modern "
+        "fiction); log scale where a method explodes; dashed: the dense model.")
 def perplexity_vs_sparsity(results):
-    return _versus_sparsity(results, "perplexity", "held-out perplexity", "Perplexity vs sparsity", True)
+    return _versus_sparsity(results, [("perplexity", "perplexity, held-out plays"),
+                                      ("perplexity/lambada", "perplexity, LAMBADA passages")],
+                            "Perplexity vs sparsity", True)
 
 
 # ---------------------------------------------------------------------------- figure 6
@@ -339,7 +374,7 @@ def perplexity_vs_sparsity(results):
         "top-k neurons, the sparsity each layer ends up with, and the model's perplexity, on held-out text.")
 def dejavu_rank(results):
     plt = _plt()
-    runs = sorted((r for r in results if method(r) == "dejavu" and r.get("per_layer")
+    runs = sorted((r for r in results if r["sparsifier"]["name"] == "dejavu" and r.get("per_layer")
                    and "recall" in r["per_layer"][0]), key=lambda r: (model_name(r), r["sparsifier"].get("rank", 0)))
     fig, (ax_r, ax_s, ax_p) = plt.subplots(1, 3, figsize=(14.5, 3.8), gridspec_kw={"width_ratios": [3, 3, 2]})
     rows = []

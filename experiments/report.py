@@ -19,7 +19,8 @@ from sparsebench.sweep import failed_points
 
 from .figures import CAPTIONS, method_rows, model_name
 from .plot import draw, results_or_exit
-from .tables import churn_rows, decode_rows, markdown, methods_markdown
+from .pairwise import pairwise_markdown, pairwise_rows
+from .tables import churn_rows, decode_rows, markdown, methods_markdown, paired_markdown, paired_rows
 
 
 def _runs_markdown(results: list[dict]) -> str:
@@ -45,6 +46,16 @@ def build_markdown(results: list[dict], figures: dict[str, dict], out: Path, dir
     rows = [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
     if rows:
         lines += ["## Method × sparsity", "", methods_markdown(rows), ""]
+    paired = paired_rows(results)
+    if paired:
+        lines += ["## Against dense, paired (same items, same windows)", "",
+                  "Accuracy: Δ in points with its 95% paired-bootstrap CI; * = exact McNemar p < 0.05. "
+                  "Perplexity: ratio to dense with its 95% paired CI over windows. Critical sparsity: the "
+                  "largest tested sparsity such that it and every smaller one have the CI's upper end ≥ −1 point.",
+                  "", paired_markdown(paired), ""]
+    pairs = pairwise_rows(results)
+    if pairs:
+        lines += ["## Method against method, paired", "", pairwise_markdown(pairs), ""]
     for heading, fn in (("Mask churn", churn_rows), ("End-to-end decode", decode_rows)):
         rows = fn(results)
         if rows:

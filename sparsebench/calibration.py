@@ -1,4 +1,9 @@
-"""Calibrate a sparsifier once per (model, data, method, parameters) and cache the state.
+"""Calibrate a sparsifier once per (model, data, method, parameters, code) and cache the state.
+
+The key holds the tokens the tokenizer prepends (a state fitted without Gemma's BOS is
+never reused for inputs with it) and the digest of the calibration code's sources (the
+sparsifier's module and everything it, the driver, the patching and the data pipeline
+import; ``sparsebench.provenance``), so editing that code recomputes the state.
 
 The state file is written atomically next to a sha256; a file whose checksum does
 not match (killed write, disk trouble, hand edits) is recomputed, never used.
@@ -8,14 +13,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import torch
 
 from .cache import atomic_write_bytes, atomic_write_json, cache_root, locked
-from .data.corpus import calibration_windows
+from .data.corpus import calibration_windows, prefix_tokens
+from .provenance import code_digest
+
+# Modules every calibration runs through, besides the sparsifier's own.
+CALIBRATION_MODULES = ("sparsebench.calibration", "sparsebench.patching", "sparsebench.models.loader",
+                       "sparsebench.data.corpus")
 
 
-def calibration_key(model_id: str, dcfg, sparsifier, seed: int) -> dict:
+def calibration_code(sparsifier) -> str:
+    return code_digest([type(sparsifier).__module__, *CALIBRATION_MODULES])
+
+
+def calibration_key(model_id: str, dcfg, sparsifier, seed: int, tokenizer=None) -> dict:
     return {
         "model": model_id,
         "corpus": dcfg.corpus,
@@ -23,6 +38,8 @@ def calibration_key(model_id: str, dcfg, sparsifier, seed: int) -> dict:
         "num_sequences": int(dcfg.calibration.num_sequences),
         "seq_len": int(dcfg.calibration.seq_len),
         "seed": seed,
+        "prefix_tokens": prefix_tokens(tokenizer) if tokenizer is not None else None,
+        "code": calibration_code(sparsifier),
         **sparsifier.calibration_key(),
     }
 
@@ -52,12 +69,24 @@ def _save(path, meta, key, state) -> None:
     atomic_write_json(meta, {"key": key, "sha256": hashlib.sha256(blob).hexdigest()})
 
 
+def committed_artifacts() -> Path:
+    """Artifacts committed with the checkout (``experiments/results/artifacts``): slow
+    intermediate results, e.g. TEAL's and WINA's greedy paths (an hour each on 2 cores),
+    kept so a fresh machine need not recompute them. They are used only when their
+    recorded key — code digest included — equals the one being asked for."""
+    from .provenance import package_dir
+
+    return package_dir().parent / "experiments" / "results" / "artifacts"
+
+
 class ArtifactCache:
     """Lets a sparsifier cache an intermediate result that depends on fewer parameters
-    than its state (e.g. TEAL's greedy trajectory, shared by every target sparsity)."""
+    than its state (e.g. TEAL's greedy trajectory, shared by every target sparsity).
+    A verified file of the same name, key and checksum in ``seed`` (the committed
+    artifacts) is copied in instead of computing it."""
 
-    def __init__(self, folder, base_key: dict):
-        self.folder, self.base_key = folder, base_key
+    def __init__(self, folder, base_key: dict, seed: Path | None = None):
+        self.folder, self.base_key, self.seed = folder, base_key, seed
 
     def get(self, name: str, extra_key: dict, compute):
         key = {**self.base_key, "artifact": name, **extra_key}
@@ -65,6 +94,10 @@ class ArtifactCache:
         meta = path.with_suffix(".json")
         with locked(path):
             state = _load_verified(path, meta, key)
+            if state is None and self.seed is not None:
+                state = _load_verified(self.seed / path.name, self.seed / meta.name, key)
+                if state is not None:
+                    _save(path, meta, key, state)
             if state is None:
                 state = compute()
                 _save(path, meta, key, state)
@@ -75,13 +108,13 @@ def load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id
     """Return (state, info) where info says whether the state came from the cache."""
     if not sparsifier.needs_calibration:
         return {}, {"calibration": "none"}
-    key = calibration_key(model_id, dcfg, sparsifier, seed)
+    key = calibration_key(model_id, dcfg, sparsifier, seed, tokenizer)
     folder = cache_root(cache_dir) / "calibration"
     path = folder / f"{sparsifier.name}-{_digest(key)}.pt"
     meta = path.with_suffix(".json")
     own = sparsifier.calibration_key()
     base_key = {k: v for k, v in key.items() if k not in own} | {"method": own["method"], "version": own["version"]}
-    sparsifier.artifacts = ArtifactCache(folder, base_key)
+    sparsifier.artifacts = ArtifactCache(folder, base_key, seed=committed_artifacts())
     with locked(path):
         state = _load_verified(path, meta, key)
         if state is not None:

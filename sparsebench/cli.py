@@ -131,7 +131,8 @@ def hydra_main(cfg: DictConfig) -> None:
                   "(rerun=true to run it again)")
             return
         if (output_dir / RESULTS_FILE).is_file():  # not reusable: another config, or not ok
-            print(f"[sparsebench] {output_dir}: holds results of a different config; running again")
+            print(f"[sparsebench] {output_dir}: holds results of a different config or made by other code; "
+                  "running again")
     try:
         run(cfg, output_dir, name=name, group=group)
         clear_failure(output_dir)

@@ -15,7 +15,10 @@ forward, prompt tokens included, so lm-eval loglikelihoods and perplexity measur
 sparse model; ``dense_prefix`` keeps the first N positions of each sequence dense;
 ``decode_only`` runs every multi-token forward (prefill, loglikelihood scoring,
 perplexity) dense and sparsifies only single-token decode steps. Calibration always
-sees every position.
+sees every position. A position the policy keeps dense sees the unaltered model, also
+for sparsifiers that change the activation itself (stat_topk ``mode: soft``, relu
+``swap``): they install the altered activation through ``MLPInput.replace_act`` and the
+controller restores act(pre) on the dense positions.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class MLPInput:
         self._pre: torch.Tensor | None = None
         self._act: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
+        self._altered = False
 
     @property
     def layer_idx(self) -> int:
@@ -70,6 +74,31 @@ class MLPInput:
     @property
     def act_is_computed(self) -> bool:
         return self._act is not None
+
+    def replace_act(self, act: torch.Tensor) -> None:
+        """Install an *altered* activation for the sparse path (stat_topk's soft shift
+        act(relu(z − t)), relu's ReLU swap); ``h`` is recomputed from it. The controller
+        puts the model's own act(pre) back at every position the prefill policy keeps
+        dense (and everywhere in a call that ends up dense), so only sparsified positions
+        see the change. Sparsifiers must use this instead of writing ``_act``."""
+        self._act, self._h, self._altered = act, None, True
+
+    @property
+    def act_is_altered(self) -> bool:
+        return self._altered
+
+    def restore_act(self, rows: torch.Tensor | None = None) -> None:
+        """Undo ``replace_act`` at the positions where ``rows`` ([T] bool, True = keep the
+        altered value) is False; everywhere when ``rows`` is None."""
+        if not self._altered:
+            return
+        dense = self.site.act(self.pre)
+        if rows is None:
+            self._act, self._altered = dense, False
+        else:
+            keep = rows.to(dense.device).unsqueeze(-1)
+            self._act = torch.where(keep, self._act, dense)
+        self._h = None
 
     @property
     def computed(self) -> str:
@@ -268,13 +297,29 @@ class SparsityController:
             return mask
         return mask | ~rows.to(mask.device).unsqueeze(-1)
 
+    @staticmethod
+    def _unalter(inp: MLPInput, mask: torch.Tensor | None, rows: torch.Tensor | None) -> None:
+        """Give the positions that run dense the model's own activation back, when the
+        sparsifier altered it (``MLPInput.replace_act``): the whole call when it is dense
+        (layer not sparsified, or the prefill policy leaves every position dense), else
+        the rows the policy keeps dense. The mask is already all-True on those rows
+        (``_restrict``), so their output is the dense model's exactly."""
+        if not inp.act_is_altered:
+            return
+        if mask is None:
+            inp.restore_act()
+        elif rows is not None and mask.dim() >= 2 and mask.shape[-2] == rows.numel():
+            inp.restore_act(rows)
+
     # -------------------------------------------------------------- the hot path
     def run_mlp(self, site: MLPSite, x: torch.Tensor) -> torch.Tensor:
         inp = MLPInput(site, x)
         if self.recorder is not None:
             self.recorder(inp)
         mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
-        mask = self._restrict(mask, self._policy_rows())
+        rows = self._policy_rows()
+        mask = self._restrict(mask, rows)
+        self._unalter(inp, mask, rows)
         if self.mask_observer is not None and self._sparse_here(site):
             self.mask_observer(inp, mask)
         if self.collect_stats:

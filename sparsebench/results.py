@@ -80,7 +80,10 @@ def sparsifier_label(sp: dict) -> str:
 def run_table(results: dict):
     from rich.table import Table
 
+    from .comparison import format_paired
+
     sparse, dense = results["metrics"], results.get("dense_metrics")
+    paired = results.get("paired") or {}
     label = sparsifier_label(results["sparsifier"])
     table = Table(title=f"{results['model']['id']} · {label} · backend={results['backend']}")
     table.add_column("metric")
@@ -89,6 +92,9 @@ def run_table(results: dict):
     table.add_column(label, justify="right")
     if dense is not None:
         table.add_column("Δ", justify="right")
+    if paired:
+        table.caption = "* significant at 5% (accuracy: exact McNemar; perplexity: paired CI excludes 1)"
+        table.add_column("paired Δ [95% CI] (acc: points; ppl: ratio)", justify="right")
     for key, value in sparse.items():
         row = [key]
         if dense is not None:
@@ -97,6 +103,8 @@ def run_table(results: dict):
         row.append(_fmt(value))
         if dense is not None:
             row.append(_fmt(value - d) if isinstance(d, (int, float)) and isinstance(value, (int, float)) else "—")
+        if paired:
+            row.append(format_paired(paired[key]) if key in paired else "")
         table.add_row(*row)
     return table
 
@@ -119,17 +127,27 @@ def per_layer_table(results: dict):
 def combined_table(all_results: list[dict], title: str = "sweep"):
     from rich.table import Table
 
+    from .comparison import format_paired
+
     keys = [k for k in HEADLINE if any(k in r.get("metrics", {}) for r in all_results)]
+    paired_keys = [k for k in ("lm_eval/avg_acc", "perplexity") if any(k in (r.get("paired") or {}) for r in all_results)]
     table = Table(title=title)
     for c in ("run", "model", "sparsifier", "sparsity"):
         table.add_column(c)
     for k in keys:
         table.add_column(k, justify="right")
         table.add_column(f"dense {k.split('/')[-1]}", justify="right")
+    for k in paired_keys:
+        table.add_column(f"paired Δ {k} [95% CI]", justify="right")
+    if paired_keys:
+        table.caption = "acc: points; ppl: ratio to dense; * significant at 5%"
     for r in all_results:
         row = [_fmt(r["run"]["name"]), _fmt(r["model"]["id"]), r["sparsifier"]["name"], _fmt(r["sparsifier"].get("sparsity"))]
         for k in keys:
             row += [_fmt(r["metrics"].get(k)), _fmt((r.get("dense_metrics") or {}).get(k))]
+        for k in paired_keys:
+            res = (r.get("paired") or {}).get(k)
+            row.append(format_paired(res) if res else "—")
         table.add_row(*row)
     return table
 

@@ -49,35 +49,54 @@ def build_components(cfg: DictConfig):
     return sparsifier, backend, evaluators
 
 
-def dense_baseline_cache(cfg: DictConfig, model_id: str):
+def dense_baseline_cache(cfg: DictConfig, model_id: str, tokenizer):
     """Where the dense baselines of this model, data and seed are kept: every point of a
-    sweep over methods and sparsities shares them, so the dense pass runs once per model."""
+    sweep over methods and sparsities shares them, so the dense pass runs once per model.
+    Keyed by the tokenizer's special prefix and library versions; each entry also by the
+    sources of its evaluator (``dense_baseline``)."""
     from .cache import cache_root
     from .calibration import ArtifactCache
+    from .data.corpus import prefix_tokens
     from .results import versions
 
     v = versions()
     key = {"model": model_id, "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
            "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
+           "prefix_tokens": prefix_tokens(tokenizer),
            "versions": {k: v[k] for k in ("torch", "transformers", "lm_eval")}}
     return ArtifactCache(cache_root(cfg.cache_dir) / "dense_baselines", key)
 
 
+# Modules a dense evaluation runs through besides the evaluator's own.
+DENSE_MODULES = ("sparsebench.patching", "sparsebench.models.loader", "sparsebench.data.corpus")
+
+
 def dense_baseline(ev, ctx, cache):
     """The evaluator's result with every mask off, from the cache when the same dense
-    evaluation was done before (same model, data, seed, evaluator settings)."""
+    evaluation was done before (same model, data, seed, evaluator settings and code)."""
     from .evaluators import EvalResult
+    from .provenance import code_digest
 
     def compute():
         with ctx.controller.dense():
             res = ev.evaluate(ctx)
-        return {"metrics": res.metrics, "per_layer": res.per_layer}
+        return {"metrics": res.metrics, "per_layer": res.per_layer, "items": res.items, "info": res.info}
 
     if cache is None:
         state = compute()
     else:
-        state = cache.get(f"dense-{ev.name}", {"evaluator": OmegaConf.to_container(ev.cfg, resolve=True)}, compute)
-    return EvalResult(metrics=dict(state["metrics"]), per_layer=dict(state["per_layer"]))
+        key = {"evaluator": OmegaConf.to_container(ev.cfg, resolve=True),
+               "code": code_digest([type(ev).__module__, *DENSE_MODULES])}
+        state = cache.get(f"dense-{ev.name}", key, compute)
+    return EvalResult(metrics=dict(state["metrics"]), per_layer=dict(state["per_layer"]),
+                      items=dict(state.get("items") or {}), info=dict(state.get("info") or {}))
+
+
+def run_modules(sparsifier, backend, evaluators) -> list[str]:
+    """The modules whose sources decide a run's numbers (their import closure is recorded
+    in results.json and checked before a sweep reuses the point)."""
+    return ["sparsebench.run", type(sparsifier).__module__, type(backend).__module__,
+            *(type(e).__module__ for e in evaluators)]
 
 
 def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | None = None) -> dict:
@@ -85,7 +104,9 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
 
     from . import __version__
     from .calibration import load_or_calibrate
-    from .data.corpus import load_corpus
+    from .comparison import compare_items
+    from .data.corpus import load_corpus, prefix_tokens
+    from .provenance import code_version, source_files
     from .evaluators import RunContext
     from .faults import checkpoint
     from .timing import exclusive_timing
@@ -103,6 +124,8 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
 
     started = time.time()
     sparsifier, backend, evaluators = build_components(cfg)
+    # the code this run computes with, hashed before it computes anything
+    code = code_version() | {"files": source_files(run_modules(sparsifier, backend, evaluators))}
     set_offline()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -120,8 +143,9 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
                      cache_dir=cfg.cache_dir)
 
     compare = bool(cfg.compare_dense) and sparsifier.name != "none"
-    dense_cache = dense_baseline_cache(cfg, model_id) if cfg.get("dense_cache", True) else None
+    dense_cache = dense_baseline_cache(cfg, model_id, tokenizer) if cfg.get("dense_cache", True) else None
     metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
+    items, dense_items, info = {}, {}, {}
     lock_wait = 0.0
     for ev in evaluators:
         t0, waited = time.time(), 0.0
@@ -138,11 +162,14 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         checkpoint("after_evaluator")
         metrics.update(res.metrics)
         per_layer.update(res.per_layer)
+        items.update(res.items)
+        info.update(res.info)
         if compare and ev.compare_dense:
             t0 = time.time()
             dres = dense_baseline(ev, ctx, dense_cache)
             timings[f"{ev.name}/dense"] = round(time.time() - t0, 2)
             dense_metrics.update(dres.metrics)
+            dense_items.update(dres.items)
             per_layer.update({f"dense_{k}": v for k, v in dres.per_layer.items()})
     for key, values in sparsifier.describe().items():
         per_layer[key] = values
@@ -161,13 +188,18 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
                        "sparsity_unit": sparsifier.sparsity_unit, **sparsifier.summary(), **calib_info},
         "prefill": OmegaConf.to_container(cfg.prefill) if cfg.get("prefill") else {"policy": "all"},
         "backend": backend.name,
-        "data": {"corpus": splits.name, "heldout_works": splits.heldout_works},
+        "data": {"corpus": splits.name, "heldout_works": splits.heldout_works,
+                 "extra_heldout": list(splits.extra_heldout), "prefix_tokens": prefix_tokens(tokenizer), **info},
         "metrics": metrics,
         "dense_metrics": dense_metrics,
         "per_layer": rows,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions() | {"sparsebench": __version__},
         "machine": machine(),
+        "code": code,
+        # vs the dense baseline on the same items: Δ, 95% paired-bootstrap CI, exact McNemar p
+        "paired": compare_items(dense_items, items) if compare else {},
+        "items": {"sparse": items, "dense": dense_items if compare else None},
     }
     results["run"]["wall_time_s"] = round(time.time() - started, 2)
     checkpoint("before_results")

@@ -2,7 +2,9 @@
 
 A point is *finished* when its output folder holds a ``results.json`` with status ``ok``
 whose configuration equals the one being run (keys that cannot change a result, such as
-the W&B mode, are ignored). Rerunning the same sweep command therefore runs only the
+the W&B mode, are ignored) and whose code is today's: every source file it recorded
+(``code.files``, the import closure of the modules that computed it) still has the
+recorded sha256. A results.json without that record, or made by other code, is rerun. Rerunning the same sweep command therefore runs only the
 missing or changed points; ``rerun=true`` forces every point.
 
 A point that raises is recorded in ``failed.json`` beside where its results would be and
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import atomic_write_json
+from .provenance import files_unchanged
 from .results import RESULTS_FILE
 
 FAILED_FILE = "failed.json"
@@ -40,6 +43,9 @@ def finished_run(output_dir: Path, config: dict[str, Any]) -> dict | None:
     if previous.get("status") != "ok":
         return None
     if comparable_config(previous.get("config") or {}) != comparable_config(config):
+        return None
+    files = (previous.get("code") or {}).get("files")
+    if not files or not files_unchanged(files):
         return None
     return previous
 

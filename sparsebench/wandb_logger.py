@@ -22,6 +22,9 @@ def log_run(lcfg, results: dict, output_dir, group: str | None, name: str) -> st
         run.summary.update({f"sparse/{k}": v for k, v in results["metrics"].items()})
         if results.get("dense_metrics"):
             run.summary.update({f"dense/{k}": v for k, v in results["dense_metrics"].items()})
+        for metric, res in (results.get("paired") or {}).items():  # Δ vs dense, its 95% CI and p
+            run.summary.update({f"paired/{metric}/{k}": v for k, v in res.items() if isinstance(v, (int, float, bool))})
+        run.summary.update({f"code/{k}": v for k, v in (results.get("code") or {}).items() if k != "files"})
         rows = results.get("per_layer") or []
         if rows:
             run.define_metric("layer")

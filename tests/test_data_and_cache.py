@@ -25,7 +25,11 @@ def test_shakespeare_split_by_work_never_overlaps(tmp_path):
     splits = registry_or_skip(load_corpus, dcfg)
     assert set(splits.heldout_works).isdisjoint(splits.calibration_works)
     assert len(splits.calibration_works) > 30 and len(splits.heldout_works) == 5
-    # No held-out passage appears in the calibration text (sampled 200-char probes).
+    # No held-out passage appears in the calibration text (sampled 200-char probes), and
+    # LAMBADA (modern fiction) is a held-out corpus of its own.
+    assert list(splits.extra_heldout) == ["lambada"]
+    lam = next(iter(splits.extra_heldout["lambada"].values()))
+    assert lam.count("\n\n") >= 5000 and lam[1000:1200] not in splits.calibration
     step = len(splits.heldout) // 50
     probes = [splits.heldout[i : i + 200] for i in range(1000, len(splits.heldout) - 200, step)]
     assert probes and not any(p in splits.calibration for p in probes)
@@ -38,7 +42,7 @@ def test_windows_shapes_and_seed(tiny_tokenizer):
     c = calibration_windows(tiny_tokenizer, s, 4, 16, seed=4)
     assert a.shape == (4, 16) and torch.equal(a, b) and not torch.equal(a, c)
     h = heldout_windows(tiny_tokenizer, s, 3, 16)
-    assert h.shape == (3, 16)
+    assert h.ids.shape == (3, 16) and h.sources == ["tiny[half:]"] * 3
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

@@ -89,12 +89,12 @@ def test_accuracy_and_perplexity_figures_carry_exactly_the_runs(sweep, tmp_path)
         for ext in ("png", "pdf", "csv"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
     rows = _rows(out / "accuracy_vs_sparsity.csv")
-    got = {(r["model"], r["method"], float(r["requested_sparsity"])): float(r["lm_eval/avg_acc"]) for r in rows}
+    got = {(r["model"], r["method"], float(r["requested_sparsity"])): float(r["value"]) for r in rows}
     assert got == pytest.approx({k: v[0] for k, v in acc.items()})
-    dense = {r["model"]: float(r["dense_lm_eval/avg_acc"]) for r in rows}
+    dense = {r["model"]: float(r["dense"]) for r in rows}
     assert dense == {"m-a": 0.6, "m-b": 0.5}  # from the none run, and from the carried baseline
-    ppl = {(r["model"], r["method"], float(r["requested_sparsity"])): float(r["perplexity"])
-           for r in _rows(out / "perplexity_vs_sparsity.csv")}
+    ppl = {(r["model"], r["method"], float(r["requested_sparsity"])): float(r["value"])
+           for r in _rows(out / "perplexity_vs_sparsity.csv") if r["metric"] == "perplexity"}
     assert ppl == pytest.approx({k: v[1] for k, v in acc.items()})
 
 
@@ -216,3 +216,28 @@ def test_grid_table_places_each_run_in_its_cell_and_flags_missed_sparsity():
     assert lines[0] == "| m (dense 10.00 / 0.500) | 0.25 | 0.5 |"
     assert lines[2] == "| a | 11.00 / — (measured 0.200) | 12.35 / 0.400 |"
     assert lines[3] == "| b | — | — / 0.300 |"
+
+
+def test_accuracy_figure_draws_the_paired_ci_and_marks_significance(tmp_path):
+    from sparsebench.stats import paired_accuracy_tasks
+
+    import random
+
+    rng = random.Random(0)
+    for s, drop in ((0.25, 0.0), (0.5, 0.3)):
+        a = [int(rng.random() < 0.6) for _ in range(80)]
+        b = [x if rng.random() > drop else 0 for x in a]
+        res = paired_accuracy_tasks({"arc_easy": (a, b)})
+        res.pop("tasks")
+        r = fake(tmp_path, f"cats-{s}", "m", "cats", s, {"lm_eval/avg_acc": res["acc_b"]},
+                 dense={"lm_eval/avg_acc": res["acc_a"]})
+        r["paired"] = {"lm_eval/avg_acc": res}
+        (tmp_path / f"cats-{s}" / "results.json").write_text(json.dumps(r))
+    rows = {float(x["requested_sparsity"]): x for x in _rows_of(tmp_path)}
+    assert rows[0.25]["significant"] == "False" and float(rows[0.25]["delta"]) == 0.0
+    assert rows[0.5]["significant"] == "True" and float(rows[0.5]["delta_ci_high"]) < 0
+
+
+def _rows_of(root):
+    plot.draw_dirs([str(root), "--figure", "accuracy_vs_sparsity", "--out", str(root / "f")])
+    return _rows(root / "f" / "accuracy_vs_sparsity.csv")

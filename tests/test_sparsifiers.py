@@ -26,8 +26,9 @@ from sparsebench.sparsifiers.rsparse import split_budget
 CALIB = dict(batch=4, seq=32, seed=1)
 DEFAULTS = {
     "cats": {}, "cett": {"budget": None}, "stat_topk": {"mode": "hard"}, "chess": {"up_stat": "mean_abs"},
-    "teal": {"allocation": "uniform", "greedy_step": 0.05, "greedy_max": 0.8, "greedy_sequences": 1},
-    "wina": {"score": "paper", "orthogonalize": False}, "rsparse": {"alphas": [1.0]},
+    "teal": {"allocation": "uniform", "greedy_step": 0.45, "greedy_max": 0.8, "greedy_sequences": 1,
+             "greedy_error": "token"},
+    "wina": {"score": "paper", "orthogonalize": False, "allocation": "uniform"}, "rsparse": {"alphas": [1.0]},
     "dejavu": {"rank": 0.25, "steps": 30, "lr": 0.005, "lookahead": False, "selection": "topk", "oracle": False},
 }
 METHODS = sorted(DEFAULTS)

@@ -1,5 +1,7 @@
 """Resumable sweeps, failed points, launchers and the per-machine timing lock."""
 import json
+
+from sparsebench.provenance import source_files
 import multiprocessing as mp
 import os
 import time
@@ -61,7 +63,8 @@ def test_failed_point_does_not_stop_the_sweep_and_is_listed(tmp_path):
 def test_finished_run_requires_same_config_and_ok_status(tmp_path):
     cfg = {"seed": 0, "sparsifier": {"name": "cats", "sparsity": 0.5}, "logger": {"mode": "offline"}}
     assert finished_run(tmp_path, cfg) is None
-    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "config": cfg}))
+    code = {"files": source_files(["sparsebench.run"])}
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "config": cfg, "code": code}))
     assert finished_run(tmp_path, cfg) is not None
     # a logger change cannot change a result; a sparsity change can
     assert finished_run(tmp_path, cfg | {"logger": {"mode": "disabled"}}) is not None

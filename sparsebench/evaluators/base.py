@@ -22,6 +22,11 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # column name -> one value per decoder layer (for the per-layer table / W&B "layer" axis)
     per_layer: dict[str, list[float]] = field(default_factory=dict)
+    # per-item outcomes for paired statistics, by metric: lm-eval correctness per document,
+    # perplexity NLL per window (the dense baseline has the same items in the same order)
+    items: dict[str, Any] = field(default_factory=dict)
+    # facts about what was measured that are not metrics (e.g. tokens per held-out work)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator:

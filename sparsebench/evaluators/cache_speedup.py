@@ -72,7 +72,7 @@ class CacheSpeedup(Evaluator):
         cfg, ctl = self.cfg, ctx.controller
         threads = int(cfg.threads)
         torch.set_num_threads(threads)
-        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens))
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens)).ids
         masks = record_decode_masks(ctx, prompt, int(cfg.new_tokens))
         if not masks:
             raise ConfigError(f"sparsifier={ctl.sparsifier.name} produced no MLP neuron masks; cache_speedup needs one")

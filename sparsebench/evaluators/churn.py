@@ -70,7 +70,7 @@ class Churn(Evaluator):
 
         ctl.mask_observer, ctl.linear_mask_observer = on_mlp, on_linear
         try:
-            windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len))
+            windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
             for batch in windows.split(int(self.cfg.batch_size)):
                 ctx.model(input_ids=batch, logits_to_keep=1)
         finally:

@@ -131,7 +131,7 @@ class Decode(Evaluator):
 
     def evaluate(self, ctx):
         cfg, controller = self.cfg, ctx.controller
-        prompt = heldout_windows(ctx.tokenizer, ctx.splits, int(cfg.batch_size), int(cfg.prompt_tokens))
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, int(cfg.batch_size), int(cfg.prompt_tokens)).ids
         n_new = int(cfg.new_tokens)
         if n_new < 2:
             from ..errors import ConfigError

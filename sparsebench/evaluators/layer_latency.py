@@ -49,7 +49,7 @@ class LayerLatency(Evaluator):
         for site in ctl.sites:
             handles += timer.hooks(site.installed, ("mlp", site.layer_idx))
             handles += timer.hooks(site.layer.self_attn, ("attn", site.layer_idx))
-        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(self.cfg.prompt_tokens))
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(self.cfg.prompt_tokens)).ids
         try:
             greedy_decode(ctx.model, prompt, 4)  # warm-up
             ctl.backend.reset()

@@ -4,7 +4,8 @@ lm-eval's ``HFLM`` wraps the *patched* model object itself, so every loglikeliho
 forward goes through the ``SparseMLP``s. The evaluator counts, during the lm-eval
 call, how many token positions reached each MLP and how many of them had a mask
 applied, and reports both: a sparse run whose masked fraction is not 1.0 did not
-measure what it claims.
+measure what it claims. Per-document correctness is kept (``items``) so a sparse run
+and its dense baseline — or any two runs — are compared on the same documents.
 """
 from __future__ import annotations
 
@@ -92,14 +93,18 @@ class LMEvalAccuracy(Evaluator):
             out = simple_evaluate(
                 model=lm, tasks=tasks, limit=self.cfg.limit, num_fewshot=self.cfg.get("num_fewshot"),
                 task_manager=TaskManager(include_path=str(include_path)), bootstrap_iters=0,
-                log_samples=False, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                log_samples=True, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                 fewshot_random_seed=1234,
             )
         metrics: dict[str, float] = {}
         accs = []
+        per_item = {}
         for task in tasks:
             res = out["results"][task]
             short = task.removeprefix(PREFIX)
+            # per-document correctness, for paired comparisons on the same documents
+            samples = sorted(out["samples"][task], key=lambda d: d["doc_id"])
+            per_item[short] = {"doc_id": [int(d["doc_id"]) for d in samples], "acc": [int(d["acc"]) for d in samples]}
             for key in ("acc", "acc_norm"):
                 if f"{key},none" in res:
                     metrics[f"lm_eval/{short}/{key}"] = float(res[f"{key},none"])
@@ -109,4 +114,4 @@ class LMEvalAccuracy(Evaluator):
         metrics["lm_eval/mlp_token_calls"] = tokens
         metrics["lm_eval/masked_token_fraction"] = sum(s.masked_tokens for s in stats.values()) / max(tokens, 1)
         metrics["lm_eval/mlp_sparsity"] = sum(s.zeroed for s in stats.values()) / max(sum(s.neurons for s in stats.values()), 1)
-        return EvalResult(metrics=metrics)
+        return EvalResult(metrics=metrics, items={"lm_eval": per_item})

@@ -31,7 +31,7 @@ class MaskQuality(Evaluator):
             c[1] += float(pred.sum())
             c[2] += float(oracle.sum())
 
-        windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len))
+        windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
         prev, ctx.controller.mask_observer = ctx.controller.mask_observer, observe
         try:
             for batch in windows.split(int(self.cfg.batch_size)):

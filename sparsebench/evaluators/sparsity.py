@@ -43,7 +43,7 @@ def linear_input_sparsity(controller) -> tuple[dict[str, list[float]], list[floa
 class Sparsity(Evaluator):
     @torch.no_grad()
     def evaluate(self, ctx):
-        windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len))
+        windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
         with ctx.controller.counting() as stats:
             for batch in windows.split(int(self.cfg.batch_size)):
                 ctx.model(input_ids=batch, logits_to_keep=1)  # the MLPs are what we count

@@ -131,9 +131,10 @@ def convert_registry_model(mcfg, cache: Path) -> Path:
 
 # ------------------------------------------------------------------ tiny random models
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A deterministic byte-level BPE tokenizer trained in memory (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 320, add_bos: bool = False):
+    """A deterministic byte-level BPE tokenizer trained in memory (no download); with
+    ``add_bos`` it prepends ``<s>`` by default, as Gemma's and Llama 3's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..data.corpus import TINY_TEXT
@@ -146,6 +147,10 @@ def tiny_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator([TINY_TEXT], trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -210,7 +215,8 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
     source = mcfg.source
     if source == "tiny":
         model = build_tiny_model(mcfg.arch, **dict(mcfg.get("config", {}) or {}), seed=int(mcfg.get("seed", 0)))
-        return model, tiny_tokenizer(model.config.vocab_size), f"tiny-{mcfg.arch}"
+        tokenizer = tiny_tokenizer(model.config.vocab_size, add_bos=bool(mcfg.get("add_bos", False)))
+        return model, tokenizer, f"tiny-{mcfg.arch}"
     if source == "registry":
         folder = convert_registry_model(mcfg, cache_root(cache_dir))
     else:

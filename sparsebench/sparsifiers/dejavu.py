@@ -16,10 +16,20 @@ layers below already run with their *predicted* masks, so each predictor is fit 
 the hidden states the sparse model really produces (the released Deja Vu code trains
 on one tensor and, in its HF path, applies the predictor to an earlier one).
 
-Training: class-balanced BCE (pos_weight = (1−p)/p with p the positive rate; Deja Vu
-down-weights negatives to ≈p, the same balance up to scale), AdamW (weight decay 0.01,
-lr 5e-3: Deja Vu's 1e-3 assumes 400k tokens × 20 epochs, we have ~8k tokens and a
-``steps`` budget), mini-batches of 1024 tokens, seeded per layer.
+Training: weighted BCE, AdamW (weight decay 0.01, lr 5e-3: Deja Vu's 1e-3 assumes 400k
+tokens × 20 epochs, we have ~8k tokens and a ``steps`` budget), mini-batches of 1024
+tokens, seeded per layer. The class weighting (``loss_weight``):
+
+- ``reference`` (default; **the reference**, FMInference/DejaVu
+  sparse_predictor/trainer_mlp.py, ``train``): per mini-batch, p = the fraction of
+  positive labels in the batch (tokens × neurons) and w = p + 0.005; positives weigh 1
+  and negatives w (``loss_weight = y·(1 − w) + w``), mean over the batch's elements.
+  Positives : negatives = 1/(p + 0.005) : 1, ≈ 1.98 : 1 at p = 0.5 (s = 0.5). (Deja Vu's
+  labels are the natural ReLU activity of OPT, y > 0; ours are the top-k oracle below,
+  so p = 1 − s here, minus exact zeros for ReLU models.)
+- ``balanced`` (ours, the earlier default): ``pos_weight`` = (1 − p)/p with p the
+  positive rate over all training tokens: positives : negatives = (1 − p)/p : 1, which
+  is 1 (plain BCE) at p = 0.5 and close to the reference only for small p.
 ``oracle: true`` uses the oracle masks themselves (the upper bound the predictor is
 compared with); the ``mask_quality`` evaluator reports per-layer recall / precision /
 F1 of the predicted masks against the oracle on held-out text.
@@ -42,8 +52,10 @@ def oracle_topk(h: torch.Tensor, keep: int) -> torch.Tensor:
 
 @SPARSIFIERS.register("dejavu")
 class DejaVu(Sparsifier):
-    calibration_params = ("sparsity", "rank", "lookahead", "steps", "lr")
+    calibration_params = ("sparsity", "rank", "lookahead", "steps", "lr", "loss_weight")
+    calibration_version = 2  # 2: loss_weight (reference weighting by default)
     SELECTIONS = ("topk", "threshold")
+    LOSS_WEIGHTS = ("reference", "balanced")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -63,6 +75,8 @@ class DejaVu(Sparsifier):
             raise ConfigError(f"sparsifier.rank={r} is out of range; it is a fraction of the hidden size in (0, 1], e.g. sparsifier.rank=0.1")
         if self.cfg.get("selection", "topk") not in self.SELECTIONS:
             raise ConfigError(f"sparsifier.selection={self.cfg.selection} is unknown; use one of: {', '.join(self.SELECTIONS)}")
+        if self.cfg.get("loss_weight", "reference") not in self.LOSS_WEIGHTS:
+            raise ConfigError(f"sparsifier.loss_weight={self.cfg.get('loss_weight')} is unknown; use one of: {', '.join(self.LOSS_WEIGHTS)}")
         e = self.cfg.get("steps", 400)
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ConfigError(f"sparsifier.steps={e} must be a positive integer")
@@ -91,7 +105,8 @@ class DejaVu(Sparsifier):
             src = prev if (self.cfg.get("lookahead", False) and i > 0) else xs
             X, Y = torch.cat(src), torch.cat([y for _, y in values])
             A, B, stats = train_predictor(X, Y, r, steps=int(self.cfg.get("steps", 400)),
-                                          lr=float(self.cfg.get("lr", 5e-3)), seed=i)
+                                          lr=float(self.cfg.get("lr", 5e-3)), seed=i,
+                                          loss_weight=self.cfg.get("loss_weight", "reference"))
             self.A[i], self.B[i] = A, B
             for k, v in stats.items():
                 report[k][i] = v
@@ -140,23 +155,40 @@ class DejaVu(Sparsifier):
         return {f"dejavu/{k}": v.tolist() for k, v in getattr(self, "report", {}).items()}
 
 
+def predictor_loss(logits: torch.Tensor, y: torch.Tensor, loss_weight: str = "reference",
+                   p: float | None = None) -> torch.Tensor:
+    """Weighted BCE of predictor logits against float 0/1 labels ``y`` (one mini-batch).
+
+    ``reference`` (Deja Vu, sparse_predictor/trainer_mlp.py): w = mean(y) + 0.005 of this
+    batch; element weight 1 for positives, w for negatives; mean over elements.
+    ``balanced``: ``pos_weight`` = (1 − p)/p, p the positive rate of the whole training
+    set (passed in; this batch's if None)."""
+    if loss_weight == "reference":
+        w = y.mean() + 0.005
+        return F.binary_cross_entropy_with_logits(logits, y, weight=y * (1 - w) + w)
+    if p is None:
+        p = float(y.mean())
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor((1 - p) / p))
+
+
 def train_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, seed: int,
-                    batch_size: int = 1024):
-    """Fit P(x) = B(A x) to boolean labels Y with class-balanced BCE; returns A, B, stats."""
+                    batch_size: int = 1024, loss_weight: str = "reference"):
+    """Fit P(x) = B(A x) to boolean labels Y with weighted BCE (``predictor_loss``);
+    returns A, B, stats."""
     gen = torch.Generator().manual_seed(seed)
     d, d_ff = X.shape[1], Y.shape[1]
     A = (torch.randn(rank, d, generator=gen) / d ** 0.5).requires_grad_()
     B = (torch.randn(d_ff, rank, generator=gen) / rank ** 0.5).requires_grad_()
     Yf = Y.float()
     p = float(Yf.mean().clamp(1e-4, 1 - 1e-4))
-    pos_weight = torch.tensor((1 - p) / p)
     opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01)
     done = 0
     with torch.enable_grad():
         while done < steps:  # epochs over shuffled tokens until the step budget is spent
             for idx in torch.randperm(X.shape[0], generator=gen).split(batch_size):
                 logits = (X[idx] @ A.T) @ B.T
-                loss = F.binary_cross_entropy_with_logits(logits, Yf[idx], pos_weight=pos_weight)
+                loss = predictor_loss(logits, Yf[idx], loss_weight, p)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

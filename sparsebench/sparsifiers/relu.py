@@ -10,7 +10,9 @@ nothing the model would have used. Two options:
   naturally zero), i.e. ProSparse's FATReLU fitted without training.
 - ``swap: true`` replaces SiLU/GeLU by ReLU on the sparse path, without training, to
   measure what relufication by fine-tuning would have to recover (the dense
-  baseline keeps the model's own activation).
+  baseline keeps the model's own activation, and so do the positions the prefill
+  policy keeps dense: the swap goes through ``MLPInput.replace_act``, which the
+  controller undoes there).
 
 Refuses to run on a model whose activation is not ReLU-like unless ``swap`` is set:
 there would be no zeros to use.
@@ -60,9 +62,11 @@ class ReLUMask(Sparsifier):
                               "pass sparsifier.swap=true to replace it by ReLU without training")
 
     def _swap(self, inp) -> None:
-        if self.cfg.get("swap", False) and not inp.act_is_computed:
-            inp._act = torch.relu(inp.pre)
-            inp._h = None
+        # replace_act: positions the prefill policy keeps dense get the model's own
+        # activation back (patching.SparsityController._unalter), so they see the
+        # unaltered model; only sparsified positions run with ReLU.
+        if self.cfg.get("swap", False) and not inp.act_is_altered:
+            inp.replace_act(torch.relu(inp.pre))
 
     def calibrate(self, controller, model, batches):
         self.thresholds = torch.zeros(len(controller.sites))

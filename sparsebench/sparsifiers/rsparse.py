@@ -5,16 +5,34 @@ Every linear y = W x of the block (q, k, v, o, gate, up, down) is replaced by
 
     y = W (x ⊙ m) + U_r S_r V_rᵀ (x ⊙ (1 − m))
 
-with W = U S Vᵀ the SVD of the raw weight (offline) and m keeping channels whose
-|x_i|·‖W[:, i]‖₂ exceeds a static per-linear threshold (R-Sparse's importance; the
-column norm equals the row norm of V·S). The sparse channels and the low-rank term
+with W = U S Vᵀ the SVD of the raw weight (offline) and m keeping channels whose score
+exceeds a static per-linear threshold. The sparse channels and the low-rank term
 share one budget per linear, the cost of the dense layer times (1 − s):
 
     kept channels c = (1 − s)·α·d_in,   rank r = ⌊((1 − s)·d_in·d_out − c·d_out) / (d_in + d_out)⌋
 
 so α (the "sparse ratio") splits the budget between channels (α = 1: pure activation
 sparsity) and rank (α = 0: pure low rank). The threshold is the (1 − (1−s)·α)
-quantile of |x_i|·‖W[:, i]‖ over calibration tokens and channels.
+quantile of the score over calibration tokens and channels.
+
+The score (``criterion``):
+
+- ``reference`` (default; **the reference**, VITA-Group/R-Sparse): it depends on α.
+  α = 1 runs the layer in the reference's ``sparse`` mode, which thresholds |x_i|
+  alone (no low-rank term); 0 < α < 1 runs ``r_sparse`` mode, which thresholds
+  |x_i|·‖W[:, i]‖₂ (the ``scale`` buffer: row norms of V·S, i.e. the column norms of
+  W); α = 0 runs ``low_rank`` mode: no channel goes through W, all of x through the
+  rank-r term. (utils/setup.py ``set_threshold_r_sparse`` picks the mode from α;
+  models/modeling_llama.py ``R_Sparse_Linear._getting_threshold`` / ``forward`` score
+  |x| when ``sparse_ratio == 1`` and |x·scale| otherwise.)
+- ``weighted`` (ours, the earlier default): |x_i|·‖W[:, i]‖₂ at every α, so α = 1 is a
+  static-threshold WINA rather than R-Sparse's plain magnitude threshold.
+
+Other deviations from the reference: thresholds are exact quantiles over our
+calibration tokens (the reference takes one 512-token WikiText-2 sample on the dense
+model); the reference evaluates with ``prefill_ratio`` = 0.1, i.e. the first 90% of
+each prompt dense and only the last 10% sparse, where this project applies its
+prefill policy (``prefill.policy``) to every method alike.
 
 Search: one α for every linear, chosen on a grid (``alphas``) by perplexity on a
 validation part of the calibration text (the paper runs an evolutionary search over
@@ -52,10 +70,13 @@ def split_budget(d_in: int, d_out: int, sparsity: float, alpha: float) -> tuple[
 @SPARSIFIERS.register("rsparse")
 class RSparse(Sparsifier):
     needs_calibration = True
-    calibration_params = ("sparsity", "alphas")
+    calibration_params = ("sparsity", "alphas", "criterion")
     input_projections = PROJECTIONS
     sparsity_unit = "linear_inputs"
-    calibration_version = 2  # 2: final thresholds fitted on the sparse block's own inputs
+    # 2: final thresholds fitted on the sparse block's own inputs; 3: ``criterion``
+    # (reference: |x| alone at α = 1)
+    calibration_version = 3
+    CRITERIA = ("reference", "weighted")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -72,6 +93,12 @@ class RSparse(Sparsifier):
         if not OmegaConf.is_list(raw) and not isinstance(raw, (list, tuple)) or not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
             raise ConfigError(f"sparsifier.alphas={raw} must be a non-empty list of numbers in [0, 1], "
                               "e.g. sparsifier.alphas=[0.8,0.9,1.0]")
+        if self.cfg.get("criterion", "reference") not in self.CRITERIA:
+            raise ConfigError(f"sparsifier.criterion={self.cfg.get('criterion')} is unknown; use one of: {', '.join(self.CRITERIA)}")
+
+    def weighted(self, alpha: float) -> bool:
+        """Whether the channel score at sparse ratio ``alpha`` is |x|·‖W[:, i]‖ (else |x|)."""
+        return self.cfg.get("criterion", "reference") == "weighted" or alpha < 1.0
 
     def attach(self, controller, model):
         self._sites = controller.sites
@@ -107,17 +134,21 @@ class RSparse(Sparsifier):
         return self.rank(layer, proj) * (lin.in_features + lin.out_features)
 
     # ------------------------------------------------------------ calibration
-    def _tables(self, controller, model, batches, sparse_upstream: bool, thresholds_for=None):
-        """Quantile tables of |x|·‖W[:, i]‖ per (layer, projection)."""
+    def _tables(self, controller, model, batches, sparse_upstream: bool, alphas, thresholds_for=None):
+        """Quantile tables of the channel scores per (layer, projection, weighted), for
+        each score the sparse ratios ``alphas`` use (|x| and/or |x|·‖W[:, i]‖)."""
         gen = torch.Generator().manual_seed(0)
         tables = {}
+        kinds = sorted({self.weighted(a) for a in alphas})
 
         def linear_fn(inp):
-            return (inp.x.detach().abs().float() * self.column_norm(inp.layer_idx, inp.proj)).reshape(-1)
+            return inp.x.detach().abs().float().reshape(-1, inp.x.shape[-1])
 
         def fit(i, _values, linear_values, _probe):
             for proj, vals in linear_values.items():
-                tables[(i, proj)] = quantile_table(torch.cat(vals), gen)
+                x = torch.cat(vals)
+                for w in kinds:
+                    tables[(i, proj, w)] = quantile_table(x * self.column_norm(i, proj) if w else x, gen)
             if thresholds_for is not None:
                 self._set_thresholds(i, tables, thresholds_for)
 
@@ -132,8 +163,9 @@ class RSparse(Sparsifier):
 
     def _set_thresholds(self, layer, tables, alpha):
         self.alpha = alpha
-        for (i, proj), table in tables.items():
-            if i == layer:
+        w = self.weighted(alpha)
+        for (i, proj, kind), table in tables.items():
+            if i == layer and kind == w:
                 self.thresholds[(i, proj)] = interp_threshold(table, 1.0 - (1.0 - self.sparsity) * alpha)
 
     def calibrate(self, controller, model, batches):
@@ -148,7 +180,7 @@ class RSparse(Sparsifier):
                 raise ConfigError("the R-Sparse α search needs ≥ 2 calibration batches (data.calibration.num_sequences ≥ 2·batch_size)")
             cut = max(1, (3 * len(batches)) // 4)
             fit_b, val_b = batches[:cut], batches[cut:]
-            tables = self._tables(controller, model, fit_b, sparse_upstream=False)
+            tables = self._tables(controller, model, fit_b, sparse_upstream=False, alphas=alphas)
             for alpha in tqdm(alphas, desc="R-Sparse α search", leave=False):
                 for layer in range(len(controller.sites)):
                     self._set_thresholds(layer, tables, alpha)
@@ -157,7 +189,7 @@ class RSparse(Sparsifier):
         else:
             best = alphas[0]
         self.alpha = best
-        self._tables(controller, model, batches, sparse_upstream=True, thresholds_for=best)
+        self._tables(controller, model, batches, sparse_upstream=True, alphas=[best], thresholds_for=best)
         keys = sorted(self.thresholds)
         return {"alpha": torch.tensor(best), "threshold": torch.tensor([self.thresholds[k] for k in keys]),
                 "threshold_layer": torch.tensor([k[0] for k in keys]),
@@ -172,11 +204,18 @@ class RSparse(Sparsifier):
         self.factors = {}
 
     # ------------------------------------------------------------ inference
+    def channel_score(self, inp) -> torch.Tensor:
+        """|x| (reference criterion at α = 1) or |x|·‖W[:, i]‖ (α < 1, or ``weighted``)."""
+        if self.weighted(self.alpha):
+            return inp.x.abs() * self.column_norm(inp.layer_idx, inp.proj).to(inp.x.dtype)
+        return inp.x.abs()
+
     def input_mask(self, inp):
         if self.sparsity == 0.0:
             return None
-        t = self.thresholds[(inp.layer_idx, inp.proj)]
-        return inp.x.abs() * self.column_norm(inp.layer_idx, inp.proj).to(inp.x.dtype) > t
+        if self.alpha == 0.0:  # pure low rank (the reference's ``low_rank`` mode): no channel kept
+            return torch.zeros_like(inp.x, dtype=torch.bool)
+        return self.channel_score(inp) > self.thresholds[(inp.layer_idx, inp.proj)]
 
     def masked_linear(self, inp, linear, mask, backend):
         x = inp.x

@@ -1,45 +1,93 @@
-"""TEAL (Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models").
+"""TEAL (Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models"),
+and the greedy per-matrix sparsity allocation that TEAL and WINA share.
 
-Every linear of the block gets a magnitude threshold on its *input*: x_i is kept iff
-|x_i| > t. Inputs that are the same tensor share a threshold (q/k/v; gate/up), o and
-down have their own, so a block has four groups. Thresholds come from the calibration
-distribution of |x| per group (a 1001-point quantile table, from which the threshold
-for any sparsity level is read by interpolation; TEAL bins signed values into a
-histogram and assumes symmetry, the |x| table needs no such assumption).
+What the reference does (github.com/FasterDecoding/TEAL):
+- ``teal/self_attn.py`` / ``teal/mlp.py``: every linear has its own ``SparsifyFn``
+  (``utils/utils.py``: keep |x| > icdf(0.5 + s/2) of a signed histogram); q, k and v
+  read one distribution (the attention input, ``h1``), gate and up another (the MLP
+  input), o and down their own. Each SparsifyFn holds its *own* sparsity level, so q, k
+  and v (and gate, up) get their own thresholds from a shared distribution.
+  ``gpt-fast/model.py`` (``_new_attn_forward``, ``_new_ffn_forward``) likewise takes
+  ``thresh_q``, ``thresh_k``, ``thresh_v``, ``thresh_gate``, ``thresh_up`` apart
+  (``gpt-fast/generate.py`` fills them from one uniform s: its kernels are for uniform
+  sparsity; greedy levels are evaluated through the HF path, ``teal/ppl_test.py``).
+- ``teal/greedyopt.py`` (``process_layer``): per decoder layer, on the dense model's
+  input to that layer (``grab_acts.py``: 10 sequences × 2048 tokens), start all seven
+  projections at 0 and repeatedly raise the one projection whose step gives the least
+  block-output error until the parameter-weighted sparsity ``f`` reaches
+  ``--target_sparsity`` (0.9 in ``scripts/greedyopt.bash``). Projection p steps by
+  ``base_step_size / weight[p]`` where ``weight`` is p's parameter count relative to
+  q_proj (hard-coded per model in ``weight_dict``), so every step adds
+  ``base_step_size / Σ weight`` of block sparsity (``base_step_size`` 0.025 in the
+  script, 0.05 the argparse default). The error (``calculate_activation_error``) is
+  ``‖Y_dense − Y_sparse‖₂`` taken *along the sequence axis* over the last quarter of the
+  positions, averaged over batch and hidden channels. Each step is a CSV row; a
+  requested sparsity takes the row with the closest effective sparsity
+  (``utils.get_layer_greedy_sparsities``), the same s for every layer.
 
-Allocation of the block's sparsity over the groups:
-- ``uniform``: every group at the requested sparsity s.
-- ``greedy`` (TEAL's block-wise greedy): start every group at 0; repeatedly try raising
-  each group by a step inversely proportional to its parameter count (so every step
-  adds ``greedy_step`` of parameter-weighted block sparsity), keep the one whose step
-  increases the block-output error least. As in TEAL, this runs once per model on the
-  dense model's layer inputs up to ``greedy_max`` and is cached; a requested sparsity s
-  reads the groups' levels off that trajectory (interpolated between steps). The error
-  is the mean over tokens of ‖Y_dense − Y_sparse‖₂ of the decoder layer's output on
-  ``greedy_sequences`` calibration sequences (TEAL's code takes the norm along the
-  sequence axis over the last quarter of tokens; we use every token's own norm).
-  TEAL's default step is ≈0.004 of block sparsity; ours defaults to 0.025 (CPU cost).
+What we do (defaults in conf/sparsifier/teal.yaml = the reference):
+- ``greedy_units: projection`` — the greedy raises each of the seven linears on its own,
+  as the reference; thresholds come from one |x| table per *input* (q/k/v share one
+  table, gate/up one), each linear at its own level. ``greedy_units: group`` (named
+  option, our earlier variant): q/k/v share one level, gate/up one, o and down their
+  own, a greedy over four groups.
+- ``greedy_step`` = the reference's ``base_step_size``: the level step of a linear with
+  q_proj's parameter count; linear (or group) u steps by ``greedy_step · P_q / P_u``, so
+  one step adds ``greedy_step · P_q / P_block`` of block sparsity (≈0.0023 on SmolLM2:
+  the path to 0.8 has ≈340 steps × 7 trial forwards of one decoder layer, per layer).
+  The reference takes P from a hard-coded table (its Llama-2 entries give k/v 1/8 of q
+  although Llama-2-7B has no GQA); we count each linear's parameters.
+- ``greedy_error: reference`` — the reference's error above. ``token`` (named option):
+  the mean over tokens of each token's ‖ΔY‖₂ over all positions.
+- ``allocation: uniform`` (named option): every linear at the requested sparsity.
+
+Remaining deviations (no option unless named):
+- Thresholds: exact order statistics of |x| (a 1001-point quantile table per input,
+  linear interpolation between points) instead of the reference's histograms.
+- The greedy path runs once per model up to ``greedy_max`` (0.8) and is cached; a
+  request s is read off it by linear interpolation between the two steps around s
+  (the reference takes the closest step, ± half a step).
+- ``greedy_sequences`` (default 1) calibration sequences of ``data.calibration.seq_len``
+  tokens for the greedy's error, instead of 10 × 2048 (CPU cost).
+- Levels are capped at 1 (the reference may step a projection past 1).
+- The reference's SparsifyFn leaves the first half of every multi-token sequence dense
+  (greedy included); here ``prefill.policy`` decides, one setting for every method, and
+  calibration sees every position sparse.
+- Thresholds are then calibrated layer by layer with the layers below already sparse
+  (TEAL uses the dense model throughout), and within a block each input's table is
+  refitted on the inputs the sparse block gives it (o sees sparse q/k/v, down sees sparse
+  gate/up): fitting on the dense block overshot the requested sparsity by 2 points at 65%
+  on SmolLM2. The greedy itself runs on the dense model's layer inputs, as the reference.
 
 Sparsity is counted as the parameter-weighted fraction of dropped input channels over
-the block's linears (``sparsity_unit = linear_inputs``). Thresholds are then
-calibrated layer by layer with the layers below already sparse (TEAL uses the dense
-model throughout). Within a block each group's table is refitted on the inputs the
-sparse block gives it (o sees sparse q/k/v, down sees sparse gate/up): fitting on the
-dense block overshot the requested sparsity by 2 points at 65% on SmolLM2.
+the block's linears (``sparsity_unit = linear_inputs``).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ..errors import ConfigError
 from . import SPARSIFIERS
-from .base import BLOCK_INPUT_STAGES, Sparsifier, calibrate_layerwise
+from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, calibrate_layerwise
 
-GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
-GROUP_OF = {p: g for g, ps in GROUPS.items() for p in ps}
-GROUP_NAMES = tuple(GROUPS)
+PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+# linears that read one tensor (one |x| table each)
+INPUTS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
+INPUT_OF = {p: g for g, ps in INPUTS.items() for p in ps}
+INPUT_NAMES = tuple(INPUTS)
+# what the greedy raises: each linear (the reference) or each input group (ours)
+UNITS = {"projection": {p: (p,) for p in PROJ_NAMES}, "group": INPUTS}
+LINEARS_OF = {**UNITS["projection"], **INPUTS}  # a unit's name → its linears
+# The columns of ``thresholds`` / ``levels``: one per linear. (Older names, kept for callers.)
+GROUP_NAMES = PROJ_NAMES
+GROUP_OF = {p: p for p in PROJ_NAMES}
+
 LEVELS = torch.linspace(0, 1, 1001)
 MAX_VALUES = 1 << 20  # |x| samples per table: quantile error ~1e-3, a 1M sort per table
+GREEDY_ERRORS = ("reference", "token")
+TAIL_FRACTION = 0.25  # greedyopt.py's last_fraction
 
 
 def quantile_table(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -72,144 +120,256 @@ def _group_input(inp):
 
 
 def levels_at(effective: torch.Tensor, levels: torch.Tensor, s: float) -> torch.Tensor:
-    """Group levels at block sparsity ``s`` on a greedy path (linear between steps)."""
-    k = int(torch.searchsorted(effective, torch.tensor(s), right=True)) - 1
+    """Levels at block sparsity ``s`` on a greedy path (linear between steps);
+    ``effective`` is non-decreasing, one entry per row of ``levels``."""
+    k = int(torch.searchsorted(effective, torch.tensor(s, dtype=effective.dtype), right=True)) - 1
     k = max(0, min(k, effective.numel() - 1))
-    if k + 1 >= effective.numel():
+    if k + 1 >= effective.numel() or effective[k + 1] <= effective[k]:
         return levels[k]
     w = float((s - effective[k]) / (effective[k + 1] - effective[k]))
     return levels[k] * (1 - w) + levels[k + 1] * w
 
 
+# ------------------------------------------------------------------ greedy (TEAL and WINA)
+
+def linear_params(site) -> dict[str, int]:
+    """Parameter count of each of the block's linears present in ``site`` (OPT: no gate)."""
+    out = {}
+    for p in PROJ_NAMES:
+        if p in site.slots:
+            lin = site.projection(p)
+            out[p] = lin.in_features * lin.out_features
+    return out
+
+
+def unit_params(site, units: str) -> dict[str, int]:
+    """Parameter count of each greedy unit of ``site`` (``units``: projection | group)."""
+    per = linear_params(site)
+    out = {}
+    for u, projs in UNITS[units].items():
+        n = sum(per.get(p, 0) for p in projs)
+        if n:
+            out[u] = n
+    return out
+
+
+def block_step(site, greedy_step: float) -> float:
+    """Block-sparsity increment of one greedy step: the reference's ``base_step_size`` is
+    the level step of a linear with q_proj's parameter count, so a step adds
+    ``greedy_step · P_q / P_block``."""
+    per = linear_params(site)
+    return greedy_step * per["q"] / sum(per.values())
+
+
+def greedy_error(dense: torch.Tensor, sparse: torch.Tensor, kind: str) -> float:
+    """Block-output error of one probe batch ``[batch, seq, hidden]``."""
+    diff = dense.float() - sparse.float()
+    if kind == "reference":  # greedyopt.py: norm along the sequence, last quarter of positions
+        start = int(diff.shape[1] * (1 - TAIL_FRACTION))
+        return float(diff[:, start:].norm(dim=1).mean())
+    return float(diff.norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def greedy_path(params: dict[str, int], apply: Callable[[dict[str, float]], None], probe: LayerProbe,
+                step: float, top: float, error: str = "reference") -> list[dict[str, float]]:
+    """The block-wise greedy of TEAL's (and WINA's) ``greedyopt.py`` for one layer.
+
+    ``params``: parameter count per unit (a linear or a group of linears); ``apply(levels)``
+    sets the layer's masks for a level per unit; ``probe`` re-runs the layer on its dense
+    inputs. Starting from 0, each step tries raising every unit by ``step · P_block / P_u``
+    (so any step adds ``step`` of parameter-weighted block sparsity; levels are capped at
+    1) and keeps the one with the least block-output error, until the block reaches
+    ``top``. Returns the levels after each step, the all-zero start first.
+    """
+    total = sum(params.values())
+    dense = probe.outputs(sparse=False)
+    levels = {u: 0.0 for u in params}
+    path = [dict(levels)]
+
+    def effective(lv):
+        return sum(params[u] * lv[u] for u in params) / total
+
+    while effective(levels) < top - 1e-9:
+        best = None
+        for u in params:
+            if levels[u] >= 1.0 - 1e-9:
+                continue
+            trial = dict(levels)
+            trial[u] = min(1.0, levels[u] + step * total / params[u])
+            apply(trial)
+            err = sum(greedy_error(d, s, error) for d, s in zip(dense, probe.outputs(sparse=True)))
+            if best is None or err < best[0]:
+                best = (err, trial)
+        if best is None:
+            break
+        levels = best[1]
+        path.append(dict(levels))
+    return path
+
+
+@torch.no_grad()
+def greedy_trajectory(controller, model, batches, *, units: str, step: float, top: float,
+                      sequences: int, error: str,
+                      prepare: Callable[[int, Callable], object],
+                      apply: Callable[[int, object, dict[str, float]], None]) -> dict[str, torch.Tensor]:
+    """Per layer, the greedy path from 0 to ``top`` block sparsity on the dense model's
+    inputs to the layer (first ``sequences`` sequences of the first batch).
+
+    ``prepare(i, run_layer)`` returns what ``apply(i, prepared, levels)`` needs to set
+    layer i's masks (e.g. quantile tables). Returns ``levels[layer, step, column]`` (one
+    column per linear, PROJ_NAMES) and ``effective[layer, step]`` (block sparsity); a
+    layer whose path is shorter repeats its last step.
+    """
+    from tqdm.auto import tqdm
+
+    from .base import capture_layer_inputs
+
+    run_layer, _ = capture_layer_inputs(controller, model, batches)
+    paths = []
+    for i in tqdm(range(len(controller.sites)), desc="greedy allocation", leave=False):
+        site = controller.sites[i]
+        params = unit_params(site, units)
+        prepared = prepare(i, run_layer)
+        probe = LayerProbe(controller, i, run_layer, [run_layer.dense_input(i, 0)[:sequences]])
+        path = greedy_path(params, lambda lv, i=i, p=prepared: apply(i, p, lv), probe,
+                           block_step(site, step), top, error)
+        per = linear_params(site)
+        total = sum(per.values())
+        rows = [torch.tensor([next((lv[u] for u in lv if p in LINEARS_OF[u]), 0.0) for p in PROJ_NAMES])
+                for lv in path]
+        eff = [sum(per.get(p, 0) * float(r[k]) for k, p in enumerate(PROJ_NAMES)) / total for r in rows]
+        paths.append((torch.stack(rows), torch.tensor(eff, dtype=torch.float64)))
+    n = max(len(e) for _, e in paths)
+    levels = torch.zeros(len(paths), n, len(PROJ_NAMES))
+    effective = torch.zeros(len(paths), n, dtype=torch.float64)
+    for i, (rows, eff) in enumerate(paths):
+        levels[i, : len(rows)], levels[i, len(rows):] = rows, rows[-1]
+        effective[i, : len(eff)], effective[i, len(eff):] = eff, eff[-1]
+    return {"effective": effective, "levels": levels}
+
+
+def validate_greedy(cfg, sparsity: float, allocation: str, allocations: tuple[str, ...], units: bool = True) -> None:
+    """The allocation settings TEAL and WINA share (one-line errors naming the setting)."""
+    if allocation not in allocations:
+        raise ConfigError(f"sparsifier.allocation={allocation} is unknown; use one of: {', '.join(allocations)}")
+    step = cfg.get("greedy_step", 0.025)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.5:
+        raise ConfigError(f"sparsifier.greedy_step={step} must be in (0, 0.5], e.g. sparsifier.greedy_step=0.025")
+    top = cfg.get("greedy_max", 0.8)
+    if allocation == "greedy" and (
+            isinstance(top, bool) or not isinstance(top, (int, float)) or not sparsity <= top < 1):
+        raise ConfigError(f"sparsifier.greedy_max={top} must be in [sparsity, 1): the greedy path is computed up to it")
+    n = cfg.get("greedy_sequences", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"sparsifier.greedy_sequences={n} must be a positive integer, e.g. sparsifier.greedy_sequences=1")
+    err = cfg.get("greedy_error", "reference")
+    if err not in GREEDY_ERRORS:
+        raise ConfigError(f"sparsifier.greedy_error={err} is unknown; use one of: {', '.join(GREEDY_ERRORS)}")
+    if units and cfg.get("greedy_units", "projection") not in UNITS:
+        raise ConfigError(f"sparsifier.greedy_units={cfg.get('greedy_units')} is unknown; use one of: {', '.join(UNITS)}")
+
+
+# ------------------------------------------------------------------ TEAL
+
 @SPARSIFIERS.register("teal")
 class TEAL(Sparsifier):
     needs_calibration = True
-    calibration_params = ("sparsity", "allocation", "greedy_step", "greedy_max", "greedy_sequences")
-    input_projections = ("q", "k", "v", "o", "gate", "up", "down")
+    calibration_params = ("sparsity", "allocation", "greedy_units", "greedy_step", "greedy_max",
+                          "greedy_sequences", "greedy_error")
+    input_projections = PROJ_NAMES
     sparsity_unit = "linear_inputs"
-    calibration_version = 2  # 2: thresholds fitted on the sparse block's own inputs (block_refits)
-    greedy_version = 1  # bump when greedy_trajectory changes
+    # 3: one level and threshold per linear (7 columns), the reference's per-projection greedy
+    calibration_version = 3
+    greedy_version = 2  # bump when the greedy path changes (2: per-linear units, reference step and error)
     ALLOCATIONS = ("greedy", "uniform")
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.thresholds: torch.Tensor | None = None  # [layers, groups]
-        self.levels: torch.Tensor | None = None  # [layers, groups] sparsity per group
+        self.thresholds: torch.Tensor | None = None  # [layers, linears]
+        self.levels: torch.Tensor | None = None  # [layers, linears] sparsity per linear
         self._last = (None, None, None)
 
     def validate(self):
         super().validate()
-        if self.cfg.get("allocation", "greedy") not in self.ALLOCATIONS:
-            raise ConfigError(f"sparsifier.allocation={self.cfg.allocation} is unknown; use one of: {', '.join(self.ALLOCATIONS)}")
-        step = self.cfg.get("greedy_step", 0.025)
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.5:
-            raise ConfigError(f"sparsifier.greedy_step={step} must be in (0, 0.5]")
-        top = self.cfg.get("greedy_max", 0.8)
-        if self.cfg.get("allocation", "greedy") == "greedy" and (
-                isinstance(top, bool) or not isinstance(top, (int, float)) or not self.sparsity <= top < 1):
-            raise ConfigError(f"sparsifier.greedy_max={top} must be in [sparsity, 1): the greedy path is computed up to it")
+        validate_greedy(self.cfg, self.sparsity, self.cfg.get("allocation", "greedy"), self.ALLOCATIONS)
+
+    @property
+    def units(self) -> str:
+        return self.cfg.get("greedy_units", "projection")
+
+    @property
+    def greedy_error(self) -> str:
+        return self.cfg.get("greedy_error", "reference")
 
     # ------------------------------------------------------------ calibration
-    @staticmethod
-    def group_params(site) -> dict[str, int]:
-        out = {}
-        for g, projs in GROUPS.items():
-            n = sum(site.projection(p).in_features * site.projection(p).out_features for p in projs if p in site.slots)
-            if n:
-                out[g] = n
-        return out
+    def group_params(self, site) -> dict[str, int]:
+        """Parameter count per greedy unit (a linear, or a group with ``greedy_units: group``)."""
+        return unit_params(site, self.units)
 
     def calibrate(self, controller, model, batches):
         batches = list(batches)
         n = len(controller.sites)
-        self.thresholds = torch.full((n, len(GROUP_NAMES)), -1.0)
-        self.levels = torch.zeros(n, len(GROUP_NAMES))
-        if self.cfg.get("allocation", "greedy") == "greedy":
+        self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0)
+        self.levels = torch.zeros(n, len(PROJ_NAMES))
+        if self.cfg.get("allocation", "greedy") == "greedy" and self.sparsity > 0:
             # the path has its own version: a change to the final fit (calibration_version)
             # leaves it valid, and it is the expensive part (minutes per model)
-            key = {"version": self.greedy_version, **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
+            key = {"version": self.greedy_version, "greedy_units": self.units, "greedy_error": self.greedy_error,
+                   **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
             traj = self.artifacts.get("teal-greedy", key, lambda: self.greedy_trajectory(controller, model, batches))
-            targets = [levels_at(traj["effective"], traj["levels"][i], self.sparsity) for i in range(n)]
+            targets = [levels_at(traj["effective"][i], traj["levels"][i], self.sparsity) for i in range(n)]
         else:
-            targets = [torch.full((len(GROUP_NAMES),), self.sparsity) for _ in range(n)]
-        tables = torch.zeros(n, len(GROUP_NAMES), LEVELS.numel())
+            targets = [torch.full((len(PROJ_NAMES),), self.sparsity) for _ in range(n)]
+        tables = torch.zeros(n, len(INPUT_NAMES), LEVELS.numel())
         gen = torch.Generator().manual_seed(0)
 
         def fit(i, _values, linear_values, _probe):
             tables[i] = self._tables(linear_values, gen)
-            self._set_levels(i, tables[i], dict(zip(GROUP_NAMES, targets[i].tolist())))
+            self._set_levels(i, tables[i], dict(zip(PROJ_NAMES, targets[i].tolist())))
 
         calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input,
                             block_refits=BLOCK_INPUT_STAGES - 1)
         return {"thresholds": self.thresholds.clone(), "levels": self.levels.clone()}
 
     def _set_levels(self, i, table, levels):
-        for g, s in levels.items():
-            k = GROUP_NAMES.index(g)
-            self.levels[i, k] = s
-            self.thresholds[i, k] = interp_threshold(table[k], s)
+        """Set layer i's levels (keys: linears or groups) and thresholds from its input tables."""
+        for u, s in levels.items():
+            for p in LINEARS_OF[u]:
+                k = PROJ_NAMES.index(p)
+                self.levels[i, k] = s
+                self.thresholds[i, k] = interp_threshold(table[INPUT_NAMES.index(INPUT_OF[p])], s)
         self._last = (None, None, None)
 
     @staticmethod
     def _tables(linear_values, gen) -> torch.Tensor:
-        out = torch.zeros(len(GROUP_NAMES), LEVELS.numel())
+        """One |x| quantile table per input (INPUT_NAMES)."""
+        out = torch.zeros(len(INPUT_NAMES), LEVELS.numel())
         for proj, vals in linear_values.items():
             vals = [v for v in vals if v is not None]
             if vals:
-                out[GROUP_NAMES.index(GROUP_OF[proj])] = quantile_table(torch.cat(vals), gen)
+                out[INPUT_NAMES.index(INPUT_OF[proj])] = quantile_table(torch.cat(vals), gen)
         return out
 
     def greedy_trajectory(self, controller, model, batches) -> dict[str, torch.Tensor]:
         """Per layer, the greedy path from 0 to ``greedy_max`` block sparsity on the dense
-        model's layer inputs: levels[layer, step, group] at effective[step]."""
-        from tqdm.auto import tqdm
+        model's layer inputs: levels[layer, step, linear] at effective[layer, step]."""
+        from .base import dense_linear_inputs
 
-        from .base import LayerProbe, capture_layer_inputs, dense_linear_inputs
-
-        step = float(self.cfg.get("greedy_step", 0.025))
-        top = float(self.cfg.get("greedy_max", 0.8))
-        n_seq = int(self.cfg.get("greedy_sequences", 1))
-        run_layer, _ = capture_layer_inputs(controller, model, batches)
-        effective = torch.arange(0, top + 1e-9, step)
-        levels = torch.zeros(len(controller.sites), effective.numel(), len(GROUP_NAMES))
         gen = torch.Generator().manual_seed(0)
-        for i in tqdm(range(len(controller.sites)), desc="TEAL greedy allocation", leave=False):
-            table = self._tables(dense_linear_inputs(controller, run_layer, i, _group_input), gen)
-            probe = LayerProbe(controller, i, run_layer, [run_layer.dense_input(i, 0)[:n_seq]])
-            path = self._greedy(i, table, self.group_params(controller.sites[i]), probe, step, top)
-            for k, lv in enumerate(path[: effective.numel()]):
-                levels[i, k] = torch.tensor([lv.get(g, 0.0) for g in GROUP_NAMES])
-            last = min(len(path), effective.numel()) - 1
-            levels[i, last + 1:] = levels[i, last]
-        return {"effective": effective, "levels": levels}
+        if self.thresholds is None:
+            n = len(controller.sites)
+            self.thresholds, self.levels = torch.full((n, len(PROJ_NAMES)), -1.0), torch.zeros(n, len(PROJ_NAMES))
+        return greedy_trajectory(
+            controller, model, batches, units=self.units, step=float(self.cfg.get("greedy_step", 0.025)),
+            top=float(self.cfg.get("greedy_max", 0.8)), sequences=int(self.cfg.get("greedy_sequences", 1)),
+            error=self.greedy_error,
+            prepare=lambda i, run_layer: self._tables(dense_linear_inputs(controller, run_layer, i, _group_input), gen),
+            apply=self._set_levels)
 
     def _greedy(self, i, table, params, probe, step, top):
-        """TEAL's block-wise greedy for layer i: the list of group levels after each step."""
-        total = sum(params.values())
-        dense = [y.float() for y in probe.outputs(sparse=False)]
-        levels = {g: 0.0 for g in params}
-        path = [dict(levels)]
-
-        def effective(lv):
-            return sum(params[g] * lv[g] for g in params) / total
-
-        while effective(levels) < top - 1e-9:
-            best = None
-            for g in params:
-                if levels[g] >= 1.0 - 1e-9:
-                    continue
-                trial = dict(levels)
-                trial[g] = min(1.0, levels[g] + step * total / params[g])
-                self._set_levels(i, table, trial)
-                sparse = probe.outputs(sparse=True)
-                err = sum(float((d - s.float()).norm(dim=-1).mean()) for d, s in zip(dense, sparse))
-                if best is None or err < best[0]:
-                    best = (err, trial)
-            if best is None:
-                break
-            levels = best[1]
-            path.append(dict(levels))
-        return path
+        """The greedy for layer i (``step``: block sparsity per step): levels after each step."""
+        return greedy_path(params, lambda lv: self._set_levels(i, table, lv), probe, step, top, self.greedy_error)
 
     def load_state(self, state):
         self.thresholds, self.levels = state["thresholds"], state["levels"]
@@ -217,12 +377,11 @@ class TEAL(Sparsifier):
 
     # ------------------------------------------------------------ inference
     def input_mask(self, inp):
-        g = GROUP_NAMES.index(GROUP_OF[inp.proj])
-        key = (inp.layer_idx, g)
+        t = float(self.thresholds[inp.layer_idx, PROJ_NAMES.index(inp.proj)])
+        key = (inp.layer_idx, t)
         last_x, last_key, last_mask = self._last
-        if last_x is inp.x and last_key == key:  # q/k/v (gate/up) share one input: one compare
+        if last_x is inp.x and last_key == key:  # q/k/v (gate/up) read one input: one compare per threshold
             return last_mask
-        t = float(self.thresholds[inp.layer_idx, g])
         mask = None if t < 0 else inp.x.abs() > t
         self._last = (inp.x, key, mask)
         return mask
@@ -230,4 +389,4 @@ class TEAL(Sparsifier):
     def describe(self):
         if self.levels is None:
             return {}
-        return {f"teal_level/{g}": self.levels[:, k].tolist() for k, g in enumerate(GROUP_NAMES)}
+        return {f"teal_level/{p}": self.levels[:, k].tolist() for k, p in enumerate(PROJ_NAMES)}

@@ -1,0 +1,227 @@
+"""Generated tables in the README and docs/: every marked block equals what its generator makes
+from the committed result files, and the machinery that fills the blocks touches nothing else."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsebench.experiments import tables
+from sparsebench.experiments.figures import TASKS
+from sparsebench.experiments.tables import (GENERATED_FILES, NO_COMPARISON, REPO, backend_blocks, committed_results,
+                                            fill_blocks, generated_blocks, update_docs)
+
+BACKENDS = REPO / "experiments" / "results" / "backends"
+BLOCK = re.compile(r"<!-- table:([\w-]+) -->\n(.*?)\n<!-- /table:\1 -->", re.S)
+
+
+def _blocks_in(text: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in BLOCK.finditer(text)}
+
+
+def _md_rows(body: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``body`` as dicts keyed by its header."""
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    header, rows = cells[0], cells[2:]
+    return [dict(zip(header, r)) for r in rows]
+
+
+def _brute_csv(path: Path) -> list[dict[str, str]]:
+    """Plain comma split (the committed backend CSVs hold no quoted fields)."""
+    lines = path.read_text().splitlines()
+    keys = lines[0].split(",")
+    return [dict(zip(keys, line.split(","))) for line in lines[1:] if line]
+
+
+def _num(cell: str) -> float:
+    return float(re.match(r"-?[\d.]+", cell).group(0))
+
+
+def _copy_repo_docs(dst: Path) -> None:
+    for rel in GENERATED_FILES:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, dst / rel)
+
+
+# ------------------------------------------------------------------ (a) the repository is up to date
+
+def test_committed_docs_match_the_committed_results():
+    stale = update_docs(check=True)
+    assert stale == [], (f"generated tables out of date in {stale}: run "
+                         "`python -m sparsebench.experiments.tables docs` and commit the result")
+
+
+def test_every_page_with_a_block_is_generated_and_every_block_has_a_generator():
+    known = generated_blocks(committed_results())
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    for page in pages:
+        text = re.sub(r"`[^`\n]*`", "", page.read_text())  # markers quoted in prose are not blocks
+        if "<!-- table:" not in text:
+            continue
+        rel = page.relative_to(REPO).as_posix()
+        assert rel in GENERATED_FILES, f"{rel} holds a generated block but is not in GENERATED_FILES"
+        names = re.findall(r"<!-- table:([\w-]+) -->", text)
+        assert names and set(names) <= set(known), f"{rel}: blocks without a generator: {set(names) - set(known)}"
+        assert len(names) == len(_blocks_in(text)), f"{rel}: a block is not closed by its <!-- /table:NAME -->"
+    for rel in GENERATED_FILES:
+        assert (REPO / rel).exists(), rel
+
+
+def test_comparison_blocks_without_results_say_how_to_make_them():
+    blocks = generated_blocks([])
+    assert blocks["comparison-accuracy"] == blocks["comparison-perplexity"] == NO_COMPARISON
+    assert "\n" not in NO_COMPARISON
+    assert "sparsebench -m experiment=fig4_accuracy_vs_sparsity" in NO_COMPARISON
+    assert "tables export multirun/fig4_accuracy_vs_sparsity" in NO_COMPARISON
+
+
+def test_comparison_blocks_with_results_are_tables(tmp_path):
+    """With a committed result the empty-set note gives way to the paired tables, and the
+    docs are rewritten once and then up to date."""
+    from sparsebench.stats import paired_accuracy_tasks, paired_perplexity
+
+    a = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1]
+    b = [1, 0, 0, 1, 0, 1, 0, 0, 1, 1]
+    acc = paired_accuracy_tasks({t: (a, b) for t in TASKS})
+    per_task = acc.pop("tasks")
+    nll_a, nll_b, tokens = [10.0, 12.0, 11.0], [11.0, 12.5, 11.5], [5, 5, 5]
+    paired = {f"lm_eval/{t}/acc": r for t, r in per_task.items()} | {
+        "lm_eval/avg_acc": acc, "perplexity": paired_perplexity(nll_a, nll_b, tokens),
+        "perplexity/lambada": paired_perplexity(nll_a, nll_b, tokens)}
+    result = {"model": {"id": "org/tiny-model"}, "sparsifier": {"name": "cats", "sparsity": 0.5},
+              "metrics": {"sparsity/mean": 0.5}, "data": {"corpus": "shakespeare"}, "config": {}, "paired": paired}
+
+    blocks = generated_blocks([result])
+    assert NO_COMPARISON not in blocks.values()
+    acc_rows = _md_rows(blocks["comparison-accuracy"])
+    assert acc_rows[0][next(iter(acc_rows[0]))] == "cats"
+    assert _num(acc_rows[0]["0.5"]) == pytest.approx(100 * acc["delta"], abs=0.05)
+    assert "shakespeare / lambada" in blocks["comparison-perplexity"]
+
+    _copy_repo_docs(tmp_path)
+    stale = update_docs(check=False, repo=tmp_path, results=[result])
+    assert "README.md" in stale and "docs/results.md" in stale
+    assert update_docs(check=True, repo=tmp_path, results=[result]) == []
+    assert blocks["comparison-accuracy"] in (tmp_path / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ (b) fill_blocks
+
+def test_fill_blocks_replaces_only_block_bodies():
+    text = ("# Title\n\nProse with 1.23 in it.\n"
+            "<!-- table:one -->\nold body\nmore old\n<!-- /table:one -->\n"
+            "Between | a | table-like | line |\n"
+            "<!-- table:two -->\n<!-- /table:two -->\ntail\n")
+    new = fill_blocks(text, {"one": "| x |\n|---|\n| 1 |", "two": "body two", "unused": "never placed"})
+    assert new == ("# Title\n\nProse with 1.23 in it.\n"
+                   "<!-- table:one -->\n| x |\n|---|\n| 1 |\n<!-- /table:one -->\n"
+                   "Between | a | table-like | line |\n"
+                   "<!-- table:two -->\nbody two\n<!-- /table:two -->\ntail\n")
+    assert fill_blocks(new, {"one": "| x |\n|---|\n| 1 |", "two": "body two"}) == new  # idempotent
+    assert fill_blocks("no blocks here\n", {"one": "x"}) == "no blocks here\n"
+
+
+def test_fill_blocks_refuses_an_unknown_block_name():
+    text = "<!-- table:one -->\n<!-- /table:one -->\n<!-- table:nosuch -->\nx\n<!-- /table:nosuch -->\n"
+    with pytest.raises(SystemExit, match="nosuch"):
+        fill_blocks(text, {"one": "body"})
+
+
+# ------------------------------------------------------------------ (c) backend blocks = the CSVs
+
+def test_backend_blocks_are_in_the_docs_and_name_their_csv():
+    blocks = backend_blocks()
+    assert set(blocks) == {"backend-churn", "backend-weight-selection", "backend-weight-selection-grid",
+                           "backend-mlp-step", "backend-decode"}
+    docs = _blocks_in((REPO / "docs" / "backends.md").read_text())
+    for name, body in blocks.items():
+        assert docs[name] == body
+        assert "experiments/results/backends/" in body
+
+
+def test_decode_block_equals_the_csv():
+    rows = _md_rows(backend_blocks()["backend-decode"])
+    csv_rows = _brute_csv(BACKENDS / "decode.csv")
+    assert len(rows) == len(csv_rows)
+    for x in csv_rows:
+        (row,) = [r for r in rows if (r["model"], r["method"], r["backend"]) == (x["model"], x["method"], x["backend"])]
+        assert _num(row["tok/s"]) == pytest.approx(float(x["tok_s"]), abs=0.05)
+        assert _num(row["tok/s HF dense"]) == pytest.approx(float(x["tok_s_hf"]), abs=0.05)
+        assert _num(row["Amdahl limit"]) == pytest.approx(float(x["amdahl_limit"]), abs=0.005)
+        assert row["identical tokens (replayed masks)"] == ("yes" if float(x["identical"]) == 1 else "no")
+
+
+def test_churn_block_equals_the_csv():
+    rows = _md_rows(backend_blocks()["backend-churn"])
+    for x in _brute_csv(BACKENDS / "churn.csv"):
+        (row,) = [r for r in rows if (r["model"], r["method"]) == (x["model"], x["method"])]
+        churn = row["churn (min–max over layers)"]
+        assert _num(churn) == pytest.approx(float(x["churn"]), abs=0.005)
+        lo, hi = re.search(r"\(([\d.]+)–([\d.]+)\)", churn).groups()
+        assert float(lo) == pytest.approx(float(x["churn_min_layer"]), abs=0.005)
+        assert float(hi) == pytest.approx(float(x["churn_max_layer"]), abs=0.005)
+        assert _num(row["rows entering / token"]) == pytest.approx(float(x["swaps_per_token"]), abs=0.5)
+
+
+def test_mlp_step_and_weight_selection_cells_equal_the_csvs():
+    rows = _md_rows(backend_blocks()["backend-mlp-step"])
+    x = next(r for r in _brute_csv(BACKENDS / "mlp_step_churn0.4.csv")
+             if (r["hidden"], r["threads"], r["density"]) == ("2048", "2", "0.5"))
+    (row,) = [r for r in rows if (r["MLP shape"], r["churn"], r["threads"]) == ("2048×8192", "0.4", "2")]
+    cell = next(v for k, v in row.items() if k.startswith("density 0.5"))
+    cached, naive = (float(v.strip().rstrip("×")) for v in cell.split("/"))
+    assert cached == pytest.approx(float(x["cached_speedup"]), abs=0.005)
+    assert naive == pytest.approx(float(x["index_select_speedup"]), abs=0.005)
+
+    rows = _md_rows(backend_blocks()["backend-weight-selection"])
+    for name, threads in (("smol_t1", 1), ("smol_t2", 2), ("gemma_t2", 2)):
+        for x in _brute_csv(BACKENDS / f"weight_selection_measured_{name}.csv"):
+            (row,) = [r for r in rows if r["MLP shape"] == f"{x['hidden']}×{x['intermediate']}"
+                      and float(r["density"]) == float(x["density"]) and float(r["churn"]) == float(x["churn"])]
+            assert _num(row[f"speedup, {threads} thread" + ("s" if threads > 1 else "")]) == pytest.approx(
+                float(x["speedup"]), abs=0.005)
+            assert row["method"] != "—"  # every measured point is matched to its method in churn.csv
+
+    rows = _md_rows(backend_blocks()["backend-weight-selection-grid"])
+    x = next(r for r in _brute_csv(BACKENDS / "weight_selection_t2.csv")
+             if (r["hidden"], r["density"], r["churn"]) == ("3072", "0.3", "0.01"))
+    (row,) = [r for r in rows if (r["MLP shape"], r["density"]) == ("3072×8192", "0.3")]
+    assert _num(row["churn 0.01"]) == pytest.approx(float(x["speedup"]), abs=0.005)
+
+
+# ------------------------------------------------------------------ (d) a hand edit is reported
+
+def test_a_hand_edit_inside_a_block_is_reported_and_repaired(tmp_path):
+    _copy_repo_docs(tmp_path)
+    results = committed_results()
+    assert update_docs(check=True, repo=tmp_path, results=results) == []
+
+    page = tmp_path / "docs" / "backends.md"
+    original = page.read_text()
+    body = _blocks_in(original)["backend-decode"]
+    edited_body = body.replace("| yes |", "| no |", 1)
+    assert edited_body != body
+    page.write_text(original.replace(body, edited_body))
+    assert update_docs(check=True, repo=tmp_path, results=results) == ["docs/backends.md"]
+    assert page.read_text() != original  # check wrote nothing
+    assert update_docs(check=False, repo=tmp_path, results=results) == ["docs/backends.md"]
+    assert page.read_text() == original
+
+    readme = tmp_path / "README.md"
+    text = readme.read_text()
+    readme.write_text(text.replace("<!-- /table:comparison-accuracy -->",
+                                   "| gemma3-270m | 0.636 |\n<!-- /table:comparison-accuracy -->"))
+    assert update_docs(check=True, repo=tmp_path, results=results) == ["README.md"]
+    readme.write_text(text + "\nA sentence outside every block.\n")
+    assert update_docs(check=True, repo=tmp_path, results=results) == []
+
+
+def test_the_check_command_exits_nonzero_on_a_stale_block(tmp_path, monkeypatch):
+    _copy_repo_docs(tmp_path)
+    page = tmp_path / "docs" / "results.md"
+    page.write_text(page.read_text().replace("<!-- /table:comparison-perplexity -->",
+                                             "typed by hand\n<!-- /table:comparison-perplexity -->"))
+    monkeypatch.setattr(tables, "update_docs", lambda check=False: update_docs(check=check, repo=tmp_path))
+    with pytest.raises(SystemExit, match="docs/results.md"):
+        tables.main(["docs", "--check"])
