@@ -4,6 +4,9 @@
     python -m sparsebench.experiments.tables grid    RUNS_DIR  # per model: method rows × sparsity columns, "perplexity / avg acc"
     python -m sparsebench.experiments.tables churn   RUNS_DIR  # mask churn per method (backend benchmark 3)
     python -m sparsebench.experiments.tables decode  RUNS_DIR  # end-to-end decode (backend benchmark 4)
+    python -m sparsebench.experiments.tables paired  RUNS_DIR  # per model: Δ accuracy [95% CI] and perplexity ratios vs dense
+    python -m sparsebench.experiments.tables export  RUNS_DIR --out experiments/results/comparison
+    python -m sparsebench.experiments.tables docs [--check]    # regenerate (or check) every generated table in README/docs
 
 Dense rows of the methods table come from runs with ``sparsifier=none``.
 
@@ -17,6 +20,12 @@ from pathlib import Path
 
 from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
 from sparsebench.results import load_results
+from sparsebench.stats import critical_sparsity, format_delta
+
+REPO = Path(__file__).resolve().parent.parent
+COMPARISON = REPO / "experiments" / "results" / "comparison"
+# Files whose marked blocks are generated (``<!-- table:NAME -->`` … ``<!-- /table:NAME -->``).
+GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md")
 
 def evaluated_method_rows(results: list[dict]) -> list[dict]:
     return [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
@@ -103,17 +112,343 @@ def markdown(rows: list[dict]) -> str:
                      + ["| " + " | ".join(f(x[k]) for k in keys) + " |" for x in rows])
 
 
+def paired_rows(results: list[dict]) -> list[dict]:
+    """One row per sparse point with its paired statistics against its own dense baseline
+    (same items, same windows): average-accuracy Δ with 95% CI and McNemar p, and the
+    perplexity ratio with its CI on every held-out corpus."""
+    rows = []
+    for r in results:
+        paired = r.get("paired") or {}
+        if r["sparsifier"]["name"] == "none" or "lm_eval/avg_acc" not in paired:
+            continue
+        acc = paired["lm_eval/avg_acc"]
+        row = {"model": model_name(r), "method": method(r), "sparsity": r["sparsifier"].get("sparsity"),
+               "measured": r["metrics"].get("sparsity/mean"), "items_per_task": min(
+                   paired[f"lm_eval/{t}/acc"]["n"] for t in TASKS if f"lm_eval/{t}/acc" in paired),
+               "dense_avg_acc": acc["acc_a"], "avg_acc": acc["acc_b"], "delta_acc": acc["delta"],
+               "delta_ci_low": acc["ci_low"], "delta_ci_high": acc["ci_high"], "p_mcnemar": acc["p_mcnemar"],
+               "significant": acc["significant"]}
+        for t in TASKS:
+            if f"lm_eval/{t}/acc" in paired:
+                row[f"delta_{t}"] = paired[f"lm_eval/{t}/acc"]["delta"]
+        for key, res in paired.items():
+            if key.startswith("perplexity"):
+                corpus = key.partition("/")[2] or r.get("data", {}).get("corpus", "heldout")
+                row |= {f"ppl_{corpus}": res["ppl_b"], f"dense_ppl_{corpus}": res["ppl_a"],
+                        f"ppl_ratio_{corpus}": res["ratio"], f"ppl_ratio_ci_low_{corpus}": res["ci_low"],
+                        f"ppl_ratio_ci_high_{corpus}": res["ci_high"]}
+        row["_paired_avg"] = acc
+        rows.append(row)
+    rows.sort(key=lambda x: (x["model"], x["method"], x["sparsity"] or 0))
+    return rows
+
+
+def _by_model_method(rows):
+    out: dict = {}
+    for x in rows:
+        out.setdefault(x["model"], {}).setdefault(x["method"], {})[x["sparsity"]] = x
+    return out
+
+
+def critical_sparsities(rows: list[dict]) -> dict[tuple[str, str], float | None]:
+    """Per (model, method): the largest tested sparsity whose average-accuracy Δ, and that of
+    every smaller tested sparsity, is not significantly worse than −1 point (the upper end
+    of its 95% paired CI is ≥ −0.01); None when the smallest tested sparsity fails."""
+    return {(model, name): critical_sparsity([(s, x["_paired_avg"]) for s, x in pts.items()])
+            for model, methods in _by_model_method(rows).items() for name, pts in methods.items()}
+
+
+def paired_accuracy_markdown(rows: list[dict]) -> str:
+    """Per model: methods × sparsities, each cell the average-accuracy Δ vs dense in points
+    with its 95% paired-bootstrap CI (* = McNemar p < 0.05), and the critical sparsity."""
+    crit = critical_sparsities(rows)
+    out = []
+    for model, methods in _by_model_method(rows).items():
+        levels = sorted({s for pts in methods.values() for s in pts})
+        any_row = next(iter(next(iter(methods.values())).values()))
+        head = (f"{model}: Δ avg acc, points [95% CI] (dense {any_row['dense_avg_acc']:.3f}, "
+                f"{any_row['items_per_task']} items × {len(TASKS)} tasks)")
+        out += [f"| {head} | " + " | ".join(f"{s:g}" for s in levels) + " | critical sparsity |",
+                "|---" * (2 + len(levels)) + "|"]
+        for name, pts in methods.items():
+            c = crit[(model, name)]
+            cells = [format_delta(pts[s]["_paired_avg"]) + _off(pts[s]) if s in pts else "—" for s in levels]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {'< ' + format(min(pts), 'g') if c is None else format(c, 'g')} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _off(x) -> str:
+    m = x["measured"]
+    return "" if m is None or x["sparsity"] is None or abs(m - x["sparsity"]) <= 0.02 else f" (measured {m:.3f})"
+
+
+def paired_perplexity_markdown(rows: list[dict]) -> str:
+    """Per model: methods × sparsities, each cell the perplexity ratio to dense on every
+    held-out corpus with its 95% paired CI over windows."""
+    out = []
+    for model, methods in _by_model_method(rows).items():
+        levels = sorted({s for pts in methods.values() for s in pts})
+        any_row = next(iter(next(iter(methods.values())).values()))
+        corpora = [k.removeprefix("ppl_ratio_") for k in any_row if k.startswith("ppl_ratio_") and "_ci_" not in k]
+        dense = ", ".join(f"{c} {any_row[f'dense_ppl_{c}']:.2f}" for c in corpora)
+        out += [f"| {model}: perplexity ÷ dense [95% CI] ({' / '.join(corpora)}; dense {dense}) | "
+                + " | ".join(f"{s:g}" for s in levels) + " |", "|---" * (1 + len(levels)) + "|"]
+        for name, pts in methods.items():
+            def cell(x):
+                return " / ".join(f"{x[f'ppl_ratio_{c}']:.2f} [{x[f'ppl_ratio_ci_low_{c}']:.2f}, "
+                                  f"{x[f'ppl_ratio_ci_high_{c}']:.2f}]" for c in corpora if f"ppl_ratio_{c}" in x)
+            out.append(f"| {name} | " + " | ".join(cell(pts[s]) if s in pts else "—" for s in levels) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    return paired_accuracy_markdown(rows) + "\n\n" + paired_perplexity_markdown(rows)
+
+
+def _csv_rows(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in x.items() if not k.startswith("_")} for x in rows]
+
+
 # table name → (rows from results, markdown of the rows)
 TABLES = {"methods": (evaluated_method_rows, methods_markdown), "grid": (evaluated_method_rows, grid_markdown),
-          "churn": (churn_rows, markdown), "decode": (decode_rows, markdown)}
+          "churn": (churn_rows, markdown), "decode": (decode_rows, markdown),
+          "paired": (paired_rows, paired_markdown)}
+
+
+# ------------------------------------------------------------------ generated blocks in README / docs
+
+def committed_results(root: Path = COMPARISON) -> list[dict]:
+    return load_results([root]) if root.exists() else []
+
+
+def generated_blocks(results: list[dict]) -> dict[str, str]:
+    """Every generated table by block name: the comparison tables from the committed
+    comparison results (a one-line note saying how to make them while there are none) and
+    the backend speed tables from the committed CSVs (``backend_blocks``)."""
+    rows = paired_rows(results)
+    if rows:
+        blocks = {"comparison-accuracy": paired_accuracy_markdown(rows),
+                  "comparison-perplexity": paired_perplexity_markdown(rows)}
+    else:
+        blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
+    return blocks | backend_blocks()
+
+
+COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity")
+NO_COMPARISON = ("_No committed comparison results yet: run `sparsebench -m experiment=fig4_accuracy_vs_sparsity` "
+                 "and `python -m sparsebench.experiments.tables export multirun/fig4_accuracy_vs_sparsity`._")
+
+# ------------------------------------------------------------------ backend speed tables (committed CSVs)
+
+BACKENDS = REPO / "experiments" / "results" / "backends"
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _md_table(header: list[str], rows: list[list[str]], source: str) -> str:
+    out = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + f"\n\n_From {source}._"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return f"`{path.relative_to(REPO)}`"
+    except ValueError:
+        return f"`{path}`"
+
+
+def _shape(x: dict) -> str:
+    return x["shape"].replace("x", "×") if "shape" in x else f"{x['hidden']}×{x['intermediate']}"
+
+
+def _yes_no(v: str) -> str:
+    return {1.0: "yes", 0.0: "no"}.get(float(v), v)
+
+
+def backend_churn_block(root: Path = BACKENDS) -> str:
+    """Benchmark 3: mask churn of each method's real decode masks (``churn.csv``)."""
+    path = root / "churn.csv"
+    rows = [[x["model"], x["method"], _shape(x), f"{float(x['density']):.2f}", f"{float(x['active_per_token']):.0f}",
+             f"{float(x['swaps_per_token']):.0f}",
+             f"{float(x['churn']):.2f} ({float(x['churn_min_layer']):.2f}–{float(x['churn_max_layer']):.2f})"]
+            for x in _read_csv(path)]
+    return _md_table(["model", "method", "MLP shape", "density", "active neurons / token", "rows entering / token",
+                      "churn (min–max over layers)"], rows, _rel(path))
+
+
+def _methods_by_churn(root: Path) -> dict[tuple[str, float, float], list[str]]:
+    """(shape, density, churn) rounded to 3 decimals → methods of ``churn.csv`` with those values
+    (the weight-selection points were run at the measured density and churn of each method)."""
+    out: dict = {}
+    for x in _read_csv(root / "churn.csv"):
+        key = (_shape(x), round(float(x["density"]), 3), round(float(x["churn"]), 3))
+        out.setdefault(key, []).append(x["method"])
+    return out
+
+
+def backend_weight_selection_block(root: Path = BACKENDS) -> str:
+    """Benchmark 1 at the measured points: cached update vs ``index_select`` for each
+    method's own density and churn (``weight_selection_measured_*.csv``), 1 and 2 threads."""
+    paths = sorted(root.glob("weight_selection_measured_*.csv"))
+    points: dict = {}
+    for path in paths:
+        for x in _read_csv(path):
+            key = (_shape(x), float(x["density"]), float(x["churn"]))
+            p = points.setdefault(key, {"x": x})
+            p[int(x["threads"])] = float(x["speedup"])
+    methods = _methods_by_churn(root)
+    rows = []
+    for (shape, density, churn), p in points.items():
+        x = p["x"]
+        names = methods.get((shape, round(density, 3), round(churn, 3)), [])
+        rows.append([shape, ", ".join(names) or "—", f"{density:.3f}", f"{churn:.3f}", x["active_rows"],
+                     f"{float(x['rows_copied_per_step']):.0f}",
+                     *(f"{p[t]:.2f}×" if t in p else "—" for t in (1, 2)), f"{float(x['copy_bound_limit']):.2f}×"])
+    source = ", ".join(_rel(p) for p in paths) + " (method: the `churn.csv` row with that density and churn)"
+    return _md_table(["MLP shape", "method", "density", "churn", "active rows", "rows copied / step",
+                      "speedup, 1 thread", "speedup, 2 threads", "copy-bound limit (1/churn)"], rows, source)
+
+
+def backend_weight_selection_grid_block(root: Path = BACKENDS) -> str:
+    """Benchmark 1 over a grid (``weight_selection_t2.csv``): speedup of the cached update
+    over ``index_select``, per shape and density (rows) and churn (columns)."""
+    path = root / "weight_selection_t2.csv"
+    data = _read_csv(path)
+    churns = sorted({float(x["churn"]) for x in data})
+    cells: dict = {}
+    for x in data:
+        cells[(_shape(x), float(x["density"]), x["threads"])] = cells.get(
+            (_shape(x), float(x["density"]), x["threads"]), {}) | {float(x["churn"]): float(x["speedup"])}
+    rows = [[shape, f"{density:g}", threads, *(f"{by[c]:.2f}×" if c in by else "—" for c in churns)]
+            for (shape, density, threads), by in cells.items()]
+    return _md_table(["MLP shape", "density", "threads", *(f"churn {c:g}" for c in churns)], rows, _rel(path))
+
+
+def backend_mlp_step_block(root: Path = BACKENDS) -> str:
+    """Benchmark 2 (``mlp_step_churn*.csv``): one MLP step, update included, relative to
+    the dense step: cached / ``index_select`` speedup per density, for each shape, churn
+    and thread count."""
+    paths = sorted(root.glob("mlp_step_churn*.csv"), key=lambda p: float(p.stem.removeprefix("mlp_step_churn")))
+    densities: dict[float, float] = {}
+    cells: dict = {}
+    for path in paths:
+        for x in _read_csv(path):
+            d = float(x["density"])
+            densities[d] = float(x["target_speedup"])
+            key = (_shape(x), float(x["churn"]), x["threads"])
+            c = cells.setdefault(key, {"dense_ms": float(x["dense_ms"])})
+            c[d] = f"{float(x['cached_speedup']):.2f}× / {float(x['index_select_speedup']):.2f}×"
+    levels = sorted(densities)
+    rows = [[shape, f"{churn:g}", threads, f"{c['dense_ms']:.3g}", *(c.get(d, "—") for d in levels)]
+            for (shape, churn, threads), c in sorted(cells.items(), key=lambda kv: (
+                int(kv[0][0].split("×")[0]), kv[0][1], int(kv[0][2])))]
+    return _md_table(["MLP shape", "churn", "threads", "dense ms",
+                      *(f"density {d:g}: cached / index_select (target {densities[d]:.2f}×)" for d in levels)],
+                     rows, ", ".join(_rel(p) for p in paths))
+
+
+def backend_decode_block(root: Path = BACKENDS) -> str:
+    """Benchmark 4 (``decode.csv``): end-to-end greedy decode, tokens/s and the Amdahl limit."""
+    path = root / "decode.csv"
+    rows = []
+    for x in _read_csv(path):
+        div = int(float(x["first_divergence"]))
+        free = _yes_no(x["identical_free_running"]) + ("" if div < 0 else f" (diverges at token {div})")
+        rows.append([x["model"], x["method"], f"{float(x['sparsity']):g}", x["backend"], x["threads"],
+                     f"{float(x['tok_s_hf']):.1f}", f"{float(x['tok_s_dense_mask']):.1f}", f"{float(x['tok_s']):.1f}",
+                     f"{float(x['speedup']):.2f}×", f"{float(x['mlp_byte_share']):.2f}",
+                     f"{float(x['bytes_saved']):.3f}", f"{float(x['amdahl_limit']):.2f}×",
+                     f"{float(x['fraction_of_limit']):.2f}", _yes_no(x["identical"]), free])
+    return _md_table(["model", "method", "sparsity", "backend", "threads", "tok/s HF dense", "tok/s dense mask",
+                      "tok/s", "speedup vs HF", "MLP byte share", "weight bytes saved", "Amdahl limit",
+                      "fraction of limit", "identical tokens (replayed masks)", "identical tokens (free-running)"],
+                     rows, _rel(path))
+
+
+def backend_blocks(root: Path = BACKENDS) -> dict[str, str]:
+    """The backend speed tables by block name, each read from the committed CSVs under ``root``."""
+    return {"backend-churn": backend_churn_block(root),
+            "backend-weight-selection": backend_weight_selection_block(root),
+            "backend-weight-selection-grid": backend_weight_selection_grid_block(root),
+            "backend-mlp-step": backend_mlp_step_block(root),
+            "backend-decode": backend_decode_block(root)}
+
+
+def fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """Replace the body of every ``<!-- table:NAME -->`` … ``<!-- /table:NAME -->`` block."""
+    import re
+
+    def sub(m):
+        name = m.group(1)
+        if name not in blocks:
+            raise SystemExit(f"no generator for table block '{name}'; known: {', '.join(blocks) or 'none (no results)'}")
+        return f"<!-- table:{name} -->\n{blocks[name]}\n<!-- /table:{name} -->"
+
+    return re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table:\1 -->", sub, text, flags=re.S)
+
+
+def update_docs(check: bool = False, repo: Path = REPO, results: list[dict] | None = None) -> list[str]:
+    """Regenerate the marked blocks of README/docs; with ``check`` write nothing and
+    return the files whose blocks differ from what the committed results give."""
+    blocks = generated_blocks(committed_results() if results is None else results)
+    stale = []
+    for rel in GENERATED_FILES:
+        path = repo / rel
+        if not path.exists():
+            continue
+        text = path.read_text()
+        new = fill_blocks(text, blocks)
+        if new != text:
+            stale.append(rel)
+            if not check:
+                path.write_text(new)
+    return stale
+
+
+def export(roots: list[Path], out: Path) -> list[Path]:
+    """Copy each finished run's results.json under ``out/<model>/<method>@<sparsity>.json``
+    (the committed results the README tables are generated from)."""
+    import json
+
+    written = []
+    for r in load_results(roots):
+        if r.get("status") != "ok":
+            continue
+        sp = r["sparsifier"].get("sparsity")
+        name = method(r) if r["sparsifier"]["name"] == "none" else f"{method(r)}@{sp:g}"
+        path = out / model_name(r) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}, indent=1) + "\n")
+        written.append(path)
+    return written
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=list(TABLES))
-    p.add_argument("roots", type=Path, nargs="+")
+    p.add_argument("table", choices=[*TABLES, "export", "docs"])
+    p.add_argument("roots", type=Path, nargs="*")
     p.add_argument("--csv", type=Path)
+    p.add_argument("--out", type=Path, default=COMPARISON, help="export: where the results go")
+    p.add_argument("--check", action="store_true", help="docs: only report blocks that differ (exit 1)")
     a = p.parse_args(argv)
+    if a.table == "docs":
+        stale = update_docs(check=a.check)
+        if a.check and stale:
+            raise SystemExit(f"generated tables out of date in: {', '.join(stale)} "
+                             "(python -m sparsebench.experiments.tables docs)")
+        print("up to date" if not stale else f"rewrote {', '.join(stale)}")
+        return
+    if not a.roots:
+        p.error("give the folders holding results.json files")
+    if a.table == "export":
+        print(f"wrote {len(export(a.roots, a.out))} files under {a.out}")
+        return
     rows_of, to_markdown = TABLES[a.table]
     rows = rows_of(load_results(a.roots))
     if not rows:
@@ -121,7 +456,8 @@ def main(argv=None) -> None:
     print(to_markdown(rows))
     if a.csv:
         with open(a.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            rows = _csv_rows(rows)
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for x in rows for k in x)))
             w.writeheader()
             w.writerows(rows)
 

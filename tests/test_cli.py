@@ -92,7 +92,7 @@ def test_every_sparsifier_runs_in_the_comparison_sweep(tmp_path):
         m = r["metrics"]
         assert m["perplexity"] > 1 and m["sparsity/tokens"] > 0
         # held-out text differs from calibration text, and the model has 2 layers of width
-        # 128: loose bound here; the real-model numbers are in the README
+        # 128: loose bound here; the real-model numbers are in docs/results.md
         assert m["sparsity/mean"] == pytest.approx(r["sparsifier"]["sparsity"], abs=0.12), r["sparsifier"]
         unit = r["sparsifier"]["sparsity_unit"]
         assert unit == ("linear_inputs" if r["sparsifier"]["name"] in ("teal", "wina", "rsparse") else "mlp_neurons")
