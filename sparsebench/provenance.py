@@ -11,6 +11,10 @@ Modules that only format or log numbers (tables, W&B) are left out of closures, 
 change of presentation does not discard hours of measurements; ``code_version()`` still
 records a digest of the whole package with every result.
 
+A Python file is hashed by its syntax tree without docstrings (``semantic_source``): an
+edit of wording — a comment, a docstring, a blank line — does not discard hours of
+measurements, an edit of code does. Other files (Cython sources) are hashed byte for byte.
+
 A file is hashed once per process (the first time any closure includes it, which
 ``run`` does before it computes anything): a multirun imports its modules once, so an
 edit made on disk while the sweep runs must not be recorded as the code its later
@@ -110,10 +114,25 @@ def forget_hashes() -> None:
     _HASHED.clear()
 
 
-def _sha256(path: Path) -> str:
+def semantic_source(path: Path) -> bytes:
+    """What a file's behaviour depends on: for Python, its syntax tree without docstrings
+    (comments and layout never reach the tree); for anything else, its bytes."""
+    if path.suffix != ".py":
+        return path.read_bytes()
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+def file_digest(path: Path) -> str:
     path = path.resolve()
     if path not in _HASHED:
-        _HASHED[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        _HASHED[path] = hashlib.sha256(semantic_source(path)).hexdigest()
     return _HASHED[path]
 
 
@@ -129,7 +148,7 @@ def source_files(modules: Iterable[str]) -> dict[str, str]:
         path = module_file(name)
         if path is None:
             continue
-        files[_display(path)] = _sha256(path)
+        files[_display(path)] = file_digest(path)
         todo += _parents(name) + sorted(_imported_modules(name, path))
     return dict(sorted(files.items()))
 
@@ -147,7 +166,7 @@ def files_unchanged(files: dict[str, str]) -> bool:
     it: the code it runs, for files it already loaded)."""
     for display, sha in files.items():
         path = _resolve(display)
-        if not path.is_file() or _sha256(path) != sha:
+        if not path.is_file() or file_digest(path) != sha:
             return False
     return True
 

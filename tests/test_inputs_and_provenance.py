@@ -27,7 +27,7 @@ from sparsebench.evaluators import RunContext
 from sparsebench.evaluators.perplexity import Perplexity
 from sparsebench.models.loader import tiny_tokenizer
 from sparsebench.patching import SparsityController
-from sparsebench.provenance import files_unchanged, forget_hashes, source_files
+from sparsebench.provenance import file_digest, files_unchanged, forget_hashes, source_files
 from sparsebench.sparsifiers.cats import CATS
 from sparsebench.sweep import finished_run
 
@@ -172,13 +172,18 @@ def test_editing_a_sparsifier_module_recomputes_its_calibration(tmp_path):
 
     assert calibrate()["calibration"] == "computed"
     assert calibrate()["calibration"] == "cached"
-    path.write_text(path.read_text() + "\n# an edit that could change the thresholds\n")
+    path.write_text(path.read_text() + "\nEDITED = True  # a code edit (it could change the thresholds)\n")
     # this process still runs the module it loaded: its state is still the right one
     assert calibrate()["calibration"] == "cached"
     # a new process loads the edited module: the old state is not reused
     importlib.reload(module)
     forget_hashes()
     assert calibrate()["calibration"] == "computed"
+    assert calibrate()["calibration"] == "cached"
+    # a new process after an edit of wording only (a comment) reuses it
+    path.write_text(path.read_text() + "\n# wording only\n")
+    importlib.reload(module)
+    forget_hashes()
     assert calibrate()["calibration"] == "cached"
 
 
@@ -194,7 +199,7 @@ def test_a_sweep_point_made_by_other_code_is_not_reused(tmp_path):
     module = tmp_path / "module.py"
     module.write_text("x = 1\n")
     config = {"model": "m", "logger": {"mode": "disabled"}}
-    files = source_files([]) | {str(module): __import__("hashlib").sha256(module.read_bytes()).hexdigest()}
+    files = {str(module): file_digest(module)}
     results = {"status": "ok", "config": config, "code": {"files": files}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert files_unchanged(files) and finished_run(tmp_path, config) is not None
@@ -222,3 +227,19 @@ def test_committed_artifacts_are_used_only_with_the_same_key(tmp_path):
     assert float(fresh.get("teal-greedy", {"step": 1}, compute(2.0))["path"]) == 1.0 and calls == [1.0]
     other_code = ArtifactCache(tmp_path / "cache2", {"code": "b"}, seed=seed)
     assert float(other_code.get("teal-greedy", {"step": 1}, compute(3.0))["path"]) == 3.0 and calls == [1.0, 3.0]
+
+
+def test_wording_edits_keep_the_hash_code_edits_change_it(tmp_path):
+    from sparsebench.provenance import semantic_source
+
+    f = tmp_path / "m.py"
+    base = 'def f(x):\n    """Double."""\n    return 2 * x  # why\n'
+    f.write_text(base)
+    ref = semantic_source(f)
+    for wording in ('def f(x):\n    """Twice x."""\n    return 2 * x\n', 'def f(x):\n\n    return 2 * x  # other\n',
+                    '"""A module."""\n' + base):
+        f.write_text(wording)
+        assert semantic_source(f) == ref
+    for code in ('def f(x):\n    return 3 * x\n', 'def f(y):\n    return 2 * y\n', base + "g = 1\n"):
+        f.write_text(code)
+        assert semantic_source(f) != ref
