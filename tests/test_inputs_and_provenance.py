@@ -243,3 +243,39 @@ def test_wording_edits_keep_the_hash_code_edits_change_it(tmp_path):
     for code in ('def f(x):\n    return 3 * x\n', 'def f(y):\n    return 2 * y\n', base + "g = 1\n"):
         f.write_text(code)
         assert semantic_source(f) != ref
+
+
+def test_results_json_carries_tokens_per_work_both_corpora_code_and_paired_stats(tmp_path):
+    """The real command on a tiny model whose tokenizer adds a BOS, with a local lm-eval task."""
+    from test_cli import sparsebench
+    from test_lm_eval_sparse_path import DOCS
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        "output_type: multiple_choice\nvalidation_split: validation\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    proc = sparsebench(["model=tiny-gemma3", "data=tiny", "logger.mode=disabled", "sparsifier=cats",
+                        "evaluator=[sparsity,perplexity,lm_eval]", f"evaluator.lm_eval.include_path={tmp_path}",
+                        "evaluator.lm_eval.tasks=[tiny_mc]", "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["data"]["prefix_tokens"] == [BOS]
+    assert r["data"]["heldout_tokens"] == {"tiny": {"tiny[half:]": r["metrics"]["perplexity/tokens"]},
+                                           "tiny_prose": {"tiny_prose": r["metrics"]["perplexity/tiny_prose/tokens"]}}
+    assert {"perplexity", "perplexity/tiny_prose"} <= set(r["metrics"]) <= set(r["dense_metrics"])
+    assert r["code"]["source_sha256"] and "sparsebench/sparsifiers/cats.py" in r["code"]["files"]
+    assert r["code"]["git_commit"] is None or len(r["code"]["git_commit"]) == 40
+    for key in ("lm_eval/tiny_mc/acc", "lm_eval/avg_acc"):
+        res = r["paired"][key]
+        assert res["n"] == len(DOCS) and res["ci_low"] <= res["delta"] <= res["ci_high"] and 0 <= res["p_mcnemar"] <= 1
+        assert res["acc_b"] == pytest.approx(r["metrics"]["lm_eval/avg_acc"])
+    for key in ("perplexity", "perplexity/tiny_prose"):
+        res = r["paired"][key]
+        assert res["ppl_b"] == pytest.approx(r["metrics"][key]) and res["ppl_a"] == pytest.approx(r["dense_metrics"][key])
+        assert res["ci_low"] <= res["ratio"] <= res["ci_high"]
+    assert len(r["items"]["sparse"]["lm_eval"]["tiny_mc"]["acc"]) == len(DOCS)
+    assert "paired Δ" in proc.stdout  # the terminal table shows Δ with its CI

@@ -217,7 +217,7 @@ def calibrate_layerwise(controller, model, batches, fn, fit, linear_fn=None, pro
     fit again, that many times. Inside a block the o-projection's input depends on the
     sparse q/k/v, the gate/up input on the sparse attention output and the down input on
     the sparse gate/up, so fitting on the dense block overshoots the later linears'
-    sparsity (by ≈2 points at 65% on SmolLM2); each refit makes one more stage of that
+    sparsity (by points at high sparsity); each refit makes one more stage of that
     chain exact, so ``BLOCK_INPUT_STAGES − 1`` refits reproduce inference exactly.
     """
     run_layer, hidden = capture_layer_inputs(controller, model, batches)

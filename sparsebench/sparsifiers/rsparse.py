@@ -40,8 +40,8 @@ per-linear α; a shared α is the simple search). The quantile tables used in th
 search come from the dense model; the final thresholds are calibrated layer by layer
 with the layers below sparse, at the chosen α, and refitted three times inside each
 block on the inputs the sparse block gives o, gate/up and down (q/k/v → o → gate/up →
-down), so held-out sparsity matches the request (fitting on the dense block gave
-0.678 at 0.65 on SmolLM2).
+down), so held-out sparsity matches the request (fitting on the dense block
+overshoots it at high sparsity).
 
 Sparsity is counted in the budget's unit: the fraction of the linears' weights *not*
 read per token, (dropped channels·d_out − r·(d_in + d_out)) / (d_in·d_out), weighted by

@@ -56,8 +56,8 @@ Remaining deviations (no option unless named):
 - Thresholds are then calibrated layer by layer with the layers below already sparse
   (TEAL uses the dense model throughout), and within a block each input's table is
   refitted on the inputs the sparse block gives it (o sees sparse q/k/v, down sees sparse
-  gate/up): fitting on the dense block overshot the requested sparsity by 2 points at 65%
-  on SmolLM2. The greedy itself runs on the dense model's layer inputs, as the reference.
+  gate/up): fitting on the dense block overshoots the requested sparsity at high
+  sparsity. The greedy itself runs on the dense model's layer inputs, as the reference.
 
 Sparsity is counted as the parameter-weighted fraction of dropped input channels over
 the block's linears (``sparsity_unit = linear_inputs``).
