@@ -5,6 +5,7 @@
     python -m sparsebench.experiments.tables churn   RUNS_DIR  # mask churn per method (backend benchmark 3)
     python -m sparsebench.experiments.tables decode  RUNS_DIR  # end-to-end decode (backend benchmark 4)
     python -m sparsebench.experiments.tables paired  RUNS_DIR  # per model: Δ accuracy [95% CI] and perplexity ratios vs dense
+    python -m sparsebench.experiments.tables pairs   RUNS_DIR  # method against method on shared items, per model and sparsity
     python -m sparsebench.experiments.tables export  RUNS_DIR --out experiments/results/comparison
     python -m sparsebench.experiments.tables docs [--check]    # regenerate (or check) every generated table in README/docs
 
@@ -207,6 +208,18 @@ def paired_markdown(rows: list[dict]) -> str:
     return paired_accuracy_markdown(rows) + "\n\n" + paired_perplexity_markdown(rows)
 
 
+def _pairwise_rows(results):
+    from sparsebench.experiments.pairwise import pairwise_rows
+
+    return pairwise_rows(results)
+
+
+def _pairwise_markdown(rows):
+    from sparsebench.experiments.pairwise import pairwise_markdown
+
+    return pairwise_markdown(rows)
+
+
 def _csv_rows(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in x.items() if not k.startswith("_")} for x in rows]
 
@@ -214,7 +227,7 @@ def _csv_rows(rows: list[dict]) -> list[dict]:
 # table name → (rows from results, markdown of the rows)
 TABLES = {"methods": (evaluated_method_rows, methods_markdown), "grid": (evaluated_method_rows, grid_markdown),
           "churn": (churn_rows, markdown), "decode": (decode_rows, markdown),
-          "paired": (paired_rows, paired_markdown)}
+          "paired": (paired_rows, paired_markdown), "pairs": (_pairwise_rows, _pairwise_markdown)}
 
 
 # ------------------------------------------------------------------ generated blocks in README / docs

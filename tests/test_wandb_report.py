@@ -187,3 +187,33 @@ def test_online_success_returns_url(sweep, tmp_path, no_network, monkeypatch):
     monkeypatch.setattr(wr.Report, "url", property(lambda self: f"https://wandb.test/{self.entity}/{self.project}"))
     out = wandb_report.publish(load_results([sweep]), tmp_path, mode="online")
     assert out["url"] == "https://wandb.test/sb-team/sb-proj" and out["sync_command"] is None
+
+
+def test_run_summary_carries_paired_stats_and_code(monkeypatch, tmp_path):
+    """log_run writes Δ / CI / p of every paired metric and the code version to the summary."""
+    import sys
+    import types
+
+    from omegaconf import OmegaConf
+
+    from sparsebench.wandb_logger import log_run
+
+    summary = {}
+
+    class FakeRun:
+        dir = str(tmp_path)
+
+        def __init__(self):
+            self.summary = types.SimpleNamespace(update=summary.update)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun()))
+    res = {"delta": -0.02, "ci_low": -0.04, "ci_high": 0.0, "p_mcnemar": 0.03, "significant": True}
+    results = {"config": {}, "sparsifier": {"name": "cats"}, "metrics": {"lm_eval/avg_acc": 0.5},
+               "dense_metrics": {"lm_eval/avg_acc": 0.52}, "paired": {"lm_eval/avg_acc": res},
+               "code": {"git_commit": "abc", "git_dirty": False, "files": {"x.py": "0"}}}
+    assert log_run(OmegaConf.create({"mode": "offline", "project": "p"}), results, tmp_path, None, "n") == str(tmp_path)
+    assert {f"paired/lm_eval/avg_acc/{k}": v for k, v in res.items()}.items() <= summary.items()
+    assert summary["code/git_commit"] == "abc" and "code/files" not in summary
