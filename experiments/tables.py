@@ -186,7 +186,7 @@ def _off(x) -> str:
 
 def paired_perplexity_markdown(rows: list[dict]) -> str:
     """Per model: methods × sparsities, each cell the perplexity ratio to dense on every
-    held-out corpus with its 95% paired CI over windows."""
+    held-out corpus with its 95% paired CI over windows (* = the CI excludes 1)."""
     out = []
     for model, methods in _by_model_method(rows).items():
         levels = sorted({s for pts in methods.values() for s in pts})
@@ -198,10 +198,16 @@ def paired_perplexity_markdown(rows: list[dict]) -> str:
         for name, pts in methods.items():
             def cell(x):
                 return " / ".join(f"{x[f'ppl_ratio_{c}']:.2f} [{x[f'ppl_ratio_ci_low_{c}']:.2f}, "
-                                  f"{x[f'ppl_ratio_ci_high_{c}']:.2f}]" for c in corpora if f"ppl_ratio_{c}" in x)
+                                  f"{x[f'ppl_ratio_ci_high_{c}']:.2f}]{_star(x, c)}" for c in corpora
+                                  if f"ppl_ratio_{c}" in x)
             out.append(f"| {name} | " + " | ".join(cell(pts[s]) if s in pts else "—" for s in levels) + " |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _star(x: dict, corpus: str) -> str:
+    """* when the perplexity ratio's 95% CI excludes 1."""
+    return "*" if x[f"ppl_ratio_ci_low_{corpus}"] > 1 or x[f"ppl_ratio_ci_high_{corpus}"] < 1 else ""
 
 
 def paired_markdown(rows: list[dict]) -> str:
