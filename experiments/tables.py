@@ -139,6 +139,8 @@ def paired_rows(results: list[dict]) -> list[dict]:
                         f"ppl_ratio_{corpus}": res["ratio"], f"ppl_ratio_ci_low_{corpus}": res["ci_low"],
                         f"ppl_ratio_ci_high_{corpus}": res["ci_high"]}
         row["_paired_avg"] = acc
+        code = r.get("code") or {}
+        row["commit"] = (code.get("git_commit") or "") + ("+dirty" if code.get("git_dirty") else "")
         rows.append(row)
     rows.sort(key=lambda x: (x["model"], x["method"], x["sparsity"] or 0))
     return rows
@@ -249,13 +251,46 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
     rows = paired_rows(results)
     if rows:
         blocks = {"comparison-accuracy": paired_accuracy_markdown(rows),
-                  "comparison-perplexity": paired_perplexity_markdown(rows)}
+                  "comparison-perplexity": paired_perplexity_markdown(rows),
+                  "comparison-status": comparison_status(rows)}
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
     return blocks | backend_blocks()
 
 
-COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity")
+def planned_grid() -> tuple[list[str], list[str], list[float]]:
+    """Models, methods and sparsities the comparison experiment sweeps (its YAML)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(resources.files("sparsebench.conf") / "experiment" / "fig4_accuracy_vs_sparsity.yaml")
+    params = params.hydra.sweeper.params
+    split = lambda v: [x.strip() for x in str(v).split(",")]
+    return split(params.model), split(params.sparsifier), [float(x) for x in split(params["sparsifier.sparsity"])]
+
+
+def comparison_status(rows: list[dict]) -> str:
+    """Which points of the planned grid are committed, which are missing, per model, and
+    the code versions (git commits) the committed points were made with."""
+    models, methods, levels = planned_grid()
+    have = {(x["model"], x["method"], x["sparsity"]) for x in rows}
+    lines = []
+    for model in models:
+        missing = [f"{m}@{s:g}" for m in methods for s in levels if (model, m, s) not in have]
+        done = sum((model, m, s) in have for m in methods for s in levels)
+        extra = sorted({f"{x['method']}@{x['sparsity']:g}" for x in rows if x["model"] == model and x["method"] not in methods})
+        line = f"- **{model}**: {done} of {len(methods) * len(levels)} planned points committed"
+        line += f"; missing: {', '.join(missing)}" if missing else ""
+        line += f"; variants: {', '.join(extra)}" if extra else ""
+        lines.append(line + ".")
+    commits = sorted({x["commit"] for x in rows if x.get("commit")})
+    if commits:
+        lines.append(f"- made with code at commit{'s' if len(commits) > 1 else ''} {', '.join(c[:10] for c in commits)}.")
+    return "\n".join(lines)
+
+
+COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity", "comparison-status")
 NO_COMPARISON = ("_No committed comparison results yet: run `sparsebench -m experiment=fig4_accuracy_vs_sparsity` "
                  "and `python -m sparsebench.experiments.tables export multirun/fig4_accuracy_vs_sparsity`._")
 

@@ -98,6 +98,12 @@ def test_comparison_blocks_with_results_are_tables(tmp_path):
     assert acc_rows[0][next(iter(acc_rows[0]))] == "cats"
     assert _num(acc_rows[0]["0.5"]) == pytest.approx(100 * acc["delta"], abs=0.05)
     assert "shakespeare / lambada" in blocks["comparison-perplexity"]
+    # the status names what of the planned grid is there and what is missing
+    from sparsebench.experiments.tables import planned_grid
+
+    models, methods, levels = planned_grid()
+    status = blocks["comparison-status"]
+    assert f"0 of {len(methods) * len(levels)} planned points" in status and f"cats@{levels[0]:g}" in status
 
     _copy_repo_docs(tmp_path)
     stale = update_docs(check=False, repo=tmp_path, results=[result])
