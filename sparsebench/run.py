@@ -55,7 +55,7 @@ def dense_baseline_cache(cfg: DictConfig, model_id: str, tokenizer):
     Keyed by the tokenizer's special prefix and library versions; each entry also by the
     sources of its evaluator (``dense_baseline``)."""
     from .cache import cache_root
-    from .calibration import ArtifactCache
+    from .calibration import ArtifactCache, committed_artifacts
     from .data.corpus import prefix_tokens
     from .results import versions
 
@@ -64,7 +64,8 @@ def dense_baseline_cache(cfg: DictConfig, model_id: str, tokenizer):
            "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
            "prefix_tokens": prefix_tokens(tokenizer),
            "versions": {k: v[k] for k in ("torch", "transformers", "lm_eval")}}
-    return ArtifactCache(cache_root(cfg.cache_dir) / "dense_baselines", key)
+    # committed baselines of the same key and code (experiments/results/artifacts) are reused
+    return ArtifactCache(cache_root(cfg.cache_dir) / "dense_baselines", key, seed=committed_artifacts())
 
 
 # Modules a dense evaluation runs through besides the evaluator's own.

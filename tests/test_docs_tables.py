@@ -73,7 +73,7 @@ def test_comparison_blocks_without_results_say_how_to_make_them():
     assert blocks["comparison-accuracy"] == blocks["comparison-perplexity"] == NO_COMPARISON
     assert "\n" not in NO_COMPARISON
     assert "sparsebench -m experiment=fig4_accuracy_vs_sparsity" in NO_COMPARISON
-    assert "tables export multirun/fig4_accuracy_vs_sparsity" in NO_COMPARISON
+    assert "hydra.sweep.dir=experiments/results/comparison" in NO_COMPARISON
 
 
 def test_comparison_blocks_with_results_are_tables(tmp_path):
