@@ -352,4 +352,44 @@ def test_wina_greedy_path_is_computed_once_per_model_and_transform(tmp_path):
         sp.greedy_trajectory = lambda *a, original=original: calls.append(1) or original(*a)
         ctl = SparsityController(sp, DenseBackend()).attach(model)
         sp.load_state(sp.calibrate(ctl, model, random_ids(**CALIB).split(2)))
-    assert len(calls) == 2 and len(list(tmp_path.glob("wina-greedy-*.pt"))) == 2
+    assert len(calls) == 2 and len(list(tmp_path.glob("wina-greedy-[0-9a-f]*.pt"))) == 2
+
+
+@pytest.mark.parametrize("name", ["teal", "wina"])
+def test_a_stopped_greedy_path_resumes_from_its_last_finished_layer(name, tmp_path, monkeypatch):
+    """Each layer's path is kept as it is found: after a stop in layer 1, the next run
+    computes layer 1 onwards only, and the path equals an uninterrupted one."""
+    from sparsebench.calibration import ArtifactCache
+    from sparsebench.sparsifiers import teal
+
+    cfg = {**OmegaConf.to_container(shipped(name)), "name": name, "sparsity": 0.5, "greedy_step": 0.1}
+    calls, real = [], teal.greedy_path
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt  # the machine went away
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teal, "greedy_path", counted)
+    batches = random_ids(**CALIB).split(2)
+
+    def calibrate(folder):
+        model = make_tiny("llama")  # the same weights every time (seeded)
+        sp = SPARSIFIERS.get(name)(OmegaConf.create(cfg))
+        sp.artifacts = ArtifactCache(folder, {"model": "tiny"})
+        ctl = SparsityController(sp, DenseBackend()).attach(model)
+        return sp.calibrate(ctl, model, batches)
+
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tmp_path / "a")
+    stop_at, calls[:] = None, []
+    resumed = calibrate(tmp_path / "a")
+    layers = len(make_tiny("llama").model.layers)
+    assert len(calls) == layers - 1  # layer 0 came from the cache
+    calls[:] = []
+    fresh = calibrate(tmp_path / "b")
+    assert len(calls) == layers
+    for k in resumed:
+        torch.testing.assert_close(resumed[k], fresh[k])

@@ -212,14 +212,17 @@ def greedy_path(params: dict[str, int], apply: Callable[[dict[str, float]], None
 def greedy_trajectory(controller, model, batches, *, units: str, step: float, top: float,
                       sequences: int, error: str,
                       prepare: Callable[[int, Callable], object],
-                      apply: Callable[[int, object, dict[str, float]], None]) -> dict[str, torch.Tensor]:
+                      apply: Callable[[int, object, dict[str, float]], None],
+                      layer_cache: Callable[[int, Callable], dict] | None = None) -> dict[str, torch.Tensor]:
     """Per layer, the greedy path from 0 to ``top`` block sparsity on the dense model's
     inputs to the layer (first ``sequences`` sequences of the first batch).
 
     ``prepare(i, run_layer)`` returns what ``apply(i, prepared, levels)`` needs to set
     layer i's masks (e.g. quantile tables). Returns ``levels[layer, step, column]`` (one
     column per linear, PROJ_NAMES) and ``effective[layer, step]`` (block sparsity); a
-    layer whose path is shorter repeats its last step.
+    layer whose path is shorter repeats its last step. ``layer_cache(i, compute)`` keeps
+    each layer's path as it is found (a path takes an hour on 2 cores: a stopped run
+    resumes from the last finished layer); layers are independent (dense inputs).
     """
     from tqdm.auto import tqdm
 
@@ -227,19 +230,22 @@ def greedy_trajectory(controller, model, batches, *, units: str, step: float, to
 
     run_layer, _ = capture_layer_inputs(controller, model, batches)
     paths = []
-    for i in tqdm(range(len(controller.sites)), desc="greedy allocation", leave=False):
+    def layer_path(i):
         site = controller.sites[i]
         params = unit_params(site, units)
         prepared = prepare(i, run_layer)
         probe = LayerProbe(controller, i, run_layer, [run_layer.dense_input(i, 0)[:sequences]])
-        path = greedy_path(params, lambda lv, i=i, p=prepared: apply(i, p, lv), probe,
-                           block_step(site, step), top, error)
+        path = greedy_path(params, lambda lv: apply(i, prepared, lv), probe, block_step(site, step), top, error)
         per = linear_params(site)
         total = sum(per.values())
         rows = [torch.tensor([next((lv[u] for u in lv if p in LINEARS_OF[u]), 0.0) for p in PROJ_NAMES])
                 for lv in path]
         eff = [sum(per.get(p, 0) * float(r[k]) for k, p in enumerate(PROJ_NAMES)) / total for r in rows]
-        paths.append((torch.stack(rows), torch.tensor(eff, dtype=torch.float64)))
+        return {"levels": torch.stack(rows), "effective": torch.tensor(eff, dtype=torch.float64)}
+
+    for i in tqdm(range(len(controller.sites)), desc="greedy allocation", leave=False):
+        one = layer_cache(i, lambda i=i: layer_path(i)) if layer_cache is not None else layer_path(i)
+        paths.append((one["levels"], one["effective"]))
     n = max(len(e) for _, e in paths)
     levels = torch.zeros(len(paths), n, len(PROJ_NAMES))
     effective = torch.zeros(len(paths), n, dtype=torch.float64)
@@ -315,9 +321,8 @@ class TEAL(Sparsifier):
         if self.cfg.get("allocation", "greedy") == "greedy" and self.sparsity > 0:
             # the path has its own version: a change to the final fit (calibration_version)
             # leaves it valid, and it is the expensive part (minutes per model)
-            key = {"version": self.greedy_version, "greedy_units": self.units, "greedy_error": self.greedy_error,
-                   **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
-            traj = self.artifacts.get("teal-greedy", key, lambda: self.greedy_trajectory(controller, model, batches))
+            traj = self.artifacts.get("teal-greedy", self._greedy_key(),
+                                      lambda: self.greedy_trajectory(controller, model, batches))
             targets = [levels_at(traj["effective"][i], traj["levels"][i], self.sparsity) for i in range(n)]
         else:
             targets = [torch.full((len(PROJ_NAMES),), self.sparsity) for _ in range(n)]
@@ -331,6 +336,11 @@ class TEAL(Sparsifier):
         calibrate_layerwise(controller, model, batches, None, fit, linear_fn=_group_input,
                             block_refits=BLOCK_INPUT_STAGES - 1)
         return {"thresholds": self.thresholds.clone(), "levels": self.levels.clone()}
+
+    def _greedy_key(self) -> dict:
+        # the path has its own version: a change to the final fit leaves it valid
+        return {"version": self.greedy_version, "greedy_units": self.units, "greedy_error": self.greedy_error,
+                **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
 
     def _set_levels(self, i, table, levels):
         """Set layer i's levels (keys: linears or groups) and thresholds from its input tables."""
@@ -365,7 +375,9 @@ class TEAL(Sparsifier):
             top=float(self.cfg.get("greedy_max", 0.8)), sequences=int(self.cfg.get("greedy_sequences", 1)),
             error=self.greedy_error,
             prepare=lambda i, run_layer: self._tables(dense_linear_inputs(controller, run_layer, i, _group_input), gen),
-            apply=self._set_levels)
+            apply=self._set_levels,
+            layer_cache=lambda i, compute: self.artifacts.get("teal-greedy-layer", {**self._greedy_key(), "layer": i},
+                                                              compute))
 
     def _greedy(self, i, table, params, probe, step, top):
         """The greedy for layer i (``step``: block sparsity per step): levels after each step."""

@@ -165,13 +165,15 @@ class WINA(Sparsifier):
                "orthogonalize": bool(self.cfg.get("orthogonalize", False)),
                "greedy_error": self.cfg.get("greedy_error", "reference"),
                **{k: self.cfg.get(k) for k in ("greedy_step", "greedy_max", "greedy_sequences")}}
-        traj = self.artifacts.get("wina-greedy", key, lambda: self.greedy_trajectory(controller, model, list(batches)))
+        traj = self.artifacts.get("wina-greedy", key,
+                                  lambda: self.greedy_trajectory(controller, model, list(batches), key))
         levels = torch.stack([levels_at(traj["effective"][i], traj["levels"][i], self.sparsity) for i in range(n)])
         return {"levels": levels}
 
-    def greedy_trajectory(self, controller, model, batches) -> dict[str, torch.Tensor]:
+    def greedy_trajectory(self, controller, model, batches, key: dict | None = None) -> dict[str, torch.Tensor]:
         """TEAL's per-linear greedy with WINA's score: levels[layer, step, linear] at
-        effective[layer, step] (block sparsity), on the dense model's layer inputs."""
+        effective[layer, step] (block sparsity), on the dense model's layer inputs; with
+        ``key`` each layer's path is cached as it is found."""
         from .base import dense_linear_inputs
 
         gen = torch.Generator().manual_seed(0)
@@ -191,7 +193,9 @@ class WINA(Sparsifier):
             return greedy_trajectory(
                 controller, model, batches, units="projection", step=float(self.cfg.get("greedy_step", 0.025)),
                 top=float(self.cfg.get("greedy_max", 0.8)), sequences=int(self.cfg.get("greedy_sequences", 1)),
-                error=self.cfg.get("greedy_error", "reference"), prepare=prepare, apply=apply)
+                error=self.cfg.get("greedy_error", "reference"), prepare=prepare, apply=apply,
+                layer_cache=None if key is None else
+                lambda i, compute: self.artifacts.get("wina-greedy-layer", {**key, "layer": i}, compute))
         finally:
             self._search = None
 
