@@ -31,3 +31,7 @@ def test_registry_model_loads_with_adapter(name):
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
     assert torch.isfinite(logits).all()
+    # Gemma's tokenizer puts <bos> before text by default (and the model needs it); SmolLM2's adds nothing
+    from sparsebench.data.corpus import prefix_tokens
+
+    assert prefix_tokens(tok) == ([tok.bos_token_id] if name == "gemma3-270m" else [])
