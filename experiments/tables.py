@@ -8,6 +8,7 @@
     python -m sparsebench.experiments.tables pairs   RUNS_DIR  # method against method on shared items, per model and sparsity
     python -m sparsebench.experiments.tables export  RUNS_DIR --out experiments/results/comparison
     python -m sparsebench.experiments.tables docs [--check]    # regenerate (or check) every generated table in README/docs
+    python -m sparsebench.experiments.tables artifacts [CACHE]  # copy greedy paths and dense baselines of today's code to experiments/results/artifacts
 
 Dense rows of the methods table come from runs with ``sparsifier=none``.
 
@@ -465,6 +466,39 @@ def update_docs(check: bool = False, repo: Path = REPO, results: list[dict] | No
     return stale
 
 
+ARTIFACTS = REPO / "experiments" / "results" / "artifacts"
+
+
+def commit_artifacts(cache: Path, out: Path = ARTIFACTS) -> list[Path]:
+    """Copy from the cache the slow, point-independent results a fresh machine would
+    otherwise recompute — TEAL/WINA greedy paths (per layer and whole) and dense baselines —
+    when they were computed by today's code (their key's code digest equals the current
+    one); ``sparsebench.calibration.ArtifactCache`` reuses them only on an exact key match."""
+    import json
+    import shutil
+
+    from sparsebench.calibration import CALIBRATION_MODULES
+    from sparsebench.provenance import code_digest
+    from sparsebench.run import DENSE_MODULES
+
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    candidates = [*(cache / "calibration").glob("*-greedy*.json"), *(cache / "dense_baselines").glob("dense-*.json")]
+    for meta in sorted(candidates):
+        key = json.loads(meta.read_text()).get("key") or {}
+        if meta.parent.name == "dense_baselines":
+            modules = [f"sparsebench.evaluators.{key.get('artifact', '').removeprefix('dense-')}", *DENSE_MODULES]
+        else:
+            modules = [f"sparsebench.sparsifiers.{key.get('method')}", *CALIBRATION_MODULES]
+        blob = meta.with_suffix(".pt")
+        if key.get("code") != code_digest(modules) or not blob.exists():
+            continue
+        for f in (meta, blob):
+            shutil.copy2(f, out / f.name)
+        copied.append(out / blob.name)
+    return copied
+
+
 def export(roots: list[Path], out: Path) -> list[Path]:
     """Copy each finished run's results.json under ``out/<model>/<method>@<sparsity>.json``
     (the committed results the README tables are generated from)."""
@@ -485,12 +519,18 @@ def export(roots: list[Path], out: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=[*TABLES, "export", "docs"])
+    p.add_argument("table", choices=[*TABLES, "export", "docs", "artifacts"])
     p.add_argument("roots", type=Path, nargs="*")
     p.add_argument("--csv", type=Path)
     p.add_argument("--out", type=Path, default=COMPARISON, help="export: where the results go")
     p.add_argument("--check", action="store_true", help="docs: only report blocks that differ (exit 1)")
     a = p.parse_args(argv)
+    if a.table == "artifacts":  # roots: the cache folder (default: $SPARSEBENCH_CACHE or ~/.cache/sparsebench)
+        from sparsebench.cache import cache_root
+
+        copied = commit_artifacts(cache_root(a.roots[0] if a.roots else None))
+        print(f"copied {len(copied)} artifacts to {ARTIFACTS}")
+        return
     if a.table == "docs":
         stale = update_docs(check=a.check)
         if a.check and stale:

@@ -279,3 +279,20 @@ def test_results_json_carries_tokens_per_work_both_corpora_code_and_paired_stats
         assert res["ci_low"] <= res["ratio"] <= res["ci_high"]
     assert len(r["items"]["sparse"]["lm_eval"]["tiny_mc"]["acc"]) == len(DOCS)
     assert "paired Δ" in proc.stdout  # the terminal table shows Δ with its CI
+
+
+def test_only_artifacts_of_todays_code_are_committed(tmp_path):
+    from sparsebench.calibration import CALIBRATION_MODULES, ArtifactCache
+    from sparsebench.experiments.tables import commit_artifacts
+    from sparsebench.provenance import code_digest
+    from sparsebench.run import DENSE_MODULES
+
+    today = code_digest(["sparsebench.sparsifiers.teal", *CALIBRATION_MODULES])
+    calib = tmp_path / "cache" / "calibration"
+    ArtifactCache(calib, {"method": "teal", "code": today}).get("teal-greedy-layer", {"layer": 0}, lambda: {"x": torch.ones(1)})
+    ArtifactCache(calib, {"method": "teal", "code": "old"}).get("teal-greedy-layer", {"layer": 1}, lambda: {"x": torch.ones(1)})
+    dense = code_digest(["sparsebench.evaluators.perplexity", *DENSE_MODULES])
+    ArtifactCache(tmp_path / "cache" / "dense_baselines", {"code": dense}).get("dense-perplexity", {}, lambda: {"m": 1})
+    copied = commit_artifacts(tmp_path / "cache", tmp_path / "out")
+    assert sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in copied) == ["dense-perplexity", "teal-greedy"]
+    assert all((p.with_suffix(".json")).exists() for p in copied)
