@@ -293,7 +293,7 @@ def comparison_status(rows: list[dict]) -> str:
 
 COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity", "comparison-status")
 NO_COMPARISON = ("_No committed comparison results yet: run `sparsebench -m experiment=fig4_accuracy_vs_sparsity "
-                 "hydra.sweep.dir=experiments/results/comparison logger.mode=disabled` and commit the folder._")
+                 "hydra.sweep.dir=experiments/results/comparison logger.mode=disabled threads=1` and commit the folder._")
 
 # ------------------------------------------------------------------ backend speed tables (committed CSVs)
 
