@@ -12,7 +12,7 @@ TINY = ["model=tiny-llama", "data=tiny", "logger.mode=disabled"]
 def sparsebench(args, tmp_path, env=None):
     cmd = [sys.executable, "-c", "from sparsebench.cli import main; main()", *args]
     full_env = {**os.environ, "SPARSEBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=1200)
 
 
 def test_multirun_sweep_writes_one_result_per_point(tmp_path):
