@@ -138,7 +138,7 @@ def paired_rows(results: list[dict]) -> list[dict]:
                 corpus = key.partition("/")[2] or r.get("data", {}).get("corpus", "heldout")
                 row |= {f"ppl_{corpus}": res["ppl_b"], f"dense_ppl_{corpus}": res["ppl_a"],
                         f"ppl_ratio_{corpus}": res["ratio"], f"ppl_ratio_ci_low_{corpus}": res["ci_low"],
-                        f"ppl_ratio_ci_high_{corpus}": res["ci_high"]}
+                        f"ppl_ratio_ci_high_{corpus}": res["ci_high"], f"ppl_significant_{corpus}": res["significant"]}
         row["_paired_avg"] = acc
         code = r.get("code") or {}
         row["commit"] = (code.get("git_commit") or "") + ("+dirty" if code.get("git_dirty") else "")
@@ -209,8 +209,8 @@ def paired_perplexity_markdown(rows: list[dict]) -> str:
 
 
 def _star(x: dict, corpus: str) -> str:
-    """* when the perplexity ratio's 95% CI excludes 1."""
-    return "*" if x[f"ppl_ratio_ci_low_{corpus}"] > 1 or x[f"ppl_ratio_ci_high_{corpus}"] < 1 else ""
+    """* when the perplexity ratio's 95% CI excludes 1 (``paired_perplexity``'s ``significant``)."""
+    return "*" if x[f"ppl_significant_{corpus}"] else ""
 
 
 def paired_markdown(rows: list[dict]) -> str:

@@ -4,8 +4,9 @@ A point is *finished* when its output folder holds a ``results.json`` with statu
 whose configuration equals the one being run (keys that cannot change a result, such as
 the W&B mode, are ignored) and whose code is today's: every source file it recorded
 (``code.files``, the import closure of the modules that computed it) still has the
-recorded sha256. A results.json without that record, or made by other code, is rerun. Rerunning the same sweep command therefore runs only the
-missing or changed points; ``rerun=true`` forces every point.
+recorded sha256. A results.json without that record, or made by other code, is rerun.
+Rerunning the same sweep command therefore runs only the missing or changed points;
+``rerun=true`` forces every point.
 
 A point that raises is recorded in ``failed.json`` beside where its results would be and
 the sweep goes on; the multirun callback lists the failures and the command exits 1.
