@@ -2,6 +2,7 @@
 
     sparsebench-bench weight-selection   # 1. cache update vs naive index_select, over churn and density
     sparsebench-bench mlp-step           # 2. one MLP step: dense vs index_select vs cached (update included)
+    sparsebench-bench mlp-step-cold      # 3. the same with weights cold, plus the fused kernels (fp32, bf16)
 
 Synthetic masks: ``k = density · intermediate`` neurons active; each step a fraction
 ``churn`` of them leaves and as many random inactive neurons enter (the cache copies
@@ -198,6 +199,119 @@ def mlp_step(shapes, densities, churn, threads_list, steps, out: Path) -> list[d
     return rows
 
 
+def llc_bytes() -> int:
+    """Size of the last-level cache (sysfs), 32 MiB when it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * mult)
+    return max(sizes, default=32 << 20)
+
+
+def cold_layer_count(hidden: int, inter: int, llc: int, factor: float = 3.0) -> int:
+    """Copies of one layer whose fp32 MLP weights together exceed ``factor`` × the LLC, so
+    cycling through them reads every weight from DRAM, as a decode through many layers does."""
+    per_layer = 3 * hidden * inter * 4
+    return max(2, -(-int(factor * llc) // per_layer))
+
+
+class ColdLayer:
+    """One layer's weights in every layout the compared paths read (each its own memory)."""
+
+    def __init__(self, hidden, inter, seed, threads):
+        from .backends.fused import fused_weights
+
+        gate, up, down_t = random_mlp(hidden, inter, seed=seed)
+        self.gate, self.up, self.down_t = gate, up, down_t
+        self.down = down_t.t().contiguous()
+        self.fused = fused_weights(gate, up, self.down, act=torch.nn.SiLU())
+        self.fused_bf16 = fused_weights(gate, up, self.down, act=torch.nn.SiLU(), dtype=torch.bfloat16)
+        self.cache = cache_for(gate, up, down_t, threads)
+
+
+def mlp_step_cold(shapes, densities, churn, threads_list, steps, out: Path, llc: int | None = None,
+                  factor: float = 3.0, layers: int | None = None) -> list[dict]:
+    """One decode MLP step per layer with **cold weights**: ``L`` copies of the layer (enough
+    that their weights exceed ``factor`` × the LLC, or ``layers``) are visited in turn, each
+    with its own mask sequence, as a decode through L layers. Per step and variant the pass
+    over all L layers is timed and divided by L; variants take turns step by step; medians.
+
+    Variants: dense torch (F.linear, fp32), ``index_select`` (gather then matmul), ``cached``
+    (row-cache update + matmul), ``fused`` fp32 and bf16 (rows read in place), and the fused
+    kernel's dense path (every neuron, fp32 and bf16)."""
+    from .backends.fused import FusedKernel
+
+    llc = llc or llc_bytes()
+    rows = []
+    for hidden, inter in shapes:
+        n_layers = layers or cold_layer_count(hidden, inter, llc, factor)
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            stack = [ColdLayer(hidden, inter, seed=i, threads=threads) for i in range(n_layers)]
+            kern = FusedKernel(threads)
+            x = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+            x1 = x.view(1, hidden)
+            for density in densities:
+                masks = [mask_sequence(inter, density, churn, steps + 1, seed=int(1e3 * density) + i)
+                         for i in range(n_layers)]
+                for layer, m in zip(stack, masks):
+                    layer.cache.update(m[0])
+                k_max = max(int(m.sum()) for seq in masks for m in seq)
+                bufs = tuple(torch.empty(k_max, hidden) for _ in range(3))
+
+                def over_layers(step_fn):
+                    def run(step):
+                        for layer, seq in zip(stack, masks):
+                            step_fn(layer, seq[step])
+                    return run
+
+                def dense(layer, m):
+                    return F.linear(F.silu(F.linear(x1, layer.gate)) * F.linear(x1, layer.up), layer.down)
+
+                def index_select(layer, m):
+                    idx = m.nonzero().squeeze(1)
+                    k = idx.numel()
+                    g, u, d = (torch.index_select(w, 0, idx, out=b[:k])
+                               for w, b in zip((layer.gate, layer.up, layer.down_t), bufs))
+                    return (F.silu(x1 @ g.t()) * (x1 @ u.t())) @ d
+
+                def cached(layer, m):
+                    c = layer.cache
+                    c.update(m)
+                    z = (x1 @ c.rows(0).view(c.k * 2, hidden).t()).view(c.k, 2)
+                    return (F.silu(z[:, 0]) * z[:, 1]) @ c.rows(1).view(c.k, hidden)
+
+                variants = {
+                    "dense_ms": dense, "index_select_ms": index_select, "cached_ms": cached,
+                    "fused_ms": lambda layer, m: kern.mlp(layer.fused, x, m),
+                    "fused_bf16_ms": lambda layer, m: kern.mlp(layer.fused_bf16, x, m),
+                    "fused_dense_ms": lambda layer, m: kern.mlp(layer.fused, x, None),
+                    "fused_bf16_dense_ms": lambda layer, m: kern.mlp(layer.fused_bf16, x, None),
+                }
+                t = _interleaved_median_ms({k: over_layers(f) for k, f in variants.items()}, range(1, steps + 1))
+                t = {k: v / n_layers for k, v in t.items()}
+                k_mean = sum(int(m.sum()) for seq in masks for m in seq[1:]) / (n_layers * steps)
+                rows.append({
+                    "hidden": hidden, "intermediate": inter, "density": density, "churn": churn, "threads": threads,
+                    "layers": n_layers, "cold_bytes": n_layers * 3 * hidden * inter * 4, **t,
+                    "fused_speedup": t["dense_ms"] / t["fused_ms"],
+                    "fused_bf16_speedup": t["dense_ms"] / t["fused_bf16_ms"],
+                    "index_select_speedup": t["dense_ms"] / t["index_select_ms"],
+                    "cached_speedup": t["dense_ms"] / t["cached_ms"],
+                    "fused_bf16_dense_speedup": t["dense_ms"] / t["fused_bf16_dense_ms"],
+                    "limit": 1.0 / density, "fused_fraction_of_limit": t["dense_ms"] / t["fused_ms"] * density,
+                    "fused_GBps": 3 * hidden * k_mean * 4 / t["fused_ms"] / 1e6,
+                    "dense_GBps": 3 * hidden * inter * 4 / t["dense_ms"] / 1e6,
+                })
+                _print_row(rows[-1], ["hidden", "intermediate", "density", "threads", "layers", "dense_ms",
+                                      "index_select_ms", "cached_ms", "fused_ms", "fused_bf16_ms", "fused_speedup",
+                                      "fused_fraction_of_limit", "fused_bf16_dense_speedup", "fused_GBps"])
+            del stack
+    _write(out, "mlp_step_cold", rows)
+    return rows
+
+
 def _print_row(row, keys):
     print("  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys), flush=True)
 
@@ -242,8 +356,21 @@ def main(argv=None) -> None:
     ms.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
     ms.add_argument("--steps", type=int, default=30)
     ms.add_argument("--out", type=Path, default=Path("bench"))
+    cold = sub.add_parser("mlp-step-cold", help="MLP step with cold weights: dense, index_select, cached, fused")
+    cold.add_argument("--shapes", type=_shapes, default=_shapes(shapes))
+    cold.add_argument("--densities", type=_floats, default=[0.1, 0.3, 0.5])
+    cold.add_argument("--churn", type=float, default=0.4, help="fraction of the active set replaced per step "
+                      "(what the cached backend copies; about CATS's on real text)")
+    cold.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    cold.add_argument("--steps", type=int, default=15)
+    cold.add_argument("--cold-factor", type=float, default=3.0, help="layer copies exceed this many LLCs")
+    cold.add_argument("--layers", type=int, default=None, help="fixed number of layer copies (1: hot weights)")
+    cold.add_argument("--out", type=Path, default=Path("bench"))
     a = p.parse_args(argv)
-    if a.which == "weight-selection":
+    if a.which == "mlp-step-cold":
+        mlp_step_cold(a.shapes, a.densities, a.churn, a.threads, a.steps, a.out, factor=a.cold_factor,
+                      layers=a.layers)
+    elif a.which == "weight-selection":
         weight_selection(a.shapes, a.densities, a.churns, a.threads, a.steps, a.out, a.points)
     else:
         mlp_step(a.shapes, a.densities, a.churn, a.threads, a.steps, a.out)

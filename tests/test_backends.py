@@ -9,7 +9,11 @@ from sparsebench.patching import LinearInput, MLPInput, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 
 SPARSE_BACKENDS = [("index_select", {}), ("index_select", {"union": True}),
-                   ("cached", {"threads": 2}), ("cached", {"union": True, "threads": 1})]
+                   ("cached", {"threads": 2}), ("cached", {"union": True, "threads": 1}),
+                   # every token through the kernel (prefill too), AVX2 and portable loops
+                   ("fused", {"threads": 2, "prefill": "per_token"}),
+                   ("fused", {"threads": 1, "prefill": "per_token", "simd": "portable"}),
+                   ("fused", {"threads": 2})]  # multi-token calls: dense GEMM + mask
 
 
 def backend(name, **cfg):

@@ -1,0 +1,300 @@
+"""Fused: read the active weight rows in place, one C/OpenMP kernel per decode step.
+
+Every other sparse backend copies rows (``index_select`` gathers them, ``cached`` keeps a
+compact copy) before it multiplies. At batch-1 decode the weights already sit in memory,
+so a kernel can read exactly the active rows where they lie (``ext/fused_kernels.h``):
+
+- **MLP** (one token): threads split the active neurons and compute
+  h_j = act(gate_j·x) · up_act(up_j·x) (the activation in-kernel: SiLU, GeLU-tanh, GeLU,
+  ReLU, FATReLU, dReLU's ReLU on up, OPT's fc1/fc2 biases), then threads split the output
+  columns and each accumulates its slice of y = Σ_j h_j · down_t[j] — race-free, no
+  reduction. What the sparsifier already computed is reused (CATS's act: only up and down
+  rows are read; CETT's h: only down rows).
+- **Input-sparse linear** (TEAL, WINA, R-Sparse's sparse part): y = Σ_{j active} x_j · Wᵀ[j],
+  Wᵀ stored once, threads split the output columns.
+- **Dense path through the same kernel** (``dense_path: kernel``): a call without a mask
+  runs every neuron through the kernel, so "dense vs sparse" can be measured with the
+  same code and weight format (e.g. bf16 dense vs bf16 sparse).
+
+Weights: ``weights: model`` reads the model's own gate/up rows in place (fp32, or bf16
+when ``model.dtype=bfloat16``); ``weights: bfloat16`` keeps bf16 copies of an fp32 model's
+MLP weights (fp32 accumulation in-kernel: the "fp32 HF vs bf16 sparse" comparison). Down
+(and each masked linear's weight) is stored transposed once, in the kernel's dtype.
+
+More than one row per call: single-token calls of a batch (batched decode, ``[B, 1, H]``)
+run the kernel once per row with that row's own mask; multi-token calls (prefill,
+perplexity, lm-eval scoring) take ``prefill: dense_mask`` — one dense GEMM and the mask
+multiplied in, exactly what the dense-mask backend computes — or ``prefill: per_token``
+(every token through the kernel, for equivalence tests and for measuring it).
+
+The kernel can also compute the mask itself from a threshold on what it computes anyway
+(CATS's |act(gate)| > t, TEAL's |x| > t: ``fused_mlp.mlp_token(use_threshold=1)`` /
+``linear_token(use_threshold=1)``); the decode benchmark uses it. The backend interface
+receives masks the sparsifier already made, so inside a model run the kernel takes the
+given mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from . import BACKENDS
+from .base import Backend
+from .index_select import flat_rows
+
+
+def kernel():
+    try:
+        from .._ext import fused_mlp
+    except ImportError as e:  # pragma: no cover - the build always compiles it
+        raise ConfigError(
+            "backend=fused needs the compiled extension sparsebench._ext.fused_mlp; "
+            "reinstall with `pip install -e .` (needs a C compiler with OpenMP)"
+        ) from e
+    return fused_mlp
+
+
+KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def activation_code(fn) -> tuple[str, float]:
+    """The kernel's name for an activation module/function, and its parameter; refuses
+    anything the kernel does not compute exactly (a silent mismatch would be wrong numbers)."""
+    if fn is None:
+        return "identity", 0.0
+    name = type(fn).__name__
+    if fn is torch.relu or fn is torch.nn.functional.relu or name == "ReLU":
+        return "relu", 0.0
+    if name in ("SiLU", "SiLUActivation") or fn is torch.nn.functional.silu:
+        return "silu", 0.0
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh"):
+        return "gelu_tanh", 0.0
+    if name == "GELU":
+        return ("gelu_tanh" if getattr(fn, "approximate", "none") == "tanh" else "gelu"), 0.0
+    if name == "GELUActivation" and not getattr(fn, "use_gelu_python", False):
+        return "gelu", 0.0
+    if name == "FATReLU":
+        return "fatrelu", float(fn.threshold)
+    raise ConfigError(f"backend=fused has no in-kernel version of the activation {name}; "
+                      f"use backend=index_select or cached for this model")
+
+
+@dataclass
+class FusedMLPWeights:
+    gated: bool
+    gate: torch.Tensor | None  # [I, H] kernel dtype (the model's own tensor when it already is)
+    up: torch.Tensor  # [I, H]
+    down_t: torch.Tensor  # [I, H]
+    gate_bias: torch.Tensor | None  # fp32
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    act: int
+    act_param: float
+    up_act: int
+    dtype_code: int
+    source: tuple
+
+    @property
+    def inter(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.up.shape[1]
+
+
+def _source_key(*tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class FusedKernel:
+    """The kernels with their scratch buffers, for callers outside a model (benchmarks)."""
+
+    def __init__(self, threads: int, simd: bool = True):
+        self.ext = kernel()
+        self.threads, self.simd = int(threads), int(bool(simd))
+        self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def scratch(self, n: int):
+        s = self._scratch.get(n)
+        if s is None:
+            s = (torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n))
+            self._scratch[n] = s
+        return s
+
+    def mlp(self, w: FusedMLPWeights, x: torch.Tensor, mask: torch.Tensor | None, *, mode: int = 0,
+            given: torch.Tensor | None = None, threshold: float | None = None,
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """y for one token ``x`` (fp32 [H], contiguous); ``mask`` bool [I] or None (dense, or
+        the in-kernel rule |act(gate)| > ``threshold``). Returns (y, active neurons)."""
+        idx, h, act_all = self.scratch(w.inter)
+        y = torch.empty(w.hidden) if out is None else out
+        k = self.ext.mlp_token(
+            x.data_ptr(), w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
+            _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated), mode, _ptr(given),
+            _ptr(mask), int(threshold is not None), 0.0 if threshold is None else float(threshold),
+            w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr(), y.data_ptr(),
+            self.threads, self.simd)
+        return y, k
+
+    def linear(self, wt: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, mask: torch.Tensor | None,
+               threshold: float | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """y = Σ over active input channels of x_j · wt[j] (+ bias) for one token."""
+        n_in, n_out = wt.shape
+        idx, coef, _ = self.scratch(n_in)
+        y = torch.empty(n_out) if out is None else out
+        k = self.ext.linear_token(
+            x.data_ptr(), n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias), _ptr(mask),
+            int(threshold is not None), 0.0 if threshold is None else float(threshold),
+            idx.data_ptr(), coef.data_ptr(), y.data_ptr(), self.threads, self.simd)
+        return y, k
+
+
+def fused_weights(gate, up, down, *, gate_bias=None, up_bias=None, down_bias=None, act=None, up_act=None,
+                  dtype: torch.dtype | None = None, source: tuple = ()) -> FusedMLPWeights:
+    """Kernel layout from nn.Linear-style weights (gate/up [I, H], down [H, I]). Tensors already
+    in the kernel dtype and contiguous are used in place; down is transposed once."""
+    ext = kernel()
+    dtype = dtype or up.dtype
+    if dtype not in KERNEL_DTYPES:
+        raise ConfigError(f"backend=fused runs fp32 or bf16 weights, not {dtype}")
+
+    def rows(t):
+        t = t.detach()
+        return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+    def f32(t):
+        return None if t is None else t.detach().float().contiguous()
+
+    a, a_param = activation_code(act)
+    ua, _ = activation_code(up_act)
+    return FusedMLPWeights(
+        gated=gate is not None, gate=None if gate is None else rows(gate), up=rows(up),
+        down_t=down.detach().t().to(dtype).contiguous(), gate_bias=f32(gate_bias), up_bias=f32(up_bias),
+        down_bias=f32(down_bias), act=ext.ACTIVATIONS[a], act_param=a_param, up_act=ext.ACTIVATIONS[ua],
+        dtype_code=KERNEL_DTYPES[dtype], source=source)
+
+
+@BACKENDS.register("fused")
+class FusedBackend(Backend):
+    PREFILL = ("dense_mask", "per_token")
+    DENSE_PATHS = ("torch", "kernel")
+    WEIGHTS = ("model", "bfloat16")
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        get = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)
+        threads = get("threads", None)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ConfigError(f"backend.threads={threads} must be a positive integer or null")
+        self.threads = threads
+        self.simd = get("simd", "auto")
+        if self.simd not in ("auto", "portable"):
+            raise ConfigError(f"backend.simd={self.simd} must be auto or portable")
+        for key, allowed in (("prefill", self.PREFILL), ("dense_path", self.DENSE_PATHS), ("weights", self.WEIGHTS)):
+            value = get(key, allowed[0])
+            if value not in allowed:
+                raise ConfigError(f"backend.{key}={value} must be one of: {', '.join(allowed)}")
+            setattr(self, key, value)
+        self.kernel = FusedKernel(1, simd=self.simd == "auto")  # fail at build time, not at the first token
+        self._weights: dict = {}
+        self._linear_weights: dict = {}
+        self.calls = {"kernel": 0, "dense": 0}
+
+    def _kernel(self) -> FusedKernel:
+        self.kernel.threads = self.threads or torch.get_num_threads()
+        return self.kernel
+
+    def stats(self) -> dict:
+        return dict(self.calls)
+
+    def _dtype(self, t: torch.Tensor) -> torch.dtype:
+        return torch.bfloat16 if self.weights == "bfloat16" else t.dtype
+
+    def mlp_weights(self, site) -> FusedMLPWeights:
+        """The site's weights in kernel layout, prepared once per layer and again only when
+        a weight tensor was replaced or modified in place (e.g. WINA's transform)."""
+        gate = site.gate.weight if site.kind == "gated" else None
+        key = _source_key(gate, site.up.weight, site.down.weight)
+        w = self._weights.get(site.layer_idx)
+        if w is not None and w.source == key:
+            return w
+        if site.up.weight.device.type != "cpu":
+            raise ConfigError(f"backend=fused runs on CPU; the model is on {site.up.weight.device}: "
+                              f"use backend=index_select")
+        w = fused_weights(gate, site.up.weight, site.down.weight,
+                          gate_bias=site.gate.bias if site.kind == "gated" else None, up_bias=site.up.bias,
+                          down_bias=site.down.bias, act=site.act, up_act=site.up_act,
+                          dtype=self._dtype(site.up.weight), source=key)
+        self._weights[site.layer_idx] = w
+        return w
+
+    # ------------------------------------------------------------------ MLP
+    def mlp(self, site, inp, mask):
+        tokens = inp.x.numel() // inp.x.shape[-1]
+        one_token_rows = tokens == 1 or (inp.x.dim() == 3 and inp.x.shape[1] == 1)
+        if mask is None and (self.dense_path == "torch" or not one_token_rows):
+            self.calls["dense"] += 1
+            return site.down(inp.h)
+        if not one_token_rows and self.prefill == "dense_mask":
+            self.calls["dense"] += 1
+            return site.down(inp.h * mask.to(inp.h.dtype))
+        w = self.mlp_weights(site)
+        kern = self._kernel()
+        x2 = inp.x.reshape(-1, w.hidden).float().contiguous()
+        mode, given = self._given(w, inp)
+        masks = None if mask is None else flat_rows(inp.x, mask)[1].contiguous()
+        out = torch.empty(x2.shape[0], w.hidden)
+        for n in range(x2.shape[0]):
+            kern.mlp(w, x2[n], None if masks is None else masks[n], mode=mode,
+                     given=None if given is None else given[n], out=out[n])
+        self.calls["kernel"] += x2.shape[0]
+        return out.to(inp.x.dtype).reshape(inp.x.shape)
+
+    @staticmethod
+    def _given(w: FusedMLPWeights, inp):
+        """What the sparsifier already computed, as the kernel's mode and an fp32 [N, I] tensor."""
+        ext = kernel()
+        computed = inp.computed
+        if computed == "x":
+            return ext.FROM_X, None
+        n = inp.x.numel() // inp.x.shape[-1]
+        if computed == "act" and w.gated:
+            return ext.GIVEN_ACT, inp.act.reshape(n, -1).float().contiguous()
+        src = inp.h if computed == "h" else inp.act  # plain MLPs: h is act(fc1 x)
+        return ext.GIVEN_H, src.reshape(n, -1).float().contiguous()
+
+    # ------------------------------------------------------------------ linear inputs
+    def linear_weight(self, linear, key):
+        src = _source_key(linear.weight)
+        hit = self._linear_weights.get(key)
+        if hit is not None and hit[2] == src:
+            return hit[0], hit[1]
+        wt = linear.weight.detach().t().to(self._dtype(linear.weight)).contiguous()
+        if wt.dtype not in KERNEL_DTYPES:
+            raise ConfigError(f"backend=fused runs fp32 or bf16 weights, not {wt.dtype}")
+        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self._linear_weights[key] = (wt, bias, src)
+        return wt, bias
+
+    def linear(self, inp, linear, mask):
+        tokens = inp.x.numel() // inp.x.shape[-1]
+        one_token_rows = tokens == 1 or (inp.x.dim() == 3 and inp.x.shape[1] == 1)
+        if not one_token_rows and self.prefill == "dense_mask":
+            self.calls["dense"] += 1
+            return linear(inp.x * mask.to(inp.x.dtype))
+        wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
+        kern = self._kernel()
+        x2, m2 = flat_rows(inp.x, mask)
+        x2, m2 = x2.float().contiguous(), m2.contiguous()
+        out = torch.empty(x2.shape[0], wt.shape[1])
+        for n in range(x2.shape[0]):
+            kern.linear(wt, bias, x2[n], m2[n], out=out[n])
+        self.calls["kernel"] += x2.shape[0]
+        return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1])
