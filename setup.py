@@ -22,8 +22,6 @@ def _extensions():
         Extension(
             f"sparsebench._ext.{src.stem}",
             [str(src.relative_to(HERE))],
-            include_dirs=["ext"],  # C kernels shared by the .pyx wrappers (e.g. fused_kernels.h)
-            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
             # portable baseline flags; AVX2/FMA loops carry their own target attribute and are
             # chosen at run time, so one build runs on any x86-64 (and non-x86) machine
             extra_compile_args=["-O3", "-fopenmp"],

@@ -1,5 +1,8 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fused decode kernels for the ``fused`` backend (C in ``ext/fused_kernels.h``).
+"""Fused decode kernels for the ``fused`` backend.
+
+The C source is the verbatim block below (kept in this file so that the provenance record
+of a run, which hashes the ``.pyx`` of every extension it imports, covers the kernels).
 
 Pointers are passed as integers (``tensor.data_ptr()``, 0 for "none"); the Python wrapper
 in ``sparsebench.backends.fused`` checks shapes, dtypes, devices and contiguity first.
@@ -7,7 +10,380 @@ The GIL is released while the kernels run.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 
-cdef extern from "fused_kernels.h" nogil:
+cdef extern from * nogil:
+    """
+    /* Fused sparse kernels for one decode token: read the active weight rows in place.
+     *
+     * At batch-1 decode the weights sit in DRAM and every byte read costs time, so the
+     * kernels read exactly the rows of the active neurons (gate/up rows of [I, H]
+     * matrices, rows of the transposed down matrix) where they lie: no gather into a
+     * compact buffer, no mask tensor handed back to Python, no nonzero().
+     *
+     *   phase 1  (threads split the active neurons)   h_j = act(g_j) * up_act(u_j)
+     *   phase 2  (threads split the output columns)   y[c0:c1] = sum_j h_j * down_t[j, c0:c1]
+     *
+     * Phase 2 is race-free without atomics or a reduction: each thread owns a slice of y
+     * and streams the same slice of every active down row. The mask can be given (bytes),
+     * absent (dense path through the same code), or computed in-kernel from a threshold on
+     * something the kernel computes anyway (CATS: |act(gate)| > t; input-sparse linears:
+     * |x| > t), so a decode step needs no extra pass.
+     *
+     * Weights are fp32 or bf16 (raw uint16, widened to fp32 in registers); inputs,
+     * biases, accumulation and outputs are fp32. Each hot loop has an AVX2/FMA version
+     * (compiled with a function-level target attribute) and a portable one; the AVX2 one
+     * is chosen at run time when the CPU has it, unless the caller asks for the portable
+     * path (tests compare both). OpenMP thread counts are always passed explicitly: torch
+     * shares the same libgomp.
+     */
+
+    #include <math.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <omp.h>
+
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <immintrin.h>
+    #define SB_X86 1
+    #else
+    #define SB_X86 0
+    #endif
+
+    enum { SB_F32 = 0, SB_BF16 = 1 };
+    enum { SB_ACT_IDENTITY = 0, SB_ACT_SILU = 1, SB_ACT_GELU_TANH = 2, SB_ACT_GELU = 3, SB_ACT_RELU = 4,
+           SB_ACT_FATRELU = 5 };
+    /* What the caller already computed (the sparsifier's work is reused, never redone). */
+    enum { SB_FROM_X = 0,      /* gated: gate and up rows here; plain: up (fc1) rows here */
+           SB_GIVEN_ACT = 1,   /* gated: act(gate) given for every neuron, up rows here */
+           SB_GIVEN_H = 2 };   /* h given: only down rows here */
+
+    static inline float sb_act(int kind, float z, float param) {
+        switch (kind) {
+        case SB_ACT_SILU: return z / (1.0f + expf(-z));
+        case SB_ACT_GELU_TANH: {
+            const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+            return 0.5f * z * (1.0f + tanhf(c * (z + 0.044715f * z * z * z)));
+        }
+        case SB_ACT_GELU: return 0.5f * z * (1.0f + erff(z * 0.7071067811865476f));
+        case SB_ACT_RELU: return z > 0.0f ? z : 0.0f;
+        case SB_ACT_FATRELU: return z >= param ? z : 0.0f;
+        default: return z;
+        }
+    }
+
+    static inline float sb_bf16_to_f32(uint16_t v) {
+        uint32_t bits = ((uint32_t)v) << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+
+    /* ------------------------------------------------------------------ portable loops */
+
+    static float sb_dot_portable(const void* row, int dtype, const float* x, int64_t n) {
+        float acc[8] = {0};
+        int64_t i = 0;
+        if (dtype == SB_F32) {
+            const float* w = (const float*)row;
+            for (; i + 8 <= n; i += 8)
+                for (int l = 0; l < 8; l++) acc[l] += w[i + l] * x[i + l];
+            for (; i < n; i++) acc[0] += w[i] * x[i];
+        } else {
+            const uint16_t* w = (const uint16_t*)row;
+            for (; i + 8 <= n; i += 8)
+                for (int l = 0; l < 8; l++) acc[l] += sb_bf16_to_f32(w[i + l]) * x[i + l];
+            for (; i < n; i++) acc[0] += sb_bf16_to_f32(w[i]) * x[i];
+        }
+        return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+
+    /* y[0:n] += sum_r coef[r] * rows[r][0:n] for r < nrows (rows are pointers to element 0 of the slice) */
+    static void sb_axpy_portable(float* y, const void* const* rows, const float* coef, int nrows, int dtype, int64_t n) {
+        for (int r = 0; r < nrows; r++) {
+            const float c = coef[r];
+            if (dtype == SB_F32) {
+                const float* w = (const float*)rows[r];
+                for (int64_t i = 0; i < n; i++) y[i] += c * w[i];
+            } else {
+                const uint16_t* w = (const uint16_t*)rows[r];
+                for (int64_t i = 0; i < n; i++) y[i] += c * sb_bf16_to_f32(w[i]);
+            }
+        }
+    }
+
+    /* ------------------------------------------------------------------ AVX2/FMA loops */
+    #if SB_X86
+    #define SB_AVX2 __attribute__((target("avx2,fma")))
+
+    SB_AVX2 static inline __m256 sb_load8(const void* row, int dtype, int64_t i) {
+        if (dtype == SB_F32) return _mm256_loadu_ps((const float*)row + i);
+        __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)row + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+
+    SB_AVX2 static inline float sb_hsum(__m256 v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        return _mm_cvtss_f32(s);
+    }
+
+    /* Two dot products against the same x (gate and up rows of one neuron) in one pass. */
+    SB_AVX2 static void sb_dot2_avx2(const void* r0, const void* r1, int dtype, const float* x, int64_t n,
+                                     float* out0, float* out1) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            a0 = _mm256_fmadd_ps(sb_load8(r0, dtype, i), x0, a0);
+            a1 = _mm256_fmadd_ps(sb_load8(r0, dtype, i + 8), x1, a1);
+            if (r1) {
+                b0 = _mm256_fmadd_ps(sb_load8(r1, dtype, i), x0, b0);
+                b1 = _mm256_fmadd_ps(sb_load8(r1, dtype, i + 8), x1, b1);
+            }
+        }
+        for (; i + 8 <= n; i += 8) {
+            __m256 x0 = _mm256_loadu_ps(x + i);
+            a0 = _mm256_fmadd_ps(sb_load8(r0, dtype, i), x0, a0);
+            if (r1) b0 = _mm256_fmadd_ps(sb_load8(r1, dtype, i), x0, b0);
+        }
+        float s0 = sb_hsum(_mm256_add_ps(a0, a1)), s1 = r1 ? sb_hsum(_mm256_add_ps(b0, b1)) : 0.0f;
+        for (; i < n; i++) {
+            float xi = x[i];
+            s0 += (dtype == SB_F32 ? ((const float*)r0)[i] : sb_bf16_to_f32(((const uint16_t*)r0)[i])) * xi;
+            if (r1) s1 += (dtype == SB_F32 ? ((const float*)r1)[i] : sb_bf16_to_f32(((const uint16_t*)r1)[i])) * xi;
+        }
+        *out0 = s0;
+        if (out1) *out1 = s1;
+    }
+
+    /* y[0:n] += sum_r coef[r] * rows[r][0:n], four rows per pass so y is loaded/stored once per four. */
+    SB_AVX2 static void sb_axpy_avx2(float* y, const void* const* rows, const float* coef, int nrows, int dtype, int64_t n) {
+        int r = 0;
+        for (; r + 4 <= nrows; r += 4) {
+            const __m256 c0 = _mm256_set1_ps(coef[r]), c1 = _mm256_set1_ps(coef[r + 1]);
+            const __m256 c2 = _mm256_set1_ps(coef[r + 2]), c3 = _mm256_set1_ps(coef[r + 3]);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                __m256 acc = _mm256_loadu_ps(y + i);
+                acc = _mm256_fmadd_ps(c0, sb_load8(rows[r], dtype, i), acc);
+                acc = _mm256_fmadd_ps(c1, sb_load8(rows[r + 1], dtype, i), acc);
+                acc = _mm256_fmadd_ps(c2, sb_load8(rows[r + 2], dtype, i), acc);
+                acc = _mm256_fmadd_ps(c3, sb_load8(rows[r + 3], dtype, i), acc);
+                _mm256_storeu_ps(y + i, acc);
+            }
+            for (; i < n; i++)
+                for (int q = 0; q < 4; q++)
+                    y[i] += coef[r + q] * (dtype == SB_F32 ? ((const float*)rows[r + q])[i]
+                                                           : sb_bf16_to_f32(((const uint16_t*)rows[r + q])[i]));
+        }
+        for (; r < nrows; r++) {
+            const __m256 c0 = _mm256_set1_ps(coef[r]);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(y + i, _mm256_fmadd_ps(c0, sb_load8(rows[r], dtype, i), _mm256_loadu_ps(y + i)));
+            if (i < n) {
+                const void* tail = dtype == SB_F32 ? (const void*)((const float*)rows[r] + i)
+                                                   : (const void*)((const uint16_t*)rows[r] + i);
+                sb_axpy_portable(y + i, &tail, coef + r, 1, dtype, n - i);
+            }
+        }
+    }
+    #endif
+
+    static int sb_have_avx2(void) {
+    #if SB_X86
+        static int cached = -1;
+        if (cached < 0) {
+            __builtin_cpu_init();
+            cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        }
+        return cached;
+    #else
+        return 0;
+    #endif
+    }
+
+    static inline void sb_dot2(int simd, const void* r0, const void* r1, int dtype, const float* x, int64_t n,
+                               float* out0, float* out1) {
+    #if SB_X86
+        if (simd) { sb_dot2_avx2(r0, r1, dtype, x, n, out0, out1); return; }
+    #endif
+        *out0 = sb_dot_portable(r0, dtype, x, n);
+        if (r1) *out1 = sb_dot_portable(r1, dtype, x, n);
+    }
+
+    static inline void sb_axpy(int simd, float* y, const void* const* rows, const float* coef, int nrows, int dtype,
+                               int64_t n) {
+    #if SB_X86
+        if (simd) { sb_axpy_avx2(y, rows, coef, nrows, dtype, n); return; }
+    #endif
+        sb_axpy_portable(y, rows, coef, nrows, dtype, n);
+    }
+
+    static inline const void* sb_row(const void* base, int dtype, int64_t row, int64_t width, int64_t col) {
+        return dtype == SB_F32 ? (const void*)((const float*)base + row * width + col)
+                               : (const void*)((const uint16_t*)base + row * width + col);
+    }
+
+    /* Column slice [c0, c1) of thread t out of nt, in multiples of 16 floats (one cache line). */
+    static inline void sb_slice(int64_t n, int t, int nt, int64_t* c0, int64_t* c1) {
+        int64_t blocks = (n + 15) / 16;
+        int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+        *c0 = b0 * 16 < n ? b0 * 16 : n;
+        *c1 = b1 * 16 < n ? b1 * 16 : n;
+    }
+
+    /* Ask for the first cache lines of a row about to be read: rows of active neurons are scattered,
+     * so each one starts with a DRAM miss the hardware prefetcher cannot foresee. */
+    #define SB_PREFETCH_LINES 8
+    static inline void sb_prefetch_row(const void* row, int64_t bytes) {
+        const char* p = (const char*)row;
+        int64_t n = bytes < SB_PREFETCH_LINES * 64 ? bytes : SB_PREFETCH_LINES * 64;
+        for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 0);
+    }
+
+    /* weights read by one call (elements) below which it runs on one thread */
+    #define SB_MIN_PARALLEL_WORK 32768
+
+    static int64_t sb_compact(const uint8_t* mask, int64_t n, int32_t* idx) {
+        int64_t k = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (mask[j]) idx[k++] = (int32_t)j;
+        return k;
+    }
+
+    /* sum over the active rows j: y[c0:c1] += coef[j] * rows[idx[j], c0:c1], in chunks of 4 rows */
+    static void sb_accumulate_rows(int simd, float* y, const void* w, int dtype, int64_t width, const int32_t* idx,
+                                   const float* coef, int64_t k, int64_t c0, int64_t c1) {
+        const void* rows[4];
+        float cs[4];
+        int nr = 0;
+        const int64_t slice_bytes = (c1 - c0) * (dtype == SB_F32 ? 4 : 2);
+        for (int64_t p = 0; p < k; p++) {
+            if (p + 4 < k) sb_prefetch_row(sb_row(w, dtype, idx[p + 4], width, c0), slice_bytes);
+            if (coef[p] == 0.0f) continue; /* an inactive-by-value neuron (e.g. ReLU zero) moves no bytes */
+            rows[nr] = sb_row(w, dtype, idx[p], width, c0);
+            cs[nr++] = coef[p];
+            if (nr == 4) { sb_axpy(simd, y + c0, rows, cs, 4, dtype, c1 - c0); nr = 0; }
+        }
+        if (nr) sb_axpy(simd, y + c0, rows, cs, nr, dtype, c1 - c0);
+    }
+
+    /* One MLP call for one token. Returns the number of active neurons.
+     *
+     *   mode        SB_FROM_X / SB_GIVEN_ACT / SB_GIVEN_H (what `given` holds, per neuron, width I)
+     *   gated       1: h = act(gate x + bg) * up_act(up x + bu);  0 (OPT): h = act(up x + bu)
+     *   mask        [I] bytes (1 = active); NULL: every neuron, or the threshold rule below
+     *   use_threshold (mask NULL, gated, SB_FROM_X): active = |act(gate x + bg)| > threshold, with the
+     *               gate computed for every neuron in-kernel (CATS fused)
+     *   idx, h      scratch [I] int32 / float; on return idx[0:k] are the active neurons and h[0:k] their h
+     *   act_all     scratch [I] float, used by the threshold rule only
+     */
+    static int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
+                                const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
+                                const float* down_bias, int gated, int mode, const float* given, const uint8_t* mask,
+                                int use_threshold, float threshold, int act, float act_param, int up_act,
+                                int32_t* idx, float* h, float* act_all, float* y, int threads, int simd) {
+        int64_t k = 0;
+        simd = simd && sb_have_avx2();
+        if (threads < 1) threads = 1;
+        if (mask) {
+            k = sb_compact(mask, I, idx);
+        } else if (!use_threshold) {
+            for (int64_t j = 0; j < I; j++) idx[j] = (int32_t)j;
+            k = I;
+        }
+        int64_t shared_k = k;
+        /* a fork/join costs microseconds: small calls (tiny models, very sparse layers) stay serial */
+        const int parallel = threads > 1 && (use_threshold ? I : k) * H >= SB_MIN_PARALLEL_WORK;
+        #pragma omp parallel num_threads(threads) if(parallel)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            if (use_threshold && !mask) {
+                /* CATS fused: the gate of every neuron, then the rule, then the rest for the survivors */
+                #pragma omp for schedule(static)
+                for (int64_t j = 0; j < I; j++) {
+                    float g;
+                    sb_dot2(simd, sb_row(gate, dtype, j, H, 0), NULL, dtype, x, H, &g, NULL);
+                    if (gate_bias) g += gate_bias[j];
+                    act_all[j] = sb_act(act, g, act_param);
+                }
+                #pragma omp single
+                {
+                    int64_t n = 0;
+                    for (int64_t j = 0; j < I; j++)
+                        if (fabsf(act_all[j]) > threshold) idx[n++] = (int32_t)j;
+                    shared_k = n;
+                }
+            }
+            const int64_t kk = shared_k;
+            #pragma omp for schedule(static)
+            for (int64_t p = 0; p < kk; p++) {
+                const int64_t j = idx[p];
+                float g = 0.0f, u = 0.0f, a;
+                if (p + 1 < kk && mode != SB_GIVEN_H) {
+                    const int64_t row_bytes = H * (dtype == SB_F32 ? 4 : 2);
+                    sb_prefetch_row(sb_row(up, dtype, idx[p + 1], H, 0), row_bytes);
+                    if (gated && mode == SB_FROM_X && !use_threshold)
+                        sb_prefetch_row(sb_row(gate, dtype, idx[p + 1], H, 0), row_bytes);
+                }
+                if (mode == SB_GIVEN_H) {
+                    h[p] = given[j];
+                    continue;
+                }
+                if (gated && mode == SB_FROM_X && !use_threshold) {
+                    sb_dot2(simd, sb_row(gate, dtype, j, H, 0), sb_row(up, dtype, j, H, 0), dtype, x, H, &g, &u);
+                    if (gate_bias) g += gate_bias[j];
+                    a = sb_act(act, g, act_param);
+                } else {
+                    sb_dot2(simd, sb_row(up, dtype, j, H, 0), NULL, dtype, x, H, &u, NULL);
+                    if (!gated) {
+                        if (up_bias) u += up_bias[j];
+                        h[p] = sb_act(act, u, act_param);
+                        continue;
+                    }
+                    a = use_threshold ? act_all[j] : given[j];
+                }
+                if (up_bias) u += up_bias[j];
+                h[p] = a * sb_act(up_act, u, 0.0f);
+            }
+            /* implicit barrier: every h is ready */
+            int64_t c0, c1;
+            sb_slice(H, t, nt, &c0, &c1);
+            if (c1 > c0) {
+                if (down_bias) memcpy(y + c0, down_bias + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, y, down_t, dtype, H, idx, h, kk, c0, c1);
+            }
+        }
+        return shared_k;
+    }
+
+    /* One input-sparse linear for one token: y = sum over active input channels j of x_j * wt[j] (+ bias),
+     * wt = W^T stored [n_in, n_out]. Active: mask[j] != 0, or |x_j| > threshold when mask is NULL and
+     * use_threshold (TEAL fused), or every channel (dense path). Returns the number of active channels. */
+    static int64_t sb_linear_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
+                                   const float* bias, const uint8_t* mask, int use_threshold, float threshold,
+                                   int32_t* idx, float* coef, float* y, int threads, int simd) {
+        int64_t k = 0;
+        simd = simd && sb_have_avx2();
+        if (threads < 1) threads = 1;
+        for (int64_t j = 0; j < n_in; j++) {
+            int on = mask ? mask[j] != 0 : (use_threshold ? fabsf(x[j]) > threshold : 1);
+            if (on) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
+        }
+        #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
+        {
+            int64_t c0, c1;
+            sb_slice(n_out, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+            if (c1 > c0) {
+                if (bias) memcpy(y + c0, bias + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, y, wt, dtype, n_out, idx, coef, k, c0, c1);
+            }
+        }
+        return k;
+    }    """
     int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
                          const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
                          const float* down_bias, int gated, int mode, const float* given, const uint8_t* mask,

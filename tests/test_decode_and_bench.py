@@ -19,7 +19,7 @@ from sparsebench.sparsifiers import SPARSIFIERS
 from test_cli import TINY, sparsebench
 
 
-@pytest.mark.parametrize("backend", ["cached", "index_select"])
+@pytest.mark.parametrize("backend", ["cached", "index_select", "fused"])
 def test_decode_reproduces_dense_mask_tokens(tmp_path, backend):
     proc = sparsebench(["sparsifier=cats", f"backend={backend}", "evaluator=[decode,layer_latency]",
                         "evaluator.decode.new_tokens=12", "evaluator.decode.prompt_tokens=8",
@@ -94,6 +94,47 @@ def test_weight_selection_and_mlp_step_harness(tmp_path):
     rows = mlp_step([(16, 64)], [0.25], 0.1, [1], steps=3, out=tmp_path)
     assert rows[0]["dense_ms"] > 0 and rows[0]["target_speedup"] == pytest.approx(3.2)
     assert (tmp_path / "weight_selection.csv").exists() and (tmp_path / "mlp_step.json").exists()
+
+
+def test_cold_mlp_step_harness(tmp_path):
+    """The cold benchmark cycles through enough layer copies, and each compared path computes
+    the masked MLP of its layer (fused fp32 exactly, bf16 from the bf16-rounded weights)."""
+    import torch.nn.functional as F
+
+    from sparsebench.backends.fused import FusedKernel
+    from sparsebench.bench import ColdLayer, cold_layer_count, mlp_step_cold
+
+    assert cold_layer_count(576, 1536, 32 << 20) * 3 * 576 * 1536 * 4 >= 3 * (32 << 20)
+    assert cold_layer_count(3072, 8192, 32 << 20) == 2
+    rows = mlp_step_cold([(16, 64)], [0.25, 0.5], 0.1, [1], steps=2, out=tmp_path, layers=3)
+    assert [r["layers"] for r in rows] == [3, 3]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("dense_ms", "index_select_ms", "cached_ms", "fused_ms", "fused_bf16_ms"))
+        assert r["fused_fraction_of_limit"] == pytest.approx(r["fused_speedup"] * r["density"])
+    layer = ColdLayer(16, 64, seed=1, threads=1)
+    x, mask = torch.randn(16), torch.rand(64) < 0.3
+    ref = ((F.silu(x @ layer.gate.t()) * (x @ layer.up.t())) * mask) @ layer.down_t
+    torch.testing.assert_close(FusedKernel(1).mlp(layer.fused, x, mask)[0], ref, rtol=1e-5, atol=1e-6)
+    g, u, d = (t.to(torch.bfloat16).float() for t in (layer.gate, layer.up, layer.down_t))
+    ref16 = ((F.silu(x @ g.t()) * (x @ u.t())) * mask) @ d
+    torch.testing.assert_close(FusedKernel(1).mlp(layer.fused_bf16, x, mask)[0], ref16, rtol=1e-5, atol=1e-6)
+
+
+def test_step_overhead_evaluator(tmp_path):
+    """Overhead = wall time inside the sparse modules minus kernel time, per decode token;
+    refused on a backend that does not time its kernels."""
+    proc = sparsebench(["sparsifier=cats", "backend=fused", "evaluator=step_overhead",
+                        "evaluator.step_overhead.new_tokens=8", "evaluator.step_overhead.prompt_tokens=8",
+                        "evaluator.step_overhead.repeats=1", "threads=1", *TINY, "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert 0 < m["overhead/kernel_ms_per_token"] < m["overhead/mlp_ms_per_token"] < m["overhead/step_ms"] * 1.5
+    assert m["overhead/ms_per_token"] == pytest.approx(m["overhead/mlp_ms_per_token"] - m["overhead/kernel_ms_per_token"],
+                                                       rel=0.5)
+    assert 0 < m["overhead/fraction_of_mlp"] < 1
+    proc = sparsebench(["sparsifier=cats", "backend=index_select", "evaluator=step_overhead", "threads=1", *TINY,
+                        "hydra.run.dir=run2"], tmp_path)
+    assert proc.returncode != 0 and "backend=fused" in proc.stderr
 
 
 def test_bench_mlp_step_computes_the_masked_mlp():

@@ -35,6 +35,7 @@ given mask.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -206,13 +207,17 @@ class FusedBackend(Backend):
         self._weights: dict = {}
         self._linear_weights: dict = {}
         self.calls = {"kernel": 0, "dense": 0}
+        self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
     def _kernel(self) -> FusedKernel:
         self.kernel.threads = self.threads or torch.get_num_threads()
         return self.kernel
 
     def stats(self) -> dict:
-        return dict(self.calls)
+        return dict(self.calls) | {"kernel_s": self.kernel_s}
+
+    def reset(self) -> None:
+        self.kernel_s = 0.0
 
     def _dtype(self, t: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if self.weights == "bfloat16" else t.dtype
@@ -251,9 +256,12 @@ class FusedBackend(Backend):
         mode, given = self._given(w, inp)
         masks = None if mask is None else flat_rows(inp.x, mask)[1].contiguous()
         out = torch.empty(x2.shape[0], w.hidden)
+        t0 = time.perf_counter()
         for n in range(x2.shape[0]):
             kern.mlp(w, x2[n], None if masks is None else masks[n], mode=mode,
                      given=None if given is None else given[n], out=out[n])
+        if tokens == 1:
+            self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(inp.x.shape)
 
@@ -294,7 +302,10 @@ class FusedBackend(Backend):
         x2, m2 = flat_rows(inp.x, mask)
         x2, m2 = x2.float().contiguous(), m2.contiguous()
         out = torch.empty(x2.shape[0], wt.shape[1])
+        t0 = time.perf_counter()
         for n in range(x2.shape[0]):
             kern.linear(wt, bias, x2[n], m2[n], out=out[n])
+        if tokens == 1:
+            self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1])

@@ -1,0 +1,114 @@
+"""Per-step overhead: how much of a decode step the framework spends outside the kernels.
+
+A sparse decode step pays, per layer, for things a dense step does not: building the
+sparsifier's input object, the mask, the prefill-policy bookkeeping, Python dispatch into
+the backend, the kernel's argument checks. Those costs are fixed per call, so on a small
+model they can eat the whole saving. This evaluator measures them directly:
+
+1. one greedy decode records the sparsifier's masks;
+2. the same decode is replayed ``repeats`` times with those masks returned instantly (the
+   method's own mask work — CATS's gate, a predictor — is not overhead and is removed),
+   timing (a) the decode step without instrumentation and (b) with forward hooks around
+   every sparse MLP/linear module: the wall time inside them, minus the time the backend
+   reports inside its kernels (``stats()["kernel_s"]``), is the overhead;
+3. reported per decode token: ``overhead/ms_per_token``, its share of the step
+   (``overhead/fraction_of_step``) and of the MLP calls (``overhead/fraction_of_mlp``).
+
+The hooks' own cost (two clock reads and a closure call per module call) is counted as
+overhead, so the figure is an upper bound. Needs a backend that times its kernels (fused).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..data.corpus import heldout_windows
+from ..errors import ConfigError
+from . import EVALUATORS
+from .base import EvalResult, Evaluator
+from .decode import greedy_decode, recording_masks, replaying_masks
+
+
+class WallClock:
+    """Forward pre/post hooks that add up the wall time spent inside a set of modules, on
+    single-token calls only (decode steps; the prefill is not a decode step)."""
+
+    def __init__(self, modules):
+        self.seconds, self.calls, self._t0, self._handles = 0.0, 0, 0.0, []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._start))
+            self._handles.append(m.register_forward_hook(self._stop))
+
+    def _start(self, _module, args):
+        self._t0 = time.perf_counter() if args[0].numel() == args[0].shape[-1] else None
+
+    def _stop(self, *_):
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.calls += 1
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def sparse_modules(controller) -> list[torch.nn.Module]:
+    """The modules the controller installed: one per MLP, plus the masked-linear wrappers
+    that are not inside an MLP already timed (TEAL's q/k/v/o)."""
+    mods = [site.installed for site in controller.sites]
+    for _, proj, _, wrapper in getattr(controller, "_wrapped", []):
+        if proj not in ("gate", "up", "down"):
+            mods.append(wrapper)
+    return mods
+
+
+@EVALUATORS.register("step_overhead")
+class StepOverhead(Evaluator):
+    timing = True
+    compare_dense = False
+
+    @torch.no_grad()
+    def evaluate(self, ctx):
+        cfg, ctl = self.cfg, ctx.controller
+        if "kernel_s" not in ctl.backend.stats():
+            raise ConfigError(f"evaluator step_overhead needs a backend that times its kernels (backend=fused), "
+                              f"not backend={ctl.backend.name}")
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens)).ids
+        n_new = int(cfg.new_tokens)
+        mlp_masks, linear_masks = [], []
+        with recording_masks(ctl.sparsifier, mlp_masks, linear_masks):
+            greedy_decode(ctx.model, prompt, n_new)
+
+        def replay(instrument: bool):
+            clock = WallClock(sparse_modules(ctl)) if instrument else None
+            ctl.backend.reset()
+            try:
+                with replaying_masks(ctl.sparsifier, list(mlp_masks), list(linear_masks)):
+                    _, prefill_s, decode_s = greedy_decode(ctx.model, prompt, n_new)
+            finally:
+                if clock is not None:
+                    clock.remove()
+            return decode_s, prefill_s, clock, ctl.backend.stats()["kernel_s"]
+
+        replay(False)  # warm-up
+        steps, inside, kernel = [], [], []
+        for _ in range(int(cfg.repeats)):
+            steps.append(replay(False)[0])
+            _, _, clock, kernel_s = replay(True)
+            inside.append(clock.seconds)
+            kernel.append(kernel_s)
+        tokens = n_new - 1
+        step_s = statistics.median(steps) / tokens
+        overhead_s = statistics.median(i - k for i, k in zip(inside, kernel)) / tokens
+        mlp_s = statistics.median(inside) / tokens
+        return EvalResult(metrics={
+            "overhead/ms_per_token": 1e3 * overhead_s,
+            "overhead/step_ms": 1e3 * step_s,
+            "overhead/mlp_ms_per_token": 1e3 * mlp_s,
+            "overhead/kernel_ms_per_token": 1e3 * statistics.median(kernel) / tokens,
+            "overhead/fraction_of_step": overhead_s / step_s,
+            "overhead/fraction_of_mlp": overhead_s / mlp_s,
+            "overhead/new_tokens": n_new,
+        })
