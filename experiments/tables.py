@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 from pathlib import Path
 
 from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
@@ -426,9 +427,78 @@ def backend_decode_block(root: Path = BACKENDS) -> str:
                      rows, _rel(path))
 
 
+def backend_mlp_step_cold_block(root: Path = BACKENDS) -> str:
+    """Benchmark 2, weights cold (``mlp_step_cold.csv``): speedup over torch's dense fp32 step
+    of fused fp32, fused bf16, cached and index_select per density, with the fused fp32
+    speedup as a fraction of 1/density, and the fused kernel's bf16 dense path."""
+    path = root / "mlp_step_cold.csv"
+    if not path.exists():
+        return "_No cold-weight MLP-step results committed yet (`sparsebench-bench mlp-step-cold`)._"
+    data = _read_csv(path)
+    levels = sorted({float(x["density"]) for x in data})
+    by_row: dict = {}
+    for x in data:
+        key = (_shape(x), int(x["threads"]), int(x["layers"]))
+        v = by_row.setdefault(key, {"dense": [], "bf16_dense": []})
+        v["dense"].append(float(x["dense_ms"]))  # measured once per density: the median is shown
+        v["bf16_dense"].append(float(x["fused_bf16_dense_speedup"]))
+        d = float(x["density"])
+        by_row[key][d] = (f"{float(x['fused_speedup']):.2f}× ({float(x['fused_fraction_of_limit']):.2f}) / "
+                          f"{float(x['fused_bf16_speedup']):.2f}× / {float(x['cached_speedup']):.2f}× / "
+                          f"{float(x['index_select_speedup']):.2f}×")
+    rows = []
+    for (shape, threads, layers), v in sorted(by_row.items(), key=lambda kv: (int(kv[0][0].split("×")[0]), kv[0][1])):
+        rows.append([shape, str(threads), str(layers), f"{statistics.median(v['dense']):.3g}",
+                     *(v.get(d, "—") for d in levels), f"{statistics.median(v['bf16_dense']):.2f}×"])
+    return _md_table(["MLP shape", "threads", "layer copies", "dense torch fp32 ms (median over densities)",
+                      *(f"density {d:g}: fused (fraction of {1 / d:.3g}×) / fused bf16 / cached / index_select"
+                        for d in levels), "fused bf16 dense path"], rows, _rel(path))
+
+
+DECODE_FUSED = REPO / "experiments" / "results" / "decode_fused"
+
+
+def _accuracy_beside(comparison: list[dict]) -> dict:
+    """(model, method, sparsity) → the comparison's paired accuracy/perplexity row."""
+    return {(x["model"], x["method"], x["sparsity"]): x for x in paired_rows(comparison)}
+
+
+def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict] | None = None) -> str:
+    """Benchmark 4 with the fused backend (results.json under ``decode_fused/``): tokens/s,
+    Amdahl limit and fraction of it, token identity with replayed masks, the per-step
+    overhead outside the kernels, and the same masks' accuracy from the comparison."""
+    results = load_results([root]) if root.exists() else []
+    if not results:
+        return "_No fused decode results committed yet (`sparsebench -m experiment=decode_fused`)._"
+    acc = _accuracy_beside(committed_results() if comparison is None else comparison)
+    rows = []
+    for r in sorted(results, key=lambda r: (model_name(r), method(r), str(r["sparsifier"].get("budget")))):
+        m = r["metrics"]
+        sp = r["sparsifier"].get("sparsity")
+        budget = r["sparsifier"].get("budget")
+        setting = f"budget {budget:g}" if budget is not None else f"{sp:g}"
+        beside = acc.get((model_name(r), method(r), sp)) if budget is None else None
+        accuracy = "—" if beside is None else format_delta(beside["_paired_avg"])
+        div = int(m["decode/first_divergence"])
+        rows.append([model_name(r), method(r), setting, f"{m.get('sparsity/mean', float('nan')):.3f}"
+                     if "sparsity/mean" in m else "—", str(int(m["decode/threads"])),
+                     f"{m['decode/tokens_per_s_hf']:.1f}", f"{m['decode/tokens_per_s']:.1f}",
+                     f"{m['decode/speedup_vs_hf']:.2f}×", f"{m['decode/amdahl_limit']:.2f}×",
+                     f"{m['decode/fraction_of_limit']:.2f}", _yes_no(m["decode/identical"]),
+                     "yes" if div < 0 else f"from token {div}",
+                     f"{m['overhead/ms_per_token']:.2f} ({100 * m['overhead/fraction_of_step']:.1f}%)"
+                     if "overhead/ms_per_token" in m else "—", accuracy])
+    return _md_table(["model", "method", "sparsity", "measured", "threads", "tok/s HF dense", "tok/s fused",
+                      "speedup", "Amdahl limit", "fraction of limit", "identical (replayed masks)",
+                      "identical (free-running)", "overhead ms/token (share of step)",
+                      "Δ avg acc, points [95% CI] (comparison)"], rows, f"`{DECODE_FUSED.relative_to(REPO)}/`")
+
+
 def backend_blocks(root: Path = BACKENDS) -> dict[str, str]:
     """The backend speed tables by block name, each read from the committed CSVs under ``root``."""
     return {"backend-churn": backend_churn_block(root),
+            "backend-mlp-step-cold": backend_mlp_step_cold_block(root),
+            "backend-decode-fused": backend_decode_fused_block(),
             "backend-weight-selection": backend_weight_selection_block(root),
             "backend-weight-selection-grid": backend_weight_selection_grid_block(root),
             "backend-mlp-step": backend_mlp_step_block(root),

@@ -139,11 +139,36 @@ def test_fill_blocks_refuses_an_unknown_block_name():
 def test_backend_blocks_are_in_the_docs_and_name_their_csv():
     blocks = backend_blocks()
     assert set(blocks) == {"backend-churn", "backend-weight-selection", "backend-weight-selection-grid",
-                           "backend-mlp-step", "backend-decode"}
+                           "backend-mlp-step", "backend-decode", "backend-mlp-step-cold", "backend-decode-fused"}
     docs = _blocks_in((REPO / "docs" / "backends.md").read_text())
     for name, body in blocks.items():
         assert docs[name] == body
-        assert "experiments/results/backends/" in body
+        assert "experiments/results/" in body or body.startswith("_No ")
+
+
+def test_cold_mlp_step_block_equals_the_benchmark_csv(tmp_path):
+    """The cold MLP-step table reads back what the benchmark wrote (brute force over the CSV)."""
+    from sparsebench.bench import mlp_step_cold
+    from sparsebench.experiments.tables import backend_mlp_step_cold_block
+
+    assert backend_mlp_step_cold_block(tmp_path).startswith("_No ")
+    mlp_step_cold([(16, 64), (8, 32)], [0.25, 0.5], 0.1, [1, 2], steps=2, out=tmp_path, layers=2)
+    rows = _md_rows(backend_mlp_step_cold_block(tmp_path))
+    csv_rows = _brute_csv(tmp_path / "mlp_step_cold.csv")
+    assert len(rows) == 4 and len(csv_rows) == 8
+    for x in csv_rows:
+        (row,) = [r for r in rows if r["MLP shape"] == f"{x['hidden']}×{x['intermediate']}"
+                  and r["threads"] == x["threads"]]
+        same = sorted(float(y["dense_ms"]) for y in csv_rows if (y["hidden"], y["threads"]) == (x["hidden"], x["threads"]))
+        assert _num(row["dense torch fp32 ms (median over densities)"]) == pytest.approx(sum(same) / 2, rel=1e-2)
+        d = float(x["density"])
+        cell = row[f"density {d:g}: fused (fraction of {1 / d:.3g}×) / fused bf16 / cached / index_select"]
+        fused, bf16, cached, naive = (_num(c.split("(")[0]) for c in cell.split(" / "))
+        assert fused == pytest.approx(float(x["fused_speedup"]), abs=0.006)
+        assert bf16 == pytest.approx(float(x["fused_bf16_speedup"]), abs=0.006)
+        assert cached == pytest.approx(float(x["cached_speedup"]), abs=0.006)
+        assert naive == pytest.approx(float(x["index_select_speedup"]), abs=0.006)
+        assert float(cell.split("(")[1].split(")")[0]) == pytest.approx(float(x["fused_fraction_of_limit"]), abs=0.006)
 
 
 def test_decode_block_equals_the_csv():
