@@ -439,20 +439,24 @@ def backend_mlp_step_cold_block(root: Path = BACKENDS) -> str:
     by_row: dict = {}
     for x in data:
         key = (_shape(x), int(x["threads"]), int(x["layers"]))
-        v = by_row.setdefault(key, {"dense": [], "bf16_dense": []})
+        v = by_row.setdefault(key, {"dense": [], "bf16_dense": [], "self": {}})
         v["dense"].append(float(x["dense_ms"]))  # measured once per density: the median is shown
         v["bf16_dense"].append(float(x["fused_bf16_dense_speedup"]))
         d = float(x["density"])
+        v["self"][d] = float(x["fused_dense_ms"]) / float(x["fused_ms"]) * d
         by_row[key][d] = (f"{float(x['fused_speedup']):.2f}× ({float(x['fused_fraction_of_limit']):.2f}) / "
                           f"{float(x['fused_bf16_speedup']):.2f}× / {float(x['cached_speedup']):.2f}× / "
                           f"{float(x['index_select_speedup']):.2f}×")
     rows = []
     for (shape, threads, layers), v in sorted(by_row.items(), key=lambda kv: (int(kv[0][0].split("×")[0]), kv[0][1])):
         rows.append([shape, str(threads), str(layers), f"{statistics.median(v['dense']):.3g}",
-                     *(v.get(d, "—") for d in levels), f"{statistics.median(v['bf16_dense']):.2f}×"])
+                     *(v.get(d, "—") for d in levels), f"{statistics.median(v['bf16_dense']):.2f}×",
+                     " / ".join(f"{v['self'][d]:.2f}" if d in v["self"] else "—" for d in levels)])
     return _md_table(["MLP shape", "threads", "layer copies", "dense torch fp32 ms (median over densities)",
                       *(f"density {d:g}: fused (fraction of {1 / d:.3g}×) / fused bf16 / cached / index_select"
-                        for d in levels), "fused bf16 dense path"], rows, _rel(path))
+                        for d in levels), "fused bf16 dense path",
+                      "fused fp32 ÷ its own dense path, as a fraction of 1/density (" + " / ".join(f"{d:g}" for d in levels)
+                      + ")"], rows, _rel(path))
 
 
 DECODE_FUSED = REPO / "experiments" / "results" / "decode_fused"
