@@ -98,6 +98,49 @@ def check_composes(overrides) -> None:
         _fail(f"{head}{': ' + why if why else ''}{hint}")
 
 
+# Libraries whose messages go to the run folder's library log instead of the console: lm-eval's
+# "`pretrained` model kwarg is not of type `str`" and "metric acc is defined, but aggregation is
+# not", transformers' deprecation notes, datasets' "Map" bars, Python warnings.
+LIBRARY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "huggingface_hub", "accelerate", "urllib3",
+                   "filelock", "hydra_plugins", "py.warnings")
+LIBRARY_LOG = "libraries.log"
+
+
+def route_library_output(output_dir: Path) -> Path:
+    """Send third-party log records and Python warnings to ``output_dir/libraries.log`` (no
+    console), switch off datasets' and transformers' own progress bars (our phases keep
+    theirs), and return the log's path."""
+    import logging
+
+    path = Path(output_dir) / LIBRARY_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.FileHandler) and Path(old.baseFilename).name == LIBRARY_LOG:
+                logger.removeHandler(old)  # a previous sweep point's file
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.add_handler(handler)
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
+    return path
+
+
 def _output_dir_and_name() -> tuple[Path, str, str | None]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -120,19 +163,30 @@ def hydra_main(cfg: DictConfig) -> None:
     from .faults import checkpoint
     from .results import RESULTS_FILE
     from .run import run
-    from .sweep import clear_failure, finished_run, record_failure
+    from .sweep import clear_failure, equivalent_point, finished_run, record_failure
 
     output_dir, name, group = _output_dir_and_name()
     checkpoint("job_start")
     config = OmegaConf.to_container(cfg, resolve=True)
     if not cfg.get("rerun", False):
         if finished_run(output_dir, config) is not None:
-            print(f"[sparsebench] {output_dir}: finished earlier with this config, reusing its results.json "
-                  "(rerun=true to run it again)")
+            print(f"[sparsebench] {name if group else output_dir}: finished earlier with this config and code, "
+                  "reusing its results.json (rerun=true to run it again)")
             return
+        if group is not None:
+            from hydra.core.hydra_config import HydraConfig
+
+            same = equivalent_point(Path(HydraConfig.get().sweep.dir), output_dir, config)
+            if same is not None:
+                print(f"[sparsebench] {name}: not run, sparsifier={cfg.sparsifier.name} ignores its sparsity "
+                      f"(same as {same.relative_to(Path(HydraConfig.get().sweep.dir).resolve()) if same.is_absolute() else same})")
+                return
         if (output_dir / RESULTS_FILE).is_file():  # not reusable: another config, or not ok
             print(f"[sparsebench] {output_dir}: holds results of a different config or made by other code; "
                   "running again")
+    log = route_library_output(output_dir)
+    if group is None:
+        print(f"[sparsebench] library messages (lm-eval, transformers, warnings) go to {log}")
     try:
         run(cfg, output_dir, name=name, group=group)
         clear_failure(output_dir)

@@ -77,7 +77,65 @@ def sparsifier_label(sp: dict) -> str:
     return sp["name"]
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
+def headline(results: dict) -> list[str]:
+    """The few lines a user wants first: sparsity reached, perplexity and accuracy against
+    the same model dense with their paired 95% CIs (and whether they are significant),
+    decode speed when measured, and the wall time."""
+    from rich.markup import escape
+
+    m, dense = results["metrics"], results.get("dense_metrics") or {}
+    paired = results.get("paired") or {}
+    sp = results["sparsifier"]
+    lines = [f"[bold]{escape(results['model']['id'])} · {escape(sparsifier_label(sp))} · "
+             f"backend={escape(str(results['backend']))}[/bold] — {_duration(results['run'].get('wall_time_s'))}"]
+    if "sparsity/mean" in m:
+        asked = sp.get("sparsity")
+        lines.append(f"  sparsity reached    {m['sparsity/mean']:.3f}"
+                     + (f" (requested {asked:g})" if asked is not None and sp["name"] != "none" else ""))
+    for key in sorted(k for k in m if k == "perplexity" or (k.startswith("perplexity/") and not k.endswith("tokens"))):
+        name = "perplexity" + (f" {key.split('/', 1)[1]}" if "/" in key else "")
+        res = paired.get(key)
+        if res and "ratio" in res:
+            verdict = "significant" if res.get("significant") else "not significant"
+            lines.append(f"  {name:<19} {res['ppl_a']:.2f} → {res['ppl_b']:.2f}   ×{res['ratio']:.3f} "
+                         f"[{res['ci_low']:.3f}, {res['ci_high']:.3f}]  {verdict}")
+        else:
+            lines.append(f"  {name:<19} {m[key]:.2f}" + (f" (dense {dense[key]:.2f})" if key in dense else ""))
+    acc = paired.get("lm_eval/avg_acc")
+    if acc:
+        verdict = "significant" if acc.get("significant") else "not significant"
+        lines.append(f"  accuracy (average)  {acc['acc_a']:.3f} → {acc['acc_b']:.3f}   "
+                     f"{100 * acc['delta']:+.1f} points [{100 * acc['ci_low']:+.1f}, {100 * acc['ci_high']:+.1f}]  "
+                     f"{verdict}; {acc['n']} items, {acc.get('n_tasks', 1)} tasks")
+    elif "lm_eval/avg_acc" in m:
+        lines.append(f"  accuracy (average)  {m['lm_eval/avg_acc']:.3f}")
+    if "decode/tokens_per_s" in m:
+        lines.append(f"  decode              {m['decode/tokens_per_s']:.1f} tok/s, ×{m['decode/speedup_vs_hf']:.2f} vs dense "
+                     f"(Amdahl limit ×{m['decode/amdahl_limit']:.2f}, {m['decode/fraction_of_limit']:.2f} of it)")
+    return lines
+
+
 def run_table(results: dict):
+    """What a run prints at its end: the headline, then (for a single run) the full metric
+    table; a point of a sweep prints only its headline (the sweep ends with a combined table)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    head = Group(*(Text.from_markup(line) for line in headline(results)))
+    if results["run"].get("group"):
+        return head
+    return Group(head, Text(""), metrics_table(results))
+
+
+def metrics_table(results: dict):
+    """Every metric, dense beside sparse, with the paired Δ and its CI."""
     from rich.table import Table
 
     from .comparison import format_paired
@@ -109,11 +167,20 @@ def run_table(results: dict):
     return table
 
 
+# ``print_per_layer: auto`` prints the per-layer table for a single run of at most this many layers
+AUTO_PER_LAYER_MAX = 12
+
+
 def per_layer_table(results: dict):
     from rich.table import Table
 
     rows = results.get("per_layer") or []
     if not rows:
+        return None
+    setting = (results.get("config") or {}).get("print_per_layer", True)
+    if setting == "auto" and (results["run"].get("group") or len(rows) > AUTO_PER_LAYER_MAX):
+        return None
+    if len(rows[0]) <= 1:  # nothing but the layer index (e.g. sparsifier=none)
         return None
     table = Table(title="per layer")
     cols = list(rows[0].keys())
@@ -124,16 +191,54 @@ def per_layer_table(results: dict):
     return table
 
 
+def varying_settings(names: list[str]) -> list[str]:
+    """The override keys whose value differs between the points of a sweep (point names are
+    Hydra's ``key=value,key=value`` override strings; list values keep their commas)."""
+    parsed = [_overrides(n) for n in names]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    return [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+
+
+def _overrides(name: str) -> dict[str, str]:
+    out, depth, key, buf = {}, 0, None, ""
+    for ch in name + ",":
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            k, _, v = buf.partition("=")
+            out[k] = v
+            buf = ""
+        else:
+            buf += ch
+    return out
+
+
+def point_label(name: str, keys: list[str], sparsifier: str | None = None) -> str:
+    """A sweep point named by the settings that vary across the sweep (short keys), leaving
+    out a sparsity its sparsifier ignores (``none``)."""
+    ov = _overrides(name)
+    skip = {"sparsifier.sparsity"} if sparsifier == "none" else set()
+    parts = [f"{k.rsplit('.', 1)[-1]}={ov[k]}" for k in keys if k in ov and k not in skip]
+    return " ".join(parts) or name
+
+
 def combined_table(all_results: list[dict], title: str = "sweep"):
+    """One row per point, named by what varies across the sweep; the headline metrics with
+    their dense values and the paired Δ [95% CI]."""
     from rich.table import Table
 
     from .comparison import format_paired
 
     keys = [k for k in HEADLINE if any(k in r.get("metrics", {}) for r in all_results)]
     paired_keys = [k for k in ("lm_eval/avg_acc", "perplexity") if any(k in (r.get("paired") or {}) for r in all_results)]
-    table = Table(title=title)
-    for c in ("run", "model", "sparsifier", "sparsity"):
-        table.add_column(c)
+    models = sorted({r["model"]["id"] for r in all_results})
+    varying = varying_settings([r["run"]["name"] for r in all_results])
+    table = Table(title=title + (f" · {models[0]}" if len(models) == 1 else ""))
+    table.add_column("point")
+    if len(models) > 1 and "model" not in varying:
+        table.add_column("model")
     for k in keys:
         table.add_column(k, justify="right")
         table.add_column(f"dense {k.split('/')[-1]}", justify="right")
@@ -141,8 +246,10 @@ def combined_table(all_results: list[dict], title: str = "sweep"):
         table.add_column(f"paired Δ {k} [95% CI]", justify="right")
     if paired_keys:
         table.caption = "acc: points; ppl: ratio to dense; * significant at 5%"
-    for r in all_results:
-        row = [_fmt(r["run"]["name"]), _fmt(r["model"]["id"]), r["sparsifier"]["name"], _fmt(r["sparsifier"].get("sparsity"))]
+    for r in sorted(all_results, key=lambda r: r["run"]["name"]):
+        row = [_fmt(point_label(r["run"]["name"], varying, r["sparsifier"]["name"]))]
+        if len(models) > 1 and "model" not in varying:
+            row.append(_fmt(r["model"]["id"]))
         for k in keys:
             row += [_fmt(r["metrics"].get(k)), _fmt((r.get("dense_metrics") or {}).get(k))]
         for k in paired_keys:

@@ -51,6 +51,40 @@ def finished_run(output_dir: Path, config: dict[str, Any]) -> dict | None:
     return previous
 
 
+# Settings a sparsifier ignores: points of a sweep that differ only in them compute the same
+# thing, so the sweep runs the first and says so for the rest.
+IGNORED_SETTINGS = {"none": ("sparsity",)}
+
+
+def _without_ignored(config: dict[str, Any]) -> dict[str, Any]:
+    config = comparable_config(config)
+    sp = dict(config.get("sparsifier") or {})
+    for key in IGNORED_SETTINGS.get(sp.get("name"), ()):
+        sp.pop(key, None)
+    return config | {"sparsifier": sp}
+
+
+def equivalent_point(sweep_dir: Path, output_dir: Path, config: dict[str, Any]) -> Path | None:
+    """Another finished point of this sweep that computed exactly what ``config`` would,
+    up to settings its sparsifier ignores (e.g. the sparsity of ``sparsifier=none``)."""
+    if not IGNORED_SETTINGS.get((config.get("sparsifier") or {}).get("name")):
+        return None
+    target = _without_ignored(config)
+    for path in sorted(Path(sweep_dir).rglob(RESULTS_FILE)):
+        if path.parent.resolve() == Path(output_dir).resolve():
+            continue
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if previous.get("status") != "ok" or _without_ignored(previous.get("config") or {}) != target:
+            continue
+        files = (previous.get("code") or {}).get("files")
+        if files and files_unchanged(files):
+            return path.parent
+    return None
+
+
 def record_failure(output_dir: Path, exc: BaseException, overrides: str) -> Path:
     path = Path(output_dir) / FAILED_FILE
     atomic_write_json(path, {
