@@ -498,11 +498,52 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                       "Δ avg acc, points [95% CI] (comparison)"], rows, f"`{DECODE_FUSED.relative_to(REPO)}/`")
 
 
+OFFLOAD = REPO / "experiments" / "results" / "offload"
+
+
+def backend_offload_block(root: Path = OFFLOAD) -> str:
+    """The offload evaluator's modelled two-level memory (results.json under ``offload/``):
+    per model and method, hit rate and modelled ms/token of the LRU and hot-neuron caches at
+    each capacity, the sliding window at its occupancy, and the no-cache baselines."""
+    from sparsebench.experiments.offload_figure import offload_rows
+
+    results = load_results([root]) if root.exists() else []
+    results = [r for r in results if "offload/none/ms_per_token" in r.get("metrics", {})]
+    if not results:
+        return "_No offload results committed yet (`sparsebench -m experiment=offload_cache`)._"
+    rows, caps, tiers = [], set(), set()
+    for r in sorted(results, key=lambda r: (model_name(r), method(r))):
+        by = {(x["policy"], x["capacity"] if x["policy"] != "window" else x["window_tokens"]): x
+              for x in offload_rows(r, model_name(r))}
+        caps |= {c for (p, c) in by if p in ("lru", "hot")}
+        tiers.add(by[("none", None)]["tier"])
+        rows.append((r, by))
+    caps = sorted(caps)
+    out = []
+    for r, by in rows:
+        def cell(policy, c):
+            x = by.get((policy, c))
+            return "—" if x is None else f"{x['hit_rate']:.2f} / {x['ms_per_token']:.1f}"
+        windows = sorted(k for (p, k) in by if p == "window")
+        win = "; ".join(f"k={k}: {by[('window', k)]['hit_rate']:.2f} / {by[('window', k)]['ms_per_token']:.1f} "
+                        f"(holds {by[('window', k)]['capacity']:.2f})" for k in windows)
+        out.append([model_name(r), method(r), f"{r['metrics'].get('sparsity/mean', float('nan')):.3f}",
+                    f"{by[('none', None)]['ms_per_token']:.1f}", f"{by[('active_only', 0.0)]['ms_per_token']:.1f}",
+                    *(cell("lru", c) for c in caps), *(cell("hot", c) for c in caps), win or "—",
+                    f"{by[('in_memory', None)]['ms_per_token']:.2f}"])
+    tier = ", ".join(sorted(str(t) for t in tiers))
+    return _md_table(["model", "method", "sparsity", "dense from slow tier ms", "active rows, no cache ms",
+                      *(f"LRU C={c:g}: hit / ms" for c in caps), *(f"hot C={c:g}: hit / ms" for c in caps),
+                      "window: hit / ms (occupancy)", "all rows fast ms"], out,
+                     f"`{OFFLOAD.relative_to(REPO)}/` (tier: {tier})")
+
+
 def backend_blocks(root: Path = BACKENDS) -> dict[str, str]:
     """The backend speed tables by block name, each read from the committed CSVs under ``root``."""
     return {"backend-churn": backend_churn_block(root),
             "backend-mlp-step-cold": backend_mlp_step_cold_block(root),
             "backend-decode-fused": backend_decode_fused_block(),
+            "backend-offload": backend_offload_block(),
             "backend-weight-selection": backend_weight_selection_block(root),
             "backend-weight-selection-grid": backend_weight_selection_grid_block(root),
             "backend-mlp-step": backend_mlp_step_block(root),
@@ -560,6 +601,8 @@ def commit_artifacts(cache: Path, out: Path = ARTIFACTS) -> list[Path]:
     candidates = [*(cache / "calibration").glob("*-greedy*.json"), *(cache / "dense_baselines").glob("dense-*.json")]
     for meta in sorted(candidates):
         key = json.loads(meta.read_text()).get("key") or {}
+        if (key.get("model_cfg") or {}).get("source") == "tiny":
+            continue  # tiny random models: made in seconds, never worth committing
         if meta.parent.name == "dense_baselines":
             modules = [f"sparsebench.evaluators.{key.get('artifact', '').removeprefix('dense-')}", *DENSE_MODULES]
         else:

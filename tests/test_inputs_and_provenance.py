@@ -293,6 +293,8 @@ def test_only_artifacts_of_todays_code_are_committed(tmp_path):
     ArtifactCache(calib, {"method": "teal", "code": "old"}).get("teal-greedy-layer", {"layer": 1}, lambda: {"x": torch.ones(1)})
     dense = code_digest(["sparsebench.evaluators.perplexity", *DENSE_MODULES])
     ArtifactCache(tmp_path / "cache" / "dense_baselines", {"code": dense}).get("dense-perplexity", {}, lambda: {"m": 1})
+    tiny = {"code": dense, "model_cfg": {"source": "tiny"}}  # today's code, but a tiny random model
+    ArtifactCache(tmp_path / "cache" / "dense_baselines", tiny).get("dense-perplexity", {}, lambda: {"m": 2})
     copied = commit_artifacts(tmp_path / "cache", tmp_path / "out")
     assert sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in copied) == ["dense-perplexity", "teal-greedy"]
     assert all((p.with_suffix(".json")).exists() for p in copied)
