@@ -139,7 +139,8 @@ def test_fill_blocks_refuses_an_unknown_block_name():
 def test_backend_blocks_are_in_the_docs_and_name_their_csv():
     blocks = backend_blocks()
     assert set(blocks) == {"backend-churn", "backend-weight-selection", "backend-weight-selection-grid",
-                           "backend-mlp-step", "backend-decode", "backend-mlp-step-cold", "backend-decode-fused"}
+                           "backend-mlp-step", "backend-decode", "backend-mlp-step-cold", "backend-decode-fused",
+                           "backend-offload"}
     docs = _blocks_in((REPO / "docs" / "backends.md").read_text())
     for name, body in blocks.items():
         assert docs[name] == body
@@ -256,3 +257,23 @@ def test_the_check_command_exits_nonzero_on_a_stale_block(tmp_path, monkeypatch)
     monkeypatch.setattr(tables, "update_docs", lambda check=False: update_docs(check=check, repo=tmp_path))
     with pytest.raises(SystemExit, match="docs/results.md"):
         tables.main(["docs", "--check"])
+
+
+def test_offload_block_equals_the_committed_results():
+    """Each cell of the offload table is read back against the metrics of its results.json."""
+    from sparsebench.experiments.figures import method, model_name
+    from sparsebench.experiments.tables import OFFLOAD, backend_offload_block
+    from sparsebench.results import load_results
+
+    results = [r for r in load_results([OFFLOAD]) if "offload/none/ms_per_token" in r["metrics"]]
+    rows = _md_rows(backend_offload_block())
+    assert len(rows) == len(results)
+    for r in results:
+        (row,) = [x for x in rows if (x["model"], x["method"]) == (model_name(r), method(r))]
+        m = r["metrics"]
+        assert _num(row["dense from slow tier ms"]) == pytest.approx(m["offload/none/ms_per_token"], abs=0.05)
+        for policy in ("lru", "hot"):
+            for c in (0.1, 0.25, 0.5):
+                hit, ms = row[f"{policy.upper() if policy == 'lru' else policy} C={c:g}: hit / ms"].split(" / ")
+                assert float(hit) == pytest.approx(m[f"offload/{policy}/c{c:g}/hit_rate"], abs=0.005)
+                assert float(ms) == pytest.approx(m[f"offload/{policy}/c{c:g}/ms_per_token"], abs=0.05)
