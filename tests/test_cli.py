@@ -51,8 +51,8 @@ def test_single_run_and_calibration_cache(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["sparsifier=catz"], "choose one of: cats, cett, chess, countdown, dejavu, larosa, none, relu, rsparse, scap, stat_topk, teal, wina"),
-    (["-m", "sparsifier=cats,catz"], "choose one of: cats, cett, chess, countdown, dejavu, larosa, none, relu, rsparse, scap, stat_topk, teal, wina"),
+    (["sparsifier=catz"], "choose one of: cats, cett, chess, countdown, dejavu, dejavu_target, larosa, none, relu, rsparse, scap, stat_topk, svd_predictor, teal, wina"),
+    (["-m", "sparsifier=cats,catz"], "choose one of: cats, cett, chess, countdown, dejavu, dejavu_target, larosa, none, relu, rsparse, scap, stat_topk, svd_predictor, teal, wina"),
     (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
     (["model=local"], "model.path="),
     (["model=local", "model.path=/does/not/exist"], "does not exist"),
