@@ -476,12 +476,21 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
         return "_No fused decode results committed yet (`sparsebench -m experiment=decode_fused`)._"
     acc = _accuracy_beside(committed_results() if comparison is None else comparison)
     rows = []
-    for r in sorted(results, key=lambda r: (model_name(r), method(r), str(r["sparsifier"].get("budget")))):
+
+    def budget_of(r):
+        return ((r.get("config") or {}).get("sparsifier") or {}).get("budget")
+
+    for r in sorted(results, key=lambda r: (model_name(r), method(r), str(budget_of(r)),
+                                            str((r.get("config") or {}).get("backend")))):
         m = r["metrics"]
         sp = r["sparsifier"].get("sparsity")
-        budget = r["sparsifier"].get("budget")
+        budget = budget_of(r)
         setting = f"budget {budget:g}" if budget is not None else f"{sp:g}"
-        beside = acc.get((model_name(r), method(r), sp)) if budget is None else None
+        weights = ((r.get("config") or {}).get("backend") or {}).get("weights", "model")
+        if weights != "model":
+            setting += f" ({weights} weights)"
+        # the comparison ran fp32 weights: its accuracy belongs beside the fp32 rows only
+        beside = acc.get((model_name(r), method(r), sp)) if budget is None and weights == "model" else None
         accuracy = "—" if beside is None else format_delta(beside["_paired_avg"])
         div = int(m["decode/first_divergence"])
         rows.append([model_name(r), method(r), setting, f"{m.get('sparsity/mean', float('nan')):.3f}"

@@ -277,3 +277,35 @@ def test_offload_block_equals_the_committed_results():
                 hit, ms = row[f"{policy.upper() if policy == 'lru' else policy} C={c:g}: hit / ms"].split(" / ")
                 assert float(hit) == pytest.approx(m[f"offload/{policy}/c{c:g}/hit_rate"], abs=0.005)
                 assert float(ms) == pytest.approx(m[f"offload/{policy}/c{c:g}/ms_per_token"], abs=0.05)
+
+
+def test_decode_fused_block_reads_back_its_runs(tmp_path):
+    """The fused-decode table from a tiny sweep: every cell equals its results.json metric,
+    and the bf16-weights row carries no accuracy from the (fp32) comparison."""
+    from test_cli import TINY, sparsebench
+
+    from sparsebench.experiments.tables import backend_decode_fused_block
+    from sparsebench.results import load_results
+
+    small = ["evaluator.decode.new_tokens=6", "evaluator.decode.prompt_tokens=6", "evaluator.decode.repeats=1",
+             "evaluator.step_overhead.new_tokens=6", "evaluator.step_overhead.prompt_tokens=6",
+             "evaluator.step_overhead.repeats=1", "evaluator.sparsity.num_windows=1", "threads=1"]
+    for extra in (["sparsifier=cats"], ["sparsifier=cats", "backend.weights=bfloat16"]):
+        proc = sparsebench(["-m", "experiment=decode_fused", *extra, *small, *TINY,
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert backend_decode_fused_block(tmp_path / "nothing").startswith("_No ")
+    fake_comparison = [{"sparsifier": {"name": "cats", "sparsity": 0.5}}]  # no paired data: no row
+    rows = _md_rows(backend_decode_fused_block(tmp_path / "sweep", comparison=fake_comparison))
+    results = load_results([tmp_path / "sweep"])
+    assert len(rows) == len(results) == 2
+    for r in results:
+        bf16 = r["config"]["backend"]["weights"] == "bfloat16"
+        (row,) = [x for x in rows if ("bfloat16" in x["sparsity"]) == bf16]
+        m = r["metrics"]
+        assert _num(row["tok/s fused"]) == pytest.approx(m["decode/tokens_per_s"], abs=0.05)
+        assert _num(row["Amdahl limit"]) == pytest.approx(m["decode/amdahl_limit"], abs=0.005)
+        assert _num(row["fraction of limit"]) == pytest.approx(m["decode/fraction_of_limit"], abs=0.005)
+        assert _num(row["overhead ms/token (share of step)"]) == pytest.approx(m["overhead/ms_per_token"], abs=0.005)
+        assert row["identical (replayed masks)"] == "yes"
+        assert row["Δ avg acc, points [95% CI] (comparison)"] == "—"
