@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from . import BACKENDS
 from .base import Backend
 from .index_select import flat_rows
+from .weights import _source_key
 
 
 def kernel():
@@ -104,10 +105,6 @@ class FusedMLPWeights:
     @property
     def hidden(self) -> int:
         return self.up.shape[1]
-
-
-def _source_key(*tensors) -> tuple:
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
