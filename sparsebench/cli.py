@@ -158,6 +158,24 @@ def sweep_group(sweep_dir: str) -> str:
     return Path(sweep_dir).as_posix().strip("/").replace("/", "_")
 
 
+def check_attention_applies(cfg: DictConfig) -> None:
+    """Refuse ``attention=<method>`` with an evaluator that would measure dense attention:
+    today only the long-context evaluators (``applies_attention``) install the method."""
+    from .errors import ConfigError
+    from .evaluators import EVALUATORS
+
+    attention = cfg.get("attention") or {}
+    if attention.get("name", "none") == "none":
+        return
+    evaluators = cfg.get("evaluator") or {}
+    ignoring = [e.name for e in (evaluators[k] for k in evaluators)
+                if not getattr(EVALUATORS.get(e.name), "applies_attention", False)]
+    if ignoring:
+        raise ConfigError(f"attention={attention.name} is applied by the passkey, long_perplexity and long_decode "
+                          f"evaluators only; {', '.join(ignoring)} would measure dense attention "
+                          "(e.g. evaluator=[passkey,long_perplexity])")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     from .faults import checkpoint
@@ -188,6 +206,7 @@ def hydra_main(cfg: DictConfig) -> None:
     if group is None:
         print(f"[sparsebench] library messages (lm-eval, transformers, warnings) go to {log}")
     try:
+        check_attention_applies(cfg)
         run(cfg, output_dir, name=name, group=group)
         clear_failure(output_dir)
     except Exception as exc:  # noqa: BLE001 - in a sweep one failed point must not stop the others

@@ -29,7 +29,11 @@ VOLATILE_KEYS = ("logger", "cache_dir", "print_per_layer", "rerun", "figures", "
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    # attention=none is what every run was before the attention group existed: dense attention
+    if (out.get("attention") or {}).get("name", "none") == "none":
+        out.pop("attention", None)
+    return out
 
 
 def finished_run(output_dir: Path, config: dict[str, Any]) -> dict | None:

@@ -1,0 +1,139 @@
+"""Passkey retrieval at long context, dense attention vs the run's attention method.
+
+Items come from ``sparsebench.data.passkey`` (seeded, generated locally). Each prompt is
+prefilled once; its KV cache (and the attention method's per-sequence state) is copied and
+continued once per variant: dense attention, then the method at each budget in ``budgets``
+(or at its configured budget). Every variant decodes the same question tokens and then
+``answer_tokens`` greedy tokens; an item is correct when the first integer of the answer
+equals the key. A method that also sparsifies multi-token forwards (``prefill: sparse``)
+prefills once per variant instead.
+
+The MLP sparsifier of the run is active in every variant, so the comparison isolates
+attention. Per context and budget: accuracy, its paired difference from dense on the same
+items (95% bootstrap CI, exact McNemar p), and the fraction of K/V rows the decode steps read.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from ..attention._runtime import attached_attention, attention_budget
+from ..data.passkey import answer_key, passkey_items
+from ..errors import ConfigError
+from ..stats import paired_accuracy
+from . import EVALUATORS
+from .base import EvalResult, Evaluator
+
+
+def max_context(model) -> int:
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    return int(getattr(cfg, "max_position_embeddings", 2048))
+
+
+@torch.no_grad()
+def continue_greedy(model, cache, decode_ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Feed ``decode_ids`` one token at a time, then greedily generate ``new_tokens``."""
+    logits = None
+    for tok in decode_ids.tolist():
+        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+    out = []
+    for _ in range(new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits
+    return out
+
+
+def _haystack(ctx, kind: str) -> str | None:
+    if kind == "filler":
+        return None
+    if kind == "heldout":
+        return "\n".join(ctx.splits.heldout_corpora()[ctx.splits.name].values())
+    raise ConfigError(f"evaluator.passkey.haystack={kind!r} must be filler or heldout")
+
+
+def variant_name(budget) -> str:
+    return "dense" if budget == "dense" else ("method" if budget is None else f"budget={budget}")
+
+
+@EVALUATORS.register("passkey")
+class Passkey(Evaluator):
+    applies_attention = True  # installs cfg.attention itself (sparsebench.attention._runtime)
+    compare_dense = False  # its baseline (dense attention, same items) is computed inside
+
+    @torch.no_grad()
+    def evaluate(self, ctx):
+        from transformers import DynamicCache
+
+        cfg = self.cfg
+        limit = max_context(ctx.model)
+        contexts = [int(c) for c in cfg.contexts if int(c) <= limit]
+        skipped = [int(c) for c in cfg.contexts if int(c) > limit]
+        if not contexts:
+            raise ConfigError(f"evaluator.passkey.contexts={list(cfg.contexts)} all exceed the model's "
+                              f"context window ({limit} tokens)")
+        items = passkey_items(ctx.tokenizer, contexts, int(cfg.per_context), int(cfg.seed), int(cfg.question_chars),
+                              int(cfg.answer_tokens), _haystack(ctx, str(cfg.haystack)))
+        with attached_attention(ctx) as session:
+            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets else [None]
+            variants = ["dense"] + (budgets if session is not None else [])
+            correct = {v: {c: [] for c in contexts} for v in variants}
+            reads = {v: [0, 0] for v in variants}
+            share_prefill = session is None or session.method.prefill == "dense"
+            for item in items:
+                snapshot = None
+                for i, v in enumerate(variants):
+                    if snapshot is None or not share_prefill:
+                        cache = DynamicCache(config=ctx.model.config)
+                        if session is not None:
+                            session.reset()
+                        with self._mode(session, v):
+                            ctx.model(input_ids=item.prefill[None], past_key_values=cache, use_cache=True)
+                        if share_prefill and i < len(variants) - 1:
+                            snapshot = (copy.deepcopy(cache), session.snapshot() if session else None)
+                    else:
+                        cache = copy.deepcopy(snapshot[0]) if i < len(variants) - 1 else snapshot[0]
+                        session.restore(snapshot[1])
+                    if session is not None:
+                        session.reset_stats()
+                    with self._mode(session, v):
+                        answer = continue_greedy(ctx.model, cache, item.decode, int(cfg.answer_tokens))
+                    correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
+                    if session is not None:
+                        reads[v][0] += sum(s.keys_attended for s in session.stats)
+                        reads[v][1] += sum(s.keys_allowed for s in session.stats)
+            summary = session.method.summary() if session is not None else {}
+            calib = getattr(session, "calibration_info", None) if session is not None else None
+        return self._result(contexts, skipped, variants, correct, reads, summary, calib)
+
+    @staticmethod
+    def _mode(session, variant):
+        if session is None:
+            return contextlib.nullcontext()
+        if variant == "dense":
+            return session.dense()
+        return attention_budget(session, variant)
+
+    def _result(self, contexts, skipped, variants, correct, reads, summary, calib) -> EvalResult:
+        metrics, items, paired = {}, {}, {}
+        for v in variants:
+            name = variant_name(v)
+            every = []
+            for c in contexts:
+                acc = correct[v][c]
+                every += acc
+                metrics[f"passkey/{name}/ctx={c}"] = sum(acc) / len(acc)
+                items[f"passkey/{name}/ctx={c}"] = acc
+                if v != "dense":
+                    paired[f"{name}/ctx={c}"] = paired_accuracy(correct["dense"][c], acc)
+            metrics[f"passkey/{name}"] = sum(every) / len(every)
+            if v != "dense":
+                metrics[f"passkey/{name}/kv_read_fraction"] = reads[v][0] / reads[v][1] if reads[v][1] else 1.0
+                dense_all = [x for c in contexts for x in correct["dense"][c]]
+                paired[name] = paired_accuracy(dense_all, every)
+        info = {"passkey": {"contexts": contexts, "skipped_contexts": skipped, "per_context": int(self.cfg.per_context),
+                            "haystack": str(self.cfg.haystack), "paired_vs_dense": paired,
+                            "attention": summary, **({"calibration": calib} if calib else {})}}
+        return EvalResult(metrics=metrics, items=items, info=info)
