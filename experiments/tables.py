@@ -28,7 +28,7 @@ from sparsebench.stats import critical_sparsity, format_delta
 REPO = Path(__file__).resolve().parent.parent
 COMPARISON = REPO / "experiments" / "results" / "comparison"
 # Files whose marked blocks are generated (``<!-- table:NAME -->`` … ``<!-- /table:NAME -->``).
-GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md")
+GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md", "docs/attention.md")
 
 def evaluated_method_rows(results: list[dict]) -> list[dict]:
     return [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
@@ -257,7 +257,7 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
                   "comparison-status": comparison_status(rows)}
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
-    return blocks | backend_blocks()
+    return blocks | backend_blocks() | attention_blocks()
 
 
 def planned_grid() -> tuple[list[str], list[str], list[float]]:
@@ -557,6 +557,76 @@ def backend_blocks(root: Path = BACKENDS) -> dict[str, str]:
             "backend-weight-selection-grid": backend_weight_selection_grid_block(root),
             "backend-mlp-step": backend_mlp_step_block(root),
             "backend-decode": backend_decode_block(root)}
+
+
+LONG_CONTEXT = REPO / "experiments" / "results" / "long_context"
+NO_LONG_CONTEXT = "_No long-context results committed yet (`sparsebench -m experiment=long_context`)._"
+
+
+def _long_context_rows(root: Path) -> list[dict]:
+    from sparsebench.experiments.long_context_figure import long_context_rows
+
+    results = [r for r in load_results([root]) if r.get("status") == "ok"] if root.exists() else []
+    return [x for r in sorted(results, key=lambda r: (model_name(r), r["run"].get("name") or "")) for x in
+            long_context_rows(r)]
+
+
+def _pts(x) -> str:
+    return "—" if x is None else f"{100 * x:+.0f}"
+
+
+def attention_passkey_block(root: Path = LONG_CONTEXT) -> str:
+    """Passkey accuracy per model, method, context and budget, with the paired difference
+    from dense attention on the same prompts (points, 95% bootstrap CI; * = McNemar p < 0.05)."""
+    rows = [x for x in _long_context_rows(root) if x["kind"] == "passkey"]
+    if not rows:
+        return NO_LONG_CONTEXT
+    out = []
+    for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["context"], x["budget"] or 0)):
+        star = "*" if x["p"] is not None and x["p"] < 0.05 else ""
+        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), str(x["budget"]), f"{x['dense']:.2f}",
+                    f"{x['value']:.2f}", f"{_pts(x['delta'])} [{_pts(x['ci_low'])}, {_pts(x['ci_high'])}]{star}",
+                    str(x["n"]), f"{x['kv_read_fraction']:.3f}" if x["kv_read_fraction"] is not None else "—"])
+    return _md_table(["model", "attention", "MLP", "context", "budget", "dense acc", "acc",
+                      "Δ points [95% CI]", "prompts", "K/V rows read (decode steps)"], out,
+                     f"`{LONG_CONTEXT.relative_to(REPO)}/`")
+
+
+def attention_decode_block(root: Path = LONG_CONTEXT) -> str:
+    """Decode at long context: tokens/s of dense attention and of each method/budget, their
+    same-run ratio, the bytes-bound limit of that ratio and the argmax agreement."""
+    rows = [x for x in _long_context_rows(root) if x["kind"] == "decode"]
+    if not rows:
+        return NO_LONG_CONTEXT
+    out = []
+    for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["context"], x["budget"] or 0)):
+        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), str(x["budget"]), f"{x['dense']:.1f}",
+                    f"{x['tokens_per_s']:.1f}", f"{x['value']:.2f}", f"{x['bytes_limit']:.2f}",
+                    f"{x['kv_bytes'] / 2**20:.1f} / {x['dense_kv_bytes'] / 2**20:.1f}", f"{x['agreement']:.2f}"])
+    return _md_table(["model", "attention", "MLP", "context", "budget", "dense tok/s", "tok/s", "speedup",
+                      "bytes limit", "K/V MiB read per token (method / dense)", "argmax agreement"], out,
+                     f"`{LONG_CONTEXT.relative_to(REPO)}/`")
+
+
+def attention_perplexity_block(root: Path = LONG_CONTEXT) -> str:
+    """Long-window perplexity, the method at every position vs dense attention, paired over windows."""
+    rows = [x for x in _long_context_rows(root) if x["kind"] == "perplexity"]
+    if not rows:
+        return NO_LONG_CONTEXT
+    out = []
+    for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["corpus"], x["context"])):
+        sig = "*" if x["ci_low"] is not None and (x["ci_low"] > 1 or x["ci_high"] < 1) else ""
+        out.append([x["model"], x["method"], x["mlp"], x["corpus"], str(x["context"]), str(x["budget"]),
+                    f"{x['dense']:.2f}", f"{x['value']:.2f}",
+                    f"x{x['ratio']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]{sig}",
+                    f"{x['kv_read_fraction']:.3f}"])
+    return _md_table(["model", "attention", "MLP", "corpus", "window", "budget", "dense ppl", "ppl",
+                      "ratio [95% CI]", "K/V rows read"], out, f"`{LONG_CONTEXT.relative_to(REPO)}/`")
+
+
+def attention_blocks(root: Path = LONG_CONTEXT) -> dict[str, str]:
+    return {"attention-passkey": attention_passkey_block(root), "attention-decode": attention_decode_block(root),
+            "attention-perplexity": attention_perplexity_block(root)}
 
 
 def fill_blocks(text: str, blocks: dict[str, str]) -> str:

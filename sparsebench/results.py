@@ -95,6 +95,12 @@ def headline(results: dict) -> list[str]:
     sp = results["sparsifier"]
     lines = [f"[bold]{escape(results['model']['id'])} · {escape(sparsifier_label(sp))} · "
              f"backend={escape(str(results['backend']))}[/bold] — {_duration(results['run'].get('wall_time_s'))}"]
+    attention = ((results.get("config") or {}).get("attention") or {})
+    if attention.get("name", "none") != "none":
+        settings = ", ".join(f"{k} {attention[k]}" for k in ("budget", "budget_fraction", "heads")
+                             if attention.get(k) is not None)
+        lines.append(f"  attention           {escape(attention['name'])} ({escape(settings)})")
+    lines += _long_context_lines(results)
     if "sparsity/mean" in m:
         asked = sp.get("sparsity")
         lines.append(f"  sparsity reached    {m['sparsity/mean']:.3f}"
@@ -119,6 +125,29 @@ def headline(results: dict) -> list[str]:
     if "decode/tokens_per_s" in m:
         lines.append(f"  decode              {m['decode/tokens_per_s']:.1f} tok/s, ×{m['decode/speedup_vs_hf']:.2f} vs dense "
                      f"(Amdahl limit ×{m['decode/amdahl_limit']:.2f}, {m['decode/fraction_of_limit']:.2f} of it)")
+    return lines
+
+
+def _long_context_lines(results: dict) -> list[str]:
+    """Passkey accuracy of each attention variant against dense attention (paired), and the
+    decode speedup at the longest context measured."""
+    m = results["metrics"]
+    lines = []
+    paired = ((results.get("data") or {}).get("passkey") or {}).get("paired_vs_dense") or {}
+    for name, res in paired.items():
+        if "/" in name:
+            continue
+        verdict = "significant" if res.get("significant") else "not significant"
+        lines.append(f"  passkey {name:<11} {res['acc_a']:.2f} → {res['acc_b']:.2f}   {100 * res['delta']:+.0f} points "
+                     f"[{100 * res['ci_low']:+.0f}, {100 * res['ci_high']:+.0f}]  {verdict}; {res['n']} prompts")
+    if "passkey/dense" in m and not paired:
+        lines.append(f"  passkey (dense)     {m['passkey/dense']:.2f}")
+    speed = sorted((int(k.split("/")[1][4:]), k) for k in m if k.startswith("long_decode/") and k.endswith("/speedup"))
+    if speed:
+        longest = speed[-1][0]
+        for ctx, key in speed:
+            if ctx == longest:
+                lines.append(f"  decode at {ctx:<6}   {key.split('/')[2]}: ×{m[key]:.2f} tok/s vs dense attention")
     return lines
 
 

@@ -101,7 +101,9 @@ class LongDecode(Evaluator):
         metrics, per_layer, info = {}, {}, {"contexts": contexts}
         w_bytes = weight_bytes(ctx.model)
         with attached_attention(ctx, record_stats=False) as session:
-            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets else [None]
+            # a method without a token budget (head_sparsity) runs at its own setting
+            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets \
+                and "budget" in session.method.cfg else [None]
             variants = ["dense"] + (budgets if session is not None else [])
             for c in contexts:
                 window = heldout_windows(ctx.tokenizer, ctx.splits, 1, c + new)
@@ -112,7 +114,7 @@ class LongDecode(Evaluator):
                     session.reset()
                 t0 = time.perf_counter()
                 with torch.no_grad(), (session.dense() if session is not None else contextlib.nullcontext()):
-                    ctx.model(input_ids=ids[None, :c], past_key_values=cache, use_cache=True)
+                    ctx.model(input_ids=ids[None, :c], past_key_values=cache, use_cache=True, logits_to_keep=1)
                 metrics[f"long_decode/ctx={c}/prefill_s"] = time.perf_counter() - t0
                 state = session.snapshot() if session is not None else None
                 n_layers = len(cache.layers)

@@ -77,7 +77,9 @@ class Passkey(Evaluator):
         items = passkey_items(ctx.tokenizer, contexts, int(cfg.per_context), int(cfg.seed), int(cfg.question_chars),
                               int(cfg.answer_tokens), _haystack(ctx, str(cfg.haystack)))
         with attached_attention(ctx) as session:
-            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets else [None]
+            # a method without a token budget (head_sparsity) runs at its own setting
+            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets \
+                and "budget" in session.method.cfg else [None]
             variants = ["dense"] + (budgets if session is not None else [])
             correct = {v: {c: [] for c in contexts} for v in variants}
             reads = {v: [0, 0] for v in variants}
@@ -90,7 +92,8 @@ class Passkey(Evaluator):
                         if session is not None:
                             session.reset()
                         with self._mode(session, v):
-                            ctx.model(input_ids=item.prefill[None], past_key_values=cache, use_cache=True)
+                            ctx.model(input_ids=item.prefill[None], past_key_values=cache, use_cache=True,
+                                      logits_to_keep=1)
                         if share_prefill and i < len(variants) - 1:
                             snapshot = (copy.deepcopy(cache), session.snapshot() if session else None)
                     else:
