@@ -14,7 +14,7 @@ what it is:
   model.
 * ``sparsebench-bench …``: ``--help``, then the command itself with small shapes and steps.
 * ``sparsebench-plot``, ``sparsebench-report``, ``python -m sparsebench.experiments.tables``
-  and ``…offload_figure``: run for real in a scratch folder holding a copy of the committed
+  ``…offload_figure`` and ``…long_context_figure``: run for real in a scratch folder holding a copy of the committed
   comparison under ``multirun/fig4_accuracy_vs_sparsity`` and the tiny sweeps; ``tables docs``
   and ``tables artifacts`` (which write into the repository) run in-process on copies.
 * ``lm_eval …``: parsed by lm-eval's own CLI parser; model folder, task names, task folder,
@@ -109,6 +109,12 @@ RUN_ON_TINY = {
         [*TINY, "sparsifier=cats", *SMALL_DECODE, "evaluator.step_overhead.prompt_tokens=8",
          "evaluator.step_overhead.new_tokens=4", "evaluator.step_overhead.repeats=1"],
     "sparsebench -m experiment=offload_cache model=smollm2-135m": [*TINY, "sparsifier=cats"],
+    "sparsebench -m experiment=long_context model=smollm2-135m":
+        [*TINY, "attention=quest", "attention.dense_layers=[]", "evaluator.passkey.contexts=[200]",
+         "evaluator.passkey.per_context=2", "evaluator.passkey.question_chars=40", "evaluator.passkey.budgets=[16,64]",
+         "evaluator.long_perplexity.seq_lens=[128]", "evaluator.long_perplexity.num_windows=1",
+         "evaluator.long_decode.contexts=[128]", "evaluator.long_decode.new_tokens=3", "evaluator.long_decode.repeats=1",
+         "evaluator.long_decode.budgets=[16,64]", "threads=1"],
 }
 
 # sparsebench-bench: small sizes appended to each documented invocation
@@ -122,6 +128,7 @@ BENCH_CSV = {"weight-selection": "weight_selection.csv", "mlp-step": "mlp_step.c
 
 TABLES = "sparsebench.experiments.tables"
 OFFLOAD_FIGURE = "sparsebench.experiments.offload_figure"
+LONG_CONTEXT_FIGURE = "sparsebench.experiments.long_context_figure"
 
 
 # ------------------------------------------------------------------ extraction
@@ -191,7 +198,8 @@ def classify(cmd: DocCommand) -> None:
         cmd.kind = "bench"
     elif prog in ("sparsebench-plot", "sparsebench-report"):
         cmd.kind = "tool"
-    elif prog in ("python", "python3") and argv[1:2] == ["-m"] and argv[2] in (TABLES, OFFLOAD_FIGURE):
+    elif prog in ("python", "python3") and argv[1:2] == ["-m"] \
+            and argv[2] in (TABLES, OFFLOAD_FIGURE, LONG_CONTEXT_FIGURE):
         cmd.kind = "tool"
     elif prog == "lm_eval":
         cmd.kind = "lm_eval"
@@ -483,6 +491,8 @@ def check_tool(cmd: DocCommand, ws: Path) -> None:
         assert (out / "report.md").read_text().startswith("# ") and (out / "report.html").exists()
     elif module == OFFLOAD_FIGURE:
         assert (ws / opts.get("--out", f"{roots[0]}/figures") / "offload.png").exists(), proc.stdout
+    elif module == LONG_CONTEXT_FIGURE:
+        assert (ws / opts.get("--out", f"{roots[0]}/figures") / "long_context.csv").read_text().count("\n") >= 2
     elif args[0] == "export":
         from sparsebench.results import load_results
 
