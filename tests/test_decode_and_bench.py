@@ -207,3 +207,32 @@ def test_cache_speedup_evaluator_counts_what_the_cache_copies(tmp_path):
     for key in ("select_speedup", "mlp_speedup_cached", "mlp_speedup_index_select"):
         assert m[f"cache/{key}"] > 0
     assert r["run"]["timing_lock_wait_s"] >= 0
+
+
+def test_amdahl_limit_charges_a_predictors_own_reads(tmp_path):
+    """Deja Vu reads its low-rank predictor every token: the limit adds those bytes back."""
+    proc = sparsebench(["sparsifier=dejavu", "evaluator=[decode]", "evaluator.decode.new_tokens=4",
+                        "evaluator.decode.prompt_tokens=8", "evaluator.decode.repeats=1", "threads=1",
+                        "data.calibration.num_sequences=4", *TINY, "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert m["decode/predictor_bytes_fraction"] > 0
+    assert m["decode/amdahl_limit"] == pytest.approx(
+        1 / (1 - m["decode/weight_bytes_saved_fraction"] + m["decode/predictor_bytes_fraction"]))
+
+
+def test_predictor_read_bytes_counts_every_predictor_weight():
+    from sparsebench.evaluators.decode import predictor_read_bytes
+
+    cfg = OmegaConf.create({"name": "dejavu", "sparsity": 0.5, "rank": 0.25})
+    dv = SPARSIFIERS.get("dejavu")(OmegaConf.merge(_shipped("dejavu"), cfg))
+    dv.A, dv.B = torch.zeros(3, 4, 16), torch.zeros(3, 32, 4)
+    assert predictor_read_bytes(dv) == (3 * 4 * 16 + 3 * 32 * 4) * 4
+    cats = SPARSIFIERS.get("cats")(OmegaConf.merge(_shipped("cats"), {"sparsity": 0.5}))
+    assert predictor_read_bytes(cats) == 0.0
+
+
+def _shipped(name):
+    from sparsebench.config_check import shipped_defaults
+
+    return OmegaConf.create(shipped_defaults("sparsifier", name))

@@ -17,7 +17,8 @@ Only the decode steps are timed (the prefill is reported apart). The Amdahl limi
 computed from the bytes of weights each decode token must read: all linears plus the
 LM head for dense; for the sparse run, the MLP (or masked linears) scaled by the density
 measured during this decode, with the projections the method evaluates densely to find
-its mask (CATS's gate, CETT's gate and up) counted in full.
+its mask (CATS's gate, CETT's gate and up) counted in full, plus the weights of a learned
+predictor (Deja Vu's low-rank A and B, the SVD predictors), which every token reads.
 """
 from __future__ import annotations
 
@@ -95,6 +96,25 @@ def sparse_read_bytes(controller, computed: str | None) -> float:
         es = lin.weight.element_size()
         saved += lin_bytes * st.sparsity - es * controller.sparsifier.dense_cost(layer, proj)
     return saved
+
+
+# Predictor tensors a sparsifier reads every decode token, for those that do not report
+# ``<name>/bytes_per_token`` themselves (Deja Vu: its low-rank A [L, r, d] and B [L, d_ff, r]).
+PREDICTOR_TENSORS = {"dejavu": ("A", "B")}
+
+
+def predictor_read_bytes(sparsifier) -> float:
+    """Bytes of the sparsifier's own predictor read per decode token, all layers: what the
+    masks cost to compute beyond the model's weights (0 for threshold methods)."""
+    for key, values in sparsifier.describe().items():
+        if key.endswith("/bytes_per_token"):
+            return float(sum(values))
+    total = 0
+    for name in PREDICTOR_TENSORS.get(sparsifier.name, ()):
+        t = getattr(sparsifier, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return float(total)
 
 
 @contextlib.contextmanager
@@ -187,7 +207,8 @@ class Decode(Evaluator):
         first_diff = int((~same).any(0).nonzero()[0]) if not bool(same.all()) else -1
         wb = weight_bytes(ctx.model, controller)
         share = wb["mlp"] / wb["total"]
-        limit = wb["total"] / (wb["total"] - sparse_bytes)
+        predictor = predictor_read_bytes(controller.sparsifier)
+        limit = wb["total"] / (wb["total"] - sparse_bytes + predictor)
         speedup = tps / tps_hf
         metrics = {
             "decode/tokens_per_s": tps,
@@ -206,6 +227,8 @@ class Decode(Evaluator):
             "decode/batch_size": prompt.shape[0],
             "decode/mlp_byte_share": share,
             "decode/weight_bytes_saved_fraction": sparse_bytes / wb["total"],
+            # a predictor's own weights, read every token (Deja Vu, SVD predictors), against the limit
+            "decode/predictor_bytes_fraction": predictor / wb["total"],
             "decode/amdahl_limit": limit,
             "decode/fraction_of_limit": speedup / limit,
             # the share of the attainable gain realised: (speedup - 1) / (limit - 1)
