@@ -235,9 +235,48 @@ def _csv_rows(rows: list[dict]) -> list[dict]:
 
 
 # table name → (rows from results, markdown of the rows)
+def _oracle_of(r: dict) -> tuple[str, str]:
+    """(model, the mask a predictor imitates): CATS's for svd_predictor (rank 1 is CATS), the
+    configured labels for dejavu_target, the top-k of |h| for dejavu."""
+    sp = (r.get("config") or {}).get("sparsifier") or {}
+    labels = {"svd_predictor": "cats", "dejavu": "topk_h"}.get(sp.get("name"), sp.get("labels"))
+    return model_name(r), str(labels)
+
+
+def predictor_rows(results: list[dict]) -> list[dict]:
+    """One row per predictor run (``mask_quality`` metrics): recall of the oracle, perplexity
+    and its gap to the oracle's (the same labels run as masks, ``oracle: true``), and the
+    predictor's own weights per token as a fraction of the MLP's."""
+    oracles = {}
+    for r in results:
+        sp = (r.get("config") or {}).get("sparsifier") or {}
+        if sp.get("oracle") and "perplexity" in r["metrics"]:
+            oracles[_oracle_of(r)] = r["metrics"]["perplexity"]
+    rows = []
+    for r in results:
+        m, sp = r["metrics"], (r.get("config") or {}).get("sparsifier") or {}
+        if "mask_quality/recall" not in m or sp.get("oracle"):
+            continue
+        H, I = r["model"]["hidden_size"], r["model"]["intermediate_size"]
+        rank = max(1, int(round(float(sp.get("rank", 0.1)) * H)))
+        n_mats = 2 if sp.get("use_up") else 1
+        mlp_mats = 3 if r["model"]["model_type"] != "opt" else 2
+        oracle = oracles.get(_oracle_of(r))
+        paired = (r.get("paired") or {}).get("perplexity") or {}
+        rows.append({"model": model_name(r), "predictor": method(r), "oracle": _oracle_of(r)[1],
+                     "rank": sp.get("rank"), "sparsity": m.get("sparsity/mean"), "recall": m["mask_quality/recall"],
+                     "min_layer_recall": m.get("mask_quality/min_layer_recall"),
+                     "perplexity": m.get("perplexity"), "ppl_vs_dense": paired.get("ratio"),
+                     "oracle_perplexity": oracle,
+                     "gap_to_oracle": m["perplexity"] / oracle - 1 if oracle and "perplexity" in m else None,
+                     "cost_mlp_fraction": n_mats * rank * (H + I) / (mlp_mats * H * I)})
+    return sorted(rows, key=lambda x: (x["model"], x["predictor"], x["rank"]))
+
+
 TABLES = {"methods": (evaluated_method_rows, methods_markdown), "grid": (evaluated_method_rows, grid_markdown),
           "churn": (churn_rows, markdown), "decode": (decode_rows, markdown),
-          "paired": (paired_rows, paired_markdown), "pairs": (_pairwise_rows, _pairwise_markdown)}
+          "paired": (paired_rows, paired_markdown), "pairs": (_pairwise_rows, _pairwise_markdown),
+          "predictors": (predictor_rows, markdown)}
 
 
 # ------------------------------------------------------------------ generated blocks in README / docs

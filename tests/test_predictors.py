@@ -420,3 +420,31 @@ def test_bad_settings_are_refused(name, cfg, key):
 def test_use_up_is_refused_on_a_plain_mlp():
     with pytest.raises(ConfigError, match="gated MLP"):
         build("svd_predictor", "opt", sparsity=0.5, use_up=True)
+
+
+def test_predictor_table_gives_recall_gap_to_oracle_and_cost(tmp_path):
+    """experiment=predictor_quality on the tiny model: the table reads recall, the perplexity
+    gap to the oracle run of the same labels, and the cost r·(H + I) / (3·H·I)."""
+    import json
+
+    from test_cli import TINY, sparsebench
+    from sparsebench.experiments.tables import predictor_rows
+    from sparsebench.results import load_results
+
+    common = ["-m", "experiment=predictor_quality", *TINY, "threads=1", "evaluator.perplexity.num_windows=2",
+              "evaluator.sparsity.num_windows=2", "evaluator.mask_quality.num_windows=2",
+              "data.calibration.num_sequences=4", "hydra.sweep.dir=sweep"]
+    for extra in (["sparsifier=svd_predictor", "sparsifier.rank=0.25"],
+                  ["sparsifier=dejavu_target", "sparsifier.oracle=true", "sparsifier.rank=0.1"]):
+        proc = sparsebench([*common, *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = predictor_rows(load_results([tmp_path / "sweep"]))
+    assert len(rows) == 1  # the oracle run is the reference, not a row
+    row = rows[0]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("results.json")]
+    oracle = [r for r in runs if r["config"]["sparsifier"].get("oracle")][0]["metrics"]["perplexity"]
+    assert row["oracle"] == "cats" and row["oracle_perplexity"] == oracle
+    assert row["gap_to_oracle"] == pytest.approx(row["perplexity"] / oracle - 1)
+    H, I = 64, 128
+    assert row["cost_mlp_fraction"] == pytest.approx(round(0.25 * H) * (H + I) / (3 * H * I))
+    assert 0 < row["recall"] <= 1
