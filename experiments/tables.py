@@ -28,7 +28,7 @@ from sparsebench.stats import critical_sparsity, format_delta
 REPO = Path(__file__).resolve().parent.parent
 COMPARISON = REPO / "experiments" / "results" / "comparison"
 # Files whose marked blocks are generated (``<!-- table:NAME -->`` … ``<!-- /table:NAME -->``).
-GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md", "docs/attention.md")
+GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md", "docs/attention.md", "docs/methods.md")
 
 def evaluated_method_rows(results: list[dict]) -> list[dict]:
     return [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
@@ -296,7 +296,7 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
                   "comparison-status": comparison_status(rows)}
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
-    return blocks | backend_blocks() | attention_blocks()
+    return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block()}
 
 
 def planned_grid() -> tuple[list[str], list[str], list[float]]:
@@ -666,6 +666,27 @@ def attention_perplexity_block(root: Path = LONG_CONTEXT) -> str:
 def attention_blocks(root: Path = LONG_CONTEXT) -> dict[str, str]:
     return {"attention-passkey": attention_passkey_block(root), "attention-decode": attention_decode_block(root),
             "attention-perplexity": attention_perplexity_block(root)}
+
+
+PREDICTORS = REPO / "experiments" / "results" / "predictors"
+
+
+def predictor_block(root: Path = PREDICTORS) -> str:
+    """The predictor table (``predictor_rows``) from the committed predictor_quality runs."""
+    rows = predictor_rows([r for r in load_results([root]) if r.get("status") == "ok"]) if root.exists() else []
+    if not rows:
+        return "_No predictor results committed yet (`sparsebench -m experiment=predictor_quality`)._"
+
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    out = [[x["model"], x["predictor"], x["oracle"], f(x["rank"], "g"), f(x["sparsity"], ".3f"), f(x["recall"], ".3f"),
+            f(x["min_layer_recall"], ".3f"), f(x["perplexity"], ".2f"), f(x["oracle_perplexity"], ".2f"),
+            "—" if x["gap_to_oracle"] is None else f"{100 * x['gap_to_oracle']:+.1f}%",
+            f(x["ppl_vs_dense"], ".3f"), f(x["cost_mlp_fraction"], ".3f")] for x in rows]
+    return _md_table(["model", "predictor", "imitates", "rank", "sparsity", "recall", "min layer recall",
+                      "perplexity", "oracle perplexity", "gap to oracle", "ppl / dense", "cost (of MLP bytes)"],
+                     out, f"`{PREDICTORS.relative_to(REPO)}/`")
 
 
 def fill_blocks(text: str, blocks: dict[str, str]) -> str:

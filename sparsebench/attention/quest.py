@@ -74,7 +74,8 @@ class Quest(AttentionMethod):
         return 2 * pages * kv_heads * head_dim * elem_bytes  # min and max per page
 
     def summary(self) -> dict:
-        return {"budget": int(self.cfg.budget), "budget_fraction": self.cfg.get("budget_fraction"), "page_size": int(self.cfg.page_size), "group": self.group}
+        return {"budget": int(self.cfg.budget), "budget_fraction": self.cfg.get("budget_fraction"),
+                "page_size": int(self.cfg.page_size), "group": self.group}
 
     # --------------------------------------------------------------------------------------
     def select(self, call: AttentionCall) -> Selection | None:
