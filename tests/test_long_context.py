@@ -122,3 +122,27 @@ def test_configs_compose_for_every_attention_method(tmp_path):
         method = build_attention(cfg.attention)
         assert (method is None) == (name == "none")
         OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_attention_doc_blocks_read_back_the_results(tmp_path):
+    """The generated docs tables hold exactly the numbers of results.json."""
+    from sparsebench.experiments.tables import attention_blocks
+
+    res = run_point(["attention=quest", "attention.dense_layers=[]", "attention.budget=32", "attention.page_size=8",
+                     f"evaluator=[{','.join(LONG_EVALS)}]", "evaluator.passkey.budgets=[16]",
+                     "evaluator.long_decode.budgets=[16]", *small(*LONG_EVALS)], tmp_path)
+    m = res["metrics"]
+    blocks = attention_blocks(tmp_path / "out")
+
+    def rows(block):
+        return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()
+                if line.startswith("| tiny")]
+
+    passkey = rows(blocks["attention-passkey"])
+    assert [(r[3], r[4]) for r in passkey] == [("200", "16"), ("400", "16")]
+    assert passkey[0][6] == f"{m['passkey/budget=16/ctx=200']:.2f}" and passkey[0][5] == f"{m['passkey/dense/ctx=200']:.2f}"
+    decode = rows(blocks["attention-decode"])
+    assert [(r[3], r[7]) for r in decode] == [(str(c), f"{m[f'long_decode/ctx={c}/budget=16/speedup']:.2f}")
+                                              for c in (128, 256)]
+    ppl = rows(blocks["attention-perplexity"])
+    assert {(r[3], r[7]) for r in ppl} == {(c, f"{m[f'long_perplexity/{c}/len=256']:.2f}") for c in ("tiny", "tiny_prose")}
