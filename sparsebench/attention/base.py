@@ -212,6 +212,15 @@ def masked_attention(query, key, value, keep, scaling, softcap=None) -> torch.Te
     return torch.matmul(probs, v).transpose(1, 2).contiguous()
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, index[b, h, k]]`` for x [batch, heads, n, d] and index [batch, heads, k]: one
+    ``index_select`` of whole rows of the flattened cache (several times faster on CPU than
+    ``gather`` with an index expanded over d)."""
+    b, h, n, d = x.shape
+    offsets = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
+    return x.reshape(b * h * n, d).index_select(0, (index + offsets).flatten()).view(b, h, -1, d)
+
+
 def gathered_attention(query, key, value, index, scaling) -> torch.Tensor:
     """One-query attention that reads only the rows ``index`` names ([batch, h, k], h the
     kv heads or the query heads; -1 pads). Output [batch, 1, q_heads, head_dim]."""
@@ -219,19 +228,19 @@ def gathered_attention(query, key, value, index, scaling) -> torch.Tensor:
     hkv = key.shape[1]
     g = hq // hkv
     valid = index >= 0
-    idx = index.clamp(min=0)
-    if idx.shape[1] == hq and g > 1:  # per query head: gather each group's rows from its kv head
+    if bool(valid.all()):  # no padding: no mask (sdpa's fast path)
+        valid = None
+    idx = index.clamp(min=0) if valid is not None else index
+    if idx.shape[1] == hq and g > 1:  # per query head: each group's rows from its kv head
         k_sel = idx.shape[-1]
         flat = idx.reshape(b, hkv, g * k_sel)
-        gi = flat[..., None].expand(b, hkv, g * k_sel, d)
-        ks = key.gather(2, gi).view(b, hq, k_sel, d)
-        vs = value.gather(2, gi).view(b, hq, k_sel, d)
-        mask = valid[:, :, None, :]
+        ks = gather_rows(key, flat).view(b, hq, k_sel, d)
+        vs = gather_rows(value, flat).view(b, hq, k_sel, d)
+        mask = None if valid is None else valid[:, :, None, :]
         out = F.scaled_dot_product_attention(query, ks, vs, attn_mask=mask, scale=scaling)
     else:
-        gi = idx[..., None].expand(*idx.shape, d)
-        ks, vs = key.gather(2, gi), value.gather(2, gi)
-        mask = expand_heads(valid, hq)[:, :, None, :]
+        ks, vs = gather_rows(key, idx), gather_rows(value, idx)
+        mask = None if valid is None else expand_heads(valid, hq)[:, :, None, :]
         out = F.scaled_dot_product_attention(query, ks, vs, attn_mask=mask, scale=scaling, enable_gqa=g > 1)
     return out.transpose(1, 2).contiguous()
 

@@ -97,17 +97,16 @@ class Quest(AttentionMethod):
         k_pages = min(self.pages_for(n), n_pages)
         if k_pages >= n_pages:
             return None
-        kmin, kmax = self._page_bounds(call)
-        q = call.query  # [b, hq, 1, d]
-        if self.group == "kv":
-            scores = page_bound(q, _repeat(kmin, call.groups), _repeat(kmax, call.groups))  # [b, hq, 1, p]
-            b, hq = scores.shape[:2]
-            scores = scores.view(b, hq // call.groups, call.groups, n_pages).amax(2)  # [b, hkv, p]
-        else:
-            scores = page_bound(q, _repeat(kmin, call.groups), _repeat(kmax, call.groups))[:, :, 0]
-        top = scores.topk(k_pages, dim=-1).indices.sort(-1).values  # [b, h, k_pages]
+        kmin, kmax = self._page_bounds(call)  # [b, hkv, p, d]
+        b, hkv, _, d = kmin.shape
+        g = call.groups
+        q = call.query.view(b, hkv, g, d)  # query head j = kv head j // g, as repeat_kv lays them out
+        scores = page_bound(q, kmin, kmax)  # [b, hkv, g, p]: no copy of the bounds per query head
+        scores = scores.amax(2) if self.group == "kv" else scores.view(b, hkv * g, n_pages)
+        top = scores.topk(k_pages, dim=-1, sorted=False).indices.sort(-1).values  # [b, h, k_pages]
         index = (top[..., None] * page + torch.arange(page, device=top.device)).flatten(-2)
-        index = torch.where(index < n, index, -1)
+        if n % page:  # only the last page can hang over the cache
+            index = torch.where(index < n, index, -1)
         forced = self._forced(call.positions, n, q.device)
         if forced is not None:  # add the forced tokens the pages missed, padding the rest
             from .base import index_to_keep
@@ -119,31 +118,43 @@ class Quest(AttentionMethod):
         return Selection(index=index)
 
     def _page_bounds(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-page key min/max [b, hkv, pages, d]; complete pages are kept in the layer's
-        state, so a decode step computes the bounds of only the new complete page(s) and the
-        partial last page."""
+        """Per-page key min/max [b, hkv, pages, d], kept in the layer's state between steps:
+        a decode step folds only its new key into the last page's bounds (in place, in a
+        buffer grown by doubling), so it reads no bounds but the ones it scores with."""
         page = int(self.cfg.page_size)
-        key = call.key
-        n = call.n_keys
-        complete = n // page
+        key, n = call.key, call.n_keys
         state = call.state
-        done = state.get("pages_done", 0)
-        if done > complete:
-            done = 0
-        if complete > done:
-            blocks = key[:, :, done * page:complete * page].unflatten(2, (complete - done, page))
-            new_min, new_max = blocks.amin(3), blocks.amax(3)
-            if done:
-                new_min = torch.cat([state["kmin"], new_min], 2)
-                new_max = torch.cat([state["kmax"], new_max], 2)
-            state.update(kmin=new_min, kmax=new_max, pages_done=complete)
-        kmin = state.get("kmin", key[:, :, :0])
-        kmax = state.get("kmax", key[:, :, :0])
-        if n % page:
-            tail = key[:, :, complete * page:n]
-            kmin = torch.cat([kmin, tail.amin(2, keepdim=True)], 2)
-            kmax = torch.cat([kmax, tail.amax(2, keepdim=True)], 2)
-        return kmin, kmax
+        seen = state.get("bounds_keys", 0)
+        b, hkv, _, d = key.shape
+        n_pages = -(-n // page)
+        if seen > n or "kmin" not in state or (n - seen) > page:  # (re)compute from the whole cache
+            cap = max(2 * n_pages, 16)
+            kmin = key.new_empty(b, hkv, cap, d)
+            kmax = key.new_empty(b, hkv, cap, d)
+            full = n // page
+            if full:
+                blocks = key[:, :, :full * page].unflatten(2, (full, page))
+                kmin[:, :, :full], kmax[:, :, :full] = blocks.amin(3), blocks.amax(3)
+            if n % page:
+                tail = key[:, :, full * page:n]
+                kmin[:, :, full], kmax[:, :, full] = tail.amin(2), tail.amax(2)
+            state.update(kmin=kmin, kmax=kmax)
+        else:
+            kmin, kmax = state["kmin"], state["kmax"]
+            if n_pages > kmin.shape[2]:  # grow the buffers
+                grown_min, grown_max = key.new_empty(b, hkv, 2 * n_pages, d), key.new_empty(b, hkv, 2 * n_pages, d)
+                grown_min[:, :, :kmin.shape[2]], grown_max[:, :, :kmax.shape[2]] = kmin, kmax
+                kmin, kmax = grown_min, grown_max
+                state.update(kmin=kmin, kmax=kmax)
+            for j in range(seen, n):  # a decode step: one new key
+                p, k = j // page, key[:, :, j]
+                if j % page == 0:
+                    kmin[:, :, p], kmax[:, :, p] = k, k
+                else:
+                    kmin[:, :, p] = torch.minimum(kmin[:, :, p], k)
+                    kmax[:, :, p] = torch.maximum(kmax[:, :, p], k)
+        state["bounds_keys"] = n
+        return kmin[:, :, :n_pages], kmax[:, :, :n_pages]
 
     def _teacher_forced(self, call: AttentionCall) -> Selection:
         """Every query selects as a decode step at its position would: pages before its own

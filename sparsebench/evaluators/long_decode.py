@@ -94,10 +94,11 @@ class LongDecode(Evaluator):
         cfg = self.cfg
         new = int(cfg.new_tokens)
         limit = max_context(ctx.model)
-        contexts = [int(c) for c in cfg.contexts if int(c) + new <= limit]
-        if not contexts:
-            raise ConfigError(f"evaluator.long_decode.contexts={list(cfg.contexts)} leave no room for "
-                              f"{new} new tokens in the model's context window ({limit})")
+        # a context at the window's edge is shortened to leave room for the new tokens (8192 → 8176)
+        contexts = sorted({min(int(c), limit - new) for c in cfg.contexts})
+        if contexts[0] < 1:
+            raise ConfigError(f"evaluator.long_decode.new_tokens={new} leaves no room for a context in the "
+                              f"model's context window ({limit})")
         metrics, per_layer, info = {}, {}, {"contexts": contexts}
         w_bytes = weight_bytes(ctx.model)
         with attached_attention(ctx, record_stats=False) as session:
