@@ -208,3 +208,40 @@ def test_state_snapshot_restores_a_prefilled_sequence():
 def test_every_combination_of_options_validates():
     for group, prefill in itertools.product(["query", "kv"], ["dense", "sparse"]):
         assert quest(group=group, prefill=prefill).summary()["group"] == group
+
+
+def test_gather_rows_reads_views_of_a_preallocated_buffer():
+    from sparsebench.attention.base import gather_rows
+
+    gen = torch.Generator().manual_seed(0)
+    buf = torch.randn(2, 3, 50, 8, generator=gen)
+    view = buf[:, :, :37]
+    index = torch.randint(0, 37, (2, 3, 11), generator=gen)
+    expected = torch.stack([torch.stack([view[b, h, index[b, h]] for h in range(3)]) for b in range(2)])
+    assert torch.equal(gather_rows(view, index), expected)
+    assert torch.equal(gather_rows(view.contiguous(), index), expected)
+    assert torch.equal(gather_rows(view.transpose(2, 3).contiguous().transpose(2, 3), index), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_preallocated_cache_decodes_exactly_as_dynamic_cache(arch):
+    import copy
+
+    from sparsebench.attention._kv_cache import PreallocatedLayer, preallocated_cache
+
+    model = tiny(arch)
+    ids = random_ids(batch=1, seq=40, seed=9)
+    session = AttentionSparsity(quest(budget=16, prefill="dense")).attach(model)
+    outs = []
+    for make in (lambda: DynamicCache(config=model.config), lambda: preallocated_cache(model)):
+        cache = make()
+        session.reset()
+        with torch.no_grad():
+            logits = [model(input_ids=ids[:, :300 // 10], past_key_values=cache, use_cache=True).logits[:, -1:]]
+            cache = copy.deepcopy(cache)
+            logits += [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                       for t in range(30, 40)]
+        outs.append(torch.cat(logits, 1))
+    session.detach()
+    assert any(isinstance(layer, PreallocatedLayer) for layer in preallocated_cache(model).layers)
+    assert torch.equal(outs[0], outs[1])

@@ -217,8 +217,16 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     ``index_select`` of whole rows of the flattened cache (several times faster on CPU than
     ``gather`` with an index expanded over d)."""
     b, h, n, d = x.shape
-    offsets = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
-    return x.reshape(b * h * n, d).index_select(0, (index + offsets).flatten()).view(b, h, -1, d)
+    s0, s1, s2, s3 = x.stride()
+    if s3 == 1 and s2 == d and s1 % d == 0 and s0 % d == 0:
+        # rows of the storage x views (a preallocated cache hands attention a view of its buffer)
+        rows = x.as_strided(((b - 1) * (s0 // d) + (h - 1) * (s1 // d) + n, d), (d, 1))
+        offsets = (torch.arange(b, device=x.device)[:, None] * (s0 // d)
+                   + torch.arange(h, device=x.device)[None, :] * (s1 // d))[..., None]
+    else:
+        rows = x.reshape(b * h * n, d)
+        offsets = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
+    return rows.index_select(0, (index + offsets).flatten()).view(b, h, -1, d)
 
 
 def gathered_attention(query, key, value, index, scaling) -> torch.Tensor:

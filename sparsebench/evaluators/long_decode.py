@@ -8,6 +8,9 @@ variant processes identical inputs). Each variant is timed ``repeats`` times aft
 the median step time, and the speedup is the same-run ratio to dense attention. Weights
 are cold as in any real decode (the model is read front to back every step).
 
+The KV cache appends in place (``sparsebench.attention._kv_cache``), as a serving engine's does:
+transformers' ``DynamicCache`` would copy the whole cache every step in both arms.
+
 Beside the speed: the fraction of decode steps whose argmax equals dense attention's, the
 bytes one step reads (all weights, plus per layer the K/V rows attended and what the
 method reads to select them, ``selection_bytes``), and their ratio — the bytes-bound limit
@@ -23,6 +26,7 @@ import time
 
 import torch
 
+from ..attention._kv_cache import preallocated_cache
 from ..attention._runtime import attached_attention, attention_budget
 from ..attention.base import attention_modules
 from ..data.corpus import heldout_windows
@@ -89,8 +93,6 @@ class LongDecode(Evaluator):
     timing = True
 
     def evaluate(self, ctx):
-        from transformers import DynamicCache
-
         cfg = self.cfg
         new = int(cfg.new_tokens)
         limit = max_context(ctx.model)
@@ -110,7 +112,7 @@ class LongDecode(Evaluator):
                 window = heldout_windows(ctx.tokenizer, ctx.splits, 1, c + new)
                 ids = window.ids[0]
                 info[f"ctx={c}/source"] = window.sources[0]
-                cache = DynamicCache(config=ctx.model.config)
+                cache = preallocated_cache(ctx.model)
                 if session is not None:
                     session.reset()
                 t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import copy
 
 import torch
 
+from ..attention._kv_cache import preallocated_cache
 from ..attention._runtime import attached_attention, attention_budget
 from ..data.passkey import answer_key, passkey_items
 from ..errors import ConfigError
@@ -65,8 +66,6 @@ class Passkey(Evaluator):
 
     @torch.no_grad()
     def evaluate(self, ctx):
-        from transformers import DynamicCache
-
         cfg = self.cfg
         limit = max_context(ctx.model)
         contexts = [int(c) for c in cfg.contexts if int(c) <= limit]
@@ -88,7 +87,7 @@ class Passkey(Evaluator):
                 snapshot = None
                 for i, v in enumerate(variants):
                     if snapshot is None or not share_prefill:
-                        cache = DynamicCache(config=ctx.model.config)
+                        cache = preallocated_cache(ctx.model)
                         if session is not None:
                             session.reset()
                         with self._mode(session, v):
