@@ -4,7 +4,7 @@ For each context length, a held-out window of that many tokens is prefilled once
 untimed); the KV cache and the method's per-sequence state are copied and decoding
 continues ``new_tokens`` steps from each copy, feeding the window's next tokens (so every
 variant processes identical inputs). Each variant is timed ``repeats`` times after
-``warmup``; a step's time is the median over its repeats, a variant's tokens/s is one over
+``warmup``, the variants taking turns within each repeat; a step's time is the median over its repeats, a variant's tokens/s is one over
 the median step time, and the speedup is the same-run ratio to dense attention. Weights
 are cold as in any real decode (the model is read front to back every step).
 
@@ -122,19 +122,21 @@ class LongDecode(Evaluator):
                 state = session.snapshot() if session is not None else None
                 n_layers = len(cache.layers)
                 dense_kv = sum(kv_bytes(cache, i) for i in range(n_layers))
-                step_med, argmaxes = {}, {}
-                for v in variants:
-                    runs = []
-                    for r in range(int(cfg.warmup) + int(cfg.repeats)):
+                step_med, argmaxes, runs = {}, {}, {v: [] for v in variants}
+                # variants interleaved within each repeat, so a drift of the machine's speed
+                # reaches every variant alike and the same-run ratios stay fair
+                for r in range(int(cfg.warmup) + int(cfg.repeats)):
+                    for v in variants:
                         run_cache = copy.deepcopy(cache)
                         if session is not None:
                             session.restore(state)
                         with self._mode(session, v):
                             times, am = timed_steps(ctx.model, run_cache, ids[c:c + new])
                         if r >= int(cfg.warmup):
-                            runs.append(times)
+                            runs[v].append(times)
                         argmaxes[v] = am
-                    step_med[v] = statistics.median(statistics.median(col) for col in zip(*runs))
+                for v in variants:
+                    step_med[v] = statistics.median(statistics.median(col) for col in zip(*runs[v]))
                     name = variant_name(v)
                     metrics[f"long_decode/ctx={c}/{name}/tokens_per_s"] = 1.0 / step_med[v]
                 for v in variants[1:]:
