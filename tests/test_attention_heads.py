@@ -60,12 +60,9 @@ def test_all_heads_is_the_dense_model_exactly(arch, unit):
         ref = model(ids).logits
     method = build_attention(make_cfg(heads=1.0, unit=unit, dense_layers=[]))
     method.load_state(random_state(model))
-    session = AttentionSparsity(method).attach(model)
-    try:
+    with AttentionSparsity(method).attach(model):
         with torch.no_grad():
             out = model(ids).logits
-    finally:
-        session.detach()
     assert torch.equal(out, ref)
     assert method.selection_bytes(20, 2, 16, 2) == 0  # the predictor does not run
 
@@ -126,12 +123,9 @@ def test_sparse_run_equals_zeroed_heads_reference(arch, unit):
     method.load_state(state)
     with torch.no_grad():
         dense = model(ids).logits
-    session = AttentionSparsity(method).attach(model)
-    try:
+    with AttentionSparsity(method).attach(model) as session:
         with torch.no_grad():
             out = model(ids).logits
-    finally:
-        session.detach()
     ref = reference_zeroed(model, ids, state, 0.5, unit, dense_layers)
     assert (out - dense).abs().max() > 1e-2  # heads were really dropped
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -150,14 +144,11 @@ def test_prefill_dense_leaves_multi_token_forwards_dense():
         ref = model(ids).logits
     method = build_attention(make_cfg(heads=0.5, prefill="dense", dense_layers=[]))
     method.load_state(random_state(model))
-    session = AttentionSparsity(method).attach(model)
-    try:
+    with AttentionSparsity(method).attach(model):
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref)
             cache = model(ids[:, :-1], use_cache=True).past_key_values
             step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
-    finally:
-        session.detach()
     assert (step[:, 0] - ref[:, -1]).abs().max() > 1e-3  # the decode step dropped heads
 
 
@@ -177,15 +168,13 @@ def test_teacher_forced_equals_token_by_token_decode(arch, unit):
 
     model, method, session, _ = calibrated(arch, unit, heads=0.5)
     ids = ids_for(2, 24, seed=7)
-    try:
+    with session:
         with torch.no_grad():
             with session.dense():
                 dense = model(ids).logits
             forced = model(ids).logits
             cache = DynamicCache(config=model.config)
             steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
-    finally:
-        session.detach()
     decoded = torch.cat(steps, 1)
     assert (forced - dense).abs().max() > 1e-2
     torch.testing.assert_close(decoded, forced, atol=1e-4, rtol=0)
@@ -269,10 +258,8 @@ def test_calibrate_trains_on_the_dense_pass(monkeypatch, label):
     monkeypatch.setattr(hs, "train_head_predictor", lambda X, Y, *a, **k: seen.append((X, Y)) or real(X, Y, *a, **k))
     method = build_attention(make_cfg(dense_layers=[], label=label, label_heads=0.5, steps=2))
     session = AttentionSparsity(method).attach(model)  # calibrate runs the model dense itself
-    try:
+    with session:
         method.calibrate(model, session, batches)
-    finally:
-        session.detach()
     assert len(seen) == 2
     for i, (X, Y) in enumerate(seen):
         x = torch.cat(grabbed[("x", i)])

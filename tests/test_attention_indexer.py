@@ -130,12 +130,10 @@ def test_full_budget_is_exactly_dense(calibrated, prefill):
     ref_dec = decode_logits(model, ids)
     for over in ({"budget": SEQ}, {"budget": 1, "budget_fraction": 1.0}):
         _, session = session_for(model, state, prefill=prefill, **over)
-        try:
+        with session:
             with torch.no_grad():
                 got = model(ids).logits
             got_dec = decode_logits(model, ids)
-        finally:
-            session.detach()
         assert torch.equal(got, ref), (arch, over)
         assert torch.equal(got_dec, ref_dec), (arch, over)
         assert session.density() == [1.0, 1.0]
@@ -147,15 +145,13 @@ def test_teacher_forced_equals_decode(calibrated):
     with torch.no_grad():
         dense = model(ids).logits
     _, session = session_for(model, state, budget=6, prefill="sparse")
-    try:
+    with session:
         with torch.no_grad():
             tf = model(ids).logits
         tf_density = session.density()
         session.reset_stats()
         dec = decode_logits(model, ids)
         dec_density = session.density()
-    finally:
-        session.detach()
     assert (tf - dense).abs().max() > 1e-2  # the selection does change the output
     assert all(d < 0.5 for d in tf_density)
     torch.testing.assert_close(dec, tf, atol=1e-4, rtol=0)
@@ -174,11 +170,9 @@ def test_selection_is_topk_of_bruteforce_index_score(calibrated, layer):
     # teacher-forced: every query's own top-k
     method, session = session_for(model, state, budget=budget, prefill="sparse")
     calls, selections = spy(session, method)
-    try:
+    with session:
         with torch.no_grad():
             model(ids)
-    finally:
-        session.detach()
     call = next(c for c in calls if c["layer"] == layer)
     keep = next(s for lay, _, s in selections if lay == layer).keep
     assert keep.shape == (1, 4, 20, 20) and bool((keep == keep[:, :1]).all())  # one choice for all heads
@@ -197,12 +191,10 @@ def test_selection_is_topk_of_bruteforce_index_score(calibrated, layer):
     method, session = session_for(model, state, budget=budget, prefill="dense")
     calls, selections = spy(session, method)
     cache = DynamicCache(config=model.config)
-    try:
+    with session:
         with torch.no_grad():
             model(ids[:, :19], past_key_values=cache, use_cache=True)
             model(ids[:, 19:], past_key_values=cache, use_cache=True)
-    finally:
-        session.detach()
     pre, step = [c for c in calls if c["layer"] == layer]
     assert pre["out"] is None  # dense prefill ran the model's own sdpa
     index = next(s for lay, q, s in selections if lay == layer and q == 1).index
@@ -256,11 +248,9 @@ def test_trained_indexer_generalises(calibrated):
     allowed = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()[None, None].expand(8, 1, SEQ, SEQ)
     method, session = session_for(model, states[1])  # dense prefill: only collects the inputs
     calls, _ = spy(session, method)
-    try:
+    with session:
         with torch.no_grad():
             model(ids)
-    finally:
-        session.detach()
     result = {}
     for steps, state in states.items():
         method.load_state(state)

@@ -41,14 +41,10 @@ def attached_attention(ctx, record_stats: bool = True):
     if method is None:
         yield None
         return
-    session = AttentionSparsity(method, record_stats=record_stats).attach(ctx.model)
-    try:
+    with AttentionSparsity(method, record_stats=record_stats).attach(ctx.model) as session:
         if method.needs_calibration:
-            info = calibrate_attention(ctx, session)
-            session.calibration_info = info
+            session.calibration_info = calibrate_attention(ctx, session)
         yield session
-    finally:
-        session.detach()
 
 
 def calibrate_attention(ctx, session) -> dict:

@@ -366,6 +366,13 @@ class AttentionSparsity:
             self._model.set_attn_implementation(self._previous_impl)
         self._model = None
 
+    def __enter__(self) -> AttentionSparsity:
+        """``with AttentionSparsity(method).attach(model) as session:`` detaches on exit."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
     @contextlib.contextmanager
     def dense(self):
         """Every layer attends densely inside (the same-process baseline)."""

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..sparsifiers.wina import topk_mask
 from . import ATTENTION_METHODS
 from .base import AttentionCall, AttentionMethod, Selection, _layer_types, attention_modules
 
@@ -77,12 +78,6 @@ BATCH_TOKENS = 1024  # the reference's mini-batch
 def keep_count(fraction: float, n: int) -> int:
     """Units kept out of ``n``: floor(fraction · n) (the reference's label rule), in [1, n]."""
     return max(1, min(n, int(math.floor(float(fraction) * n + 1e-6))))
-
-
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask of the ``k`` largest entries along the last dimension."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
 
 
 def group_scores(logits: torch.Tensor, groups: int) -> torch.Tensor:
