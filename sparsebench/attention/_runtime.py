@@ -99,3 +99,21 @@ def _writable(cfg):
 
     with read_write(cfg), open_dict(cfg):
         yield
+
+
+def attention_variants(session, budgets) -> list:
+    """What an evaluator compares: ``"dense"`` attention, then the method at each of
+    ``budgets`` (token counts), or at its own setting (``None``) when no budgets are given or
+    the method has no token budget (head_sparsity); only ``"dense"`` for attention=none."""
+    if session is None:
+        return ["dense"]
+    if budgets and "budget" in session.method.cfg:
+        return ["dense", *(int(b) for b in budgets)]
+    return ["dense", None]
+
+
+def attention_variant(session, variant):
+    """A context in which attention runs as ``variant`` (an entry of ``attention_variants``)."""
+    if session is None:
+        return contextlib.nullcontext()
+    return session.dense() if variant == "dense" else attention_budget(session, variant)

@@ -27,22 +27,14 @@ import time
 import torch
 
 from ..attention._kv_cache import preallocated_cache
-from ..attention._runtime import attached_attention, attention_budget
+from ..attention._runtime import attached_attention, attention_variant, attention_variants
 from ..attention.base import attention_modules
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
+from .decode import weight_bytes
 from .passkey import max_context, variant_name
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every weight a decode step reads (embeddings: one row, ignored; a tied LM
-    head counted once)."""
-    head = model.get_output_embeddings()
-    total = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                if isinstance(m, torch.nn.Linear) and m is not head)
-    return total + head.weight.numel() * head.weight.element_size()
 
 
 def kv_bytes(cache, layer: int) -> int:
@@ -102,12 +94,9 @@ class LongDecode(Evaluator):
             raise ConfigError(f"evaluator.long_decode.new_tokens={new} leaves no room for a context in the "
                               f"model's context window ({limit})")
         metrics, per_layer, info = {}, {}, {"contexts": contexts}
-        w_bytes = weight_bytes(ctx.model)
+        w_bytes = weight_bytes(ctx.model, ctx.controller)["total"]
         with attached_attention(ctx, record_stats=False) as session:
-            # a method without a token budget (head_sparsity) runs at its own setting
-            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets \
-                and "budget" in session.method.cfg else [None]
-            variants = ["dense"] + (budgets if session is not None else [])
+            variants = attention_variants(session, cfg.budgets)
             for c in contexts:
                 window = heldout_windows(ctx.tokenizer, ctx.splits, 1, c + new)
                 ids = window.ids[0]
@@ -116,7 +105,7 @@ class LongDecode(Evaluator):
                 if session is not None:
                     session.reset()
                 t0 = time.perf_counter()
-                with torch.no_grad(), (session.dense() if session is not None else contextlib.nullcontext()):
+                with torch.no_grad(), attention_variant(session, "dense"):
                     ctx.model(input_ids=ids[None, :c], past_key_values=cache, use_cache=True, logits_to_keep=1)
                 metrics[f"long_decode/ctx={c}/prefill_s"] = time.perf_counter() - t0
                 state = session.snapshot() if session is not None else None
@@ -130,7 +119,7 @@ class LongDecode(Evaluator):
                         run_cache = copy.deepcopy(cache)
                         if session is not None:
                             session.restore(state)
-                        with self._mode(session, v):
+                        with attention_variant(session, v):
                             times, am = timed_steps(ctx.model, run_cache, ids[c:c + new])
                         if r >= int(cfg.warmup):
                             runs[v].append(times)
@@ -156,12 +145,6 @@ class LongDecode(Evaluator):
         info |= {"weight_bytes": w_bytes, "attention": summary}
         return EvalResult(metrics=metrics, per_layer=per_layer, info={"long_decode": info})
 
-    @staticmethod
-    def _mode(session, variant):
-        if session is None:
-            return contextlib.nullcontext()
-        return session.dense() if variant == "dense" else attention_budget(session, variant)
-
     def _sparse_kv_bytes(self, ctx, session, cache, state, tokens, variant, n_layers) -> float:
         """Bytes of K/V (and selection metadata) one sparse step reads, averaged over the
         steps of an untimed pass with statistics on."""
@@ -170,7 +153,7 @@ class LongDecode(Evaluator):
         session.reset_stats()
         session.record_stats = True
         try:
-            with self._mode(session, variant):
+            with attention_variant(session, variant):
                 timed_steps(ctx.model, run_cache, tokens)
         finally:
             session.record_stats = False
@@ -194,6 +177,6 @@ class LongDecode(Evaluator):
         run_cache = copy.deepcopy(cache)
         if session is not None:
             session.restore(state)
-        with attention_timer(ctx.model) as spent, self._mode(session, variant):
+        with attention_timer(ctx.model) as spent, attention_variant(session, variant):
             timed_steps(ctx.model, run_cache, tokens)
         return [1e3 * statistics.median(s) for s in spent]

@@ -14,13 +14,12 @@ items (95% bootstrap CI, exact McNemar p), and the fraction of K/V rows the deco
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 
 from ..attention._kv_cache import preallocated_cache
-from ..attention._runtime import attached_attention, attention_budget
+from ..attention._runtime import attached_attention, attention_variant, attention_variants
 from ..data.passkey import answer_key, passkey_items
 from ..errors import ConfigError
 from ..stats import paired_accuracy
@@ -76,10 +75,7 @@ class Passkey(Evaluator):
         items = passkey_items(ctx.tokenizer, contexts, int(cfg.per_context), int(cfg.seed), int(cfg.question_chars),
                               int(cfg.answer_tokens), _haystack(ctx, str(cfg.haystack)))
         with attached_attention(ctx) as session:
-            # a method without a token budget (head_sparsity) runs at its own setting
-            budgets = [int(b) for b in cfg.budgets] if session is not None and cfg.budgets \
-                and "budget" in session.method.cfg else [None]
-            variants = ["dense"] + (budgets if session is not None else [])
+            variants = attention_variants(session, cfg.budgets)
             correct = {v: {c: [] for c in contexts} for v in variants}
             reads = {v: [0, 0] for v in variants}
             share_prefill = session is None or session.method.prefill == "dense"
@@ -90,7 +86,7 @@ class Passkey(Evaluator):
                         cache = preallocated_cache(ctx.model)
                         if session is not None:
                             session.reset()
-                        with self._mode(session, v):
+                        with attention_variant(session, v):
                             ctx.model(input_ids=item.prefill[None], past_key_values=cache, use_cache=True,
                                       logits_to_keep=1)
                         if share_prefill and i < len(variants) - 1:
@@ -100,7 +96,7 @@ class Passkey(Evaluator):
                         session.restore(snapshot[1])
                     if session is not None:
                         session.reset_stats()
-                    with self._mode(session, v):
+                    with attention_variant(session, v):
                         answer = continue_greedy(ctx.model, cache, item.decode, int(cfg.answer_tokens))
                     correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
                     if session is not None:
@@ -109,14 +105,6 @@ class Passkey(Evaluator):
             summary = session.method.summary() if session is not None else {}
             calib = getattr(session, "calibration_info", None) if session is not None else None
         return self._result(contexts, skipped, variants, correct, reads, summary, calib)
-
-    @staticmethod
-    def _mode(session, variant):
-        if session is None:
-            return contextlib.nullcontext()
-        if variant == "dense":
-            return session.dense()
-        return attention_budget(session, variant)
 
     def _result(self, contexts, skipped, variants, correct, reads, summary, calib) -> EvalResult:
         metrics, items, paired = {}, {}, {}
