@@ -328,6 +328,7 @@ class AttentionSparsity:
         self.method = method
         self.enabled = True
         self.record_stats = record_stats
+        self.calibration_info: dict | None = None  # a trained method's: computed or cached, tokens
         self.stats: list[LayerStats] = []
         self._states: dict[int, dict] = {}
         self._hooks: list = []

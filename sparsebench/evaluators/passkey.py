@@ -103,7 +103,7 @@ class Passkey(Evaluator):
                         reads[v][0] += sum(s.keys_attended for s in session.stats)
                         reads[v][1] += sum(s.keys_allowed for s in session.stats)
             summary = session.method.summary() if session is not None else {}
-            calib = getattr(session, "calibration_info", None) if session is not None else None
+            calib = session.calibration_info if session is not None else None
         return self._result(contexts, skipped, variants, correct, reads, summary, calib)
 
     def _result(self, contexts, skipped, variants, correct, reads, summary, calib) -> EvalResult:
