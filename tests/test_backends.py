@@ -261,7 +261,7 @@ def test_backend_equivalence_fuzz():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=40, deadline=None, derandomize=True)  # CI runs the same examples every time
     @given(arch=st.sampled_from(ARCHS), hidden=st.sampled_from([16, 32, 48]), inter=st.integers(8, 96),
            batch=st.integers(1, 3), seq=st.integers(1, 5), density=st.floats(0.0, 1.0),
            computed=st.sampled_from(["x", "act", "h"]), which=st.integers(0, len(SPARSE_BACKENDS) - 1),
