@@ -212,8 +212,15 @@ def test_every_sparsifier_runs_on_cuda(sparsifier, tmp_path):
     assert results["machine"]["gpu"] and results["metrics"]["perplexity"] > 1
 
 
+def test_a_gpu_only_backend_is_refused_on_the_cpu_before_the_model_loads(tmp_path):
+    from sparsebench.run import build_components
+
+    with pytest.raises(ConfigError, match="backend=triton runs on cuda, not on cpu"):
+        build_components(compose_cfg(["backend=triton"], tmp_path))
+
+
 @cuda
-@pytest.mark.parametrize("backend", ["dense", "index_select"])
+@pytest.mark.parametrize("backend", ["dense", "index_select", "triton"])
 def test_backends_run_on_cuda(backend, tmp_path):
     from sparsebench.run import run
 
