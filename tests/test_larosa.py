@@ -196,8 +196,8 @@ def test_params_levels_keep_the_reference_ratio_and_drop_the_requested_channels(
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("s", [0.3, 0.5, 0.74])
 def test_effective_levels_pay_for_the_rotations(arch, s):
-    """The default: channels dropped minus the rotations' d² per rotated input = s, per layer."""
-    _, sp, ctl, _ = build(arch, sparsity=s)
+    """effective: channels dropped minus the rotations' d² per rotated input = s, per layer."""
+    _, sp, ctl, _ = build(arch, sparsity=s, coefficient_norm="effective")
     assert sp.norm == "effective"
     for site in ctl.sites:
         s_rot, s_out = sp.levels(site.layer_idx)
@@ -292,10 +292,10 @@ def test_sparsity_accounting_charges_the_rotations():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("s", [0.3, 0.5])
-def test_default_reported_sparsity_is_the_requested_sparsity(arch, s):
+def test_effective_reported_sparsity_is_the_requested_sparsity(arch, s):
     """The sparsity evaluator's number (dropped channels minus the rotations, from
-    ``controller.linear_stats`` and ``dense_cost``) lands on s at the default."""
-    model, sp, ctl, _ = build(arch, sparsity=s)
+    ``controller.linear_stats`` and ``dense_cost``) lands on s under ``effective``."""
+    model, sp, ctl, _ = build(arch, sparsity=s, coefficient_norm="effective")
     with ctl.counting(), torch.no_grad():
         model(input_ids=random_ids(batch=4, seq=24, seed=6))
     _, per_layer, overall = linear_input_sparsity(ctl)
@@ -306,19 +306,19 @@ def test_default_reported_sparsity_is_the_requested_sparsity(arch, s):
 
 def test_unreachable_sparsity_is_refused_at_attach_naming_the_largest():
     model = make_tiny("llama")  # 2·64² of rotations per 36864 weights: at most 1 − 2/9 = 0.777…
-    sp = SPARSIFIERS.get("larosa")(config(sparsity=0.8))  # the setting itself is valid
+    sp = SPARSIFIERS.get("larosa")(config(sparsity=0.8, coefficient_norm="effective"))  # a valid setting
     with pytest.raises(ConfigError, match=r"sparsifier.sparsity=0.8 .*largest reachable sparsity is 0\.777") as exc:
         SparsityController(sp, DenseBackend()).attach(model)
     assert "\n" not in str(exc.value) and "coefficient_norm=params" in str(exc.value)
     # just below the limit: every channel but a few dropped, levels at most 1
-    _, top, _, _ = build("llama", sparsity=0.777)
+    _, top, _, _ = build("llama", sparsity=0.777, coefficient_norm="effective")
     assert max(top.levels(0)) <= 1.0 and min(top.levels(0)) > 0.95
     # params and none do not count the rotations: 0.8 of the channels is reachable
     for norm in ("params", "none"):
         _, ok, _, _ = build("llama", sparsity=0.8, coefficient_norm=norm, state={})
         assert max(ok.levels(0)) <= 1.0
     # rotation none costs nothing: everything below 1 is reachable
-    _, plain, ctl, _ = build("llama", sparsity=0.9, rotation="none")
+    _, plain, ctl, _ = build("llama", sparsity=0.9, rotation="none", coefficient_norm="effective")
     _, p_rot, p_out, _ = block_params(ctl.sites[0])
     assert plain.dense_cost(0, "q") == 0
     assert plain.levels(0) == block_levels(0.8, 1.2, 0.9, p_rot, p_out, "params")
@@ -352,7 +352,7 @@ def test_bad_settings_fail_in_one_line_naming_the_setting(key, value):
 
 
 def test_a_projection_subset_masks_only_those_linears():
-    model, sp, ctl, _ = build("llama", sparsity=0.5, projections=["gate", "up", "down"])
+    model, sp, ctl, _ = build("llama", sparsity=0.5, projections=["gate", "up", "down"], coefficient_norm="effective")
     assert sp.input_projections == ("gate", "up", "down")
     assert {m.proj for m, *_ in masked_calls(model, sp, random_ids(seed=8))} == {"gate", "up", "down"}
     s_rot, s_out = sp.levels(0)
@@ -375,11 +375,13 @@ def test_cli_run_end_to_end(tmp_path):
     assert set(runs) == {0.5, 0.3}
     for s, r in runs.items():
         assert r["sparsifier"]["coefficients"] == [0.8, 1.2] and r["sparsifier"]["sparsity_unit"] == "linear_inputs"
-        # the default pays for the two d×d rotations per layer with more dropped channels:
-        # the reported (effective) sparsity is the requested one, as for every other method
-        assert r["config"]["sparsifier"]["coefficient_norm"] == "effective"
-        assert r["metrics"]["sparsity/mean"] == pytest.approx(s, abs=0.02)
-        assert {"larosa_level/rotated", "larosa_level/out"} <= set(r["per_layer"][0])
+        # the default is the released code's literal levels 0.8·s / 1.2·s; the rotations are
+        # not paid for, so the reported sparsity (channels dropped minus them) is below s
+        assert r["config"]["sparsifier"]["coefficient_norm"] == "none"
+        for row in r["per_layer"]:
+            assert row["larosa_level/rotated"] == pytest.approx(0.8 * s)
+            assert row["larosa_level/out"] == pytest.approx(1.2 * s)
+        assert r["metrics"]["sparsity/mean"] < s - 0.1
     # Q does not depend on the sparsity: one calibration serves both points
     assert {r["sparsifier"]["calibration"] for r in runs.values()} == {"computed", "cached"}
 
@@ -387,7 +389,8 @@ def test_cli_run_end_to_end(tmp_path):
 def test_cli_unreachable_sparsity_fails_in_one_line_without_results(tmp_path):
     from test_cli import TINY, sparsebench
 
-    proc = sparsebench(["sparsifier=larosa", "sparsifier.sparsity=0.8", "evaluator=[sparsity]", *TINY,
+    proc = sparsebench(["sparsifier=larosa", "sparsifier.sparsity=0.8", "sparsifier.coefficient_norm=effective",
+                        "evaluator=[sparsity]", *TINY,
                         "hydra.run.dir=out"], tmp_path)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
