@@ -293,3 +293,17 @@ def test_a_sharded_bf16_checkpoint_runs_end_to_end_as_the_same_model(tmp_path):
     assert local["machine"]["dtype"] == "bfloat16"
     assert local["metrics"]["perplexity"] == memory["metrics"]["perplexity"]
     assert local["metrics"]["sparsity/mean"] == memory["metrics"]["sparsity/mean"]
+
+
+def test_the_calibration_memory_check_writes_what_the_docs_table_reads(tmp_path, monkeypatch):
+    import json
+
+    from sparsebench.experiments.checks.calibration_memory import main
+    from sparsebench.experiments.tables import calibration_memory_block
+
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    report = main(["--model", "tiny-llama", "--data", "tiny", "--out", str(tmp_path / "mem")])
+    saved = json.loads((tmp_path / "mem" / "tiny-llama-cats-streamed.json").read_text())
+    assert saved["calibration_peak_added_mib"] == report["calibration_peak_added_mib"] >= 0
+    assert saved["layers"] == 2 and saved["code"]["source_sha256"]
+    assert "| tiny-llama (2) | cats | streamed (now) |" in calibration_memory_block(tmp_path / "mem")

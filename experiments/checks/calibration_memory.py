@@ -54,6 +54,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="shakespeare")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="folder for <model>-<sparsifier>.json (the docs table reads "
+                                                "experiments/results/calibration_memory/)")
+    ap.add_argument("--label", default="streamed", help="what is measured, e.g. the code's capture scheme")
     ap.add_argument("overrides", nargs="*", help="further Hydra overrides, e.g. data.calibration.num_sequences=8")
     a = ap.parse_args(argv)
 
@@ -92,6 +95,16 @@ def main(argv=None) -> dict:
               "calibration_s": time.time() - t0}
     for k, v in report.items():
         print(f"{k:34s} {v:.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+    if a.out:
+        import json
+        from pathlib import Path
+
+        from sparsebench.provenance import code_version
+
+        out = Path(a.out) / f"{model_id}-{sparsifier.name}-{a.label}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**report, "label": a.label, "threads": a.threads, "code": code_version()}, indent=1))
+        print(f"[calibration_memory] {out}")
     return report
 
 
