@@ -28,7 +28,8 @@ from sparsebench.stats import critical_sparsity, format_delta
 REPO = Path(__file__).resolve().parent.parent
 COMPARISON = REPO / "experiments" / "results" / "comparison"
 # Files whose marked blocks are generated (``<!-- table:NAME -->`` … ``<!-- /table:NAME -->``).
-GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md", "docs/attention.md", "docs/methods.md")
+GENERATED_FILES = ("README.md", "docs/results.md", "docs/backends.md", "docs/attention.md", "docs/methods.md",
+                   "docs/gpu.md")
 
 def evaluated_method_rows(results: list[dict]) -> list[dict]:
     return [r for r in method_rows(results) if r["perplexity"] is not None or r["avg_acc"] is not None]
@@ -296,7 +297,8 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
                   "comparison-status": comparison_status(rows)}
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
-    return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block()}
+    return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block(),
+                                                             "calibration-memory": calibration_memory_block()}
 
 
 def planned_grid() -> tuple[list[str], list[str], list[float]]:
@@ -687,6 +689,28 @@ def predictor_block(root: Path = PREDICTORS) -> str:
     return _md_table(["model", "predictor", "imitates", "rank", "sparsity", "recall", "min layer recall",
                       "perplexity", "oracle perplexity", "gap to oracle", "ppl / dense", "cost (of MLP bytes)"],
                      out, f"`{PREDICTORS.relative_to(REPO)}/`")
+
+
+CALIBRATION_MEMORY = REPO / "experiments" / "results" / "calibration_memory"
+CAPTURE_LABELS = {"every_layer_held": "every layer's input held (before)", "streamed": "streamed (now)"}
+
+
+def calibration_memory_block(root: Path = CALIBRATION_MEMORY) -> str:
+    """Peak memory a calibration adds on top of the loaded model, per capture scheme
+    (``experiments/checks/calibration_memory.py --out``)."""
+    import json
+
+    runs = [json.loads(f.read_text()) for f in sorted(root.glob("*.json"))] if root.exists() else []
+    if not runs:
+        return "_No calibration memory measured yet (`python -m sparsebench.experiments.checks.calibration_memory`)._"
+    order = list(CAPTURE_LABELS)
+    runs.sort(key=lambda r: (r["model"], r["sparsifier"], order.index(r["label"]) if r["label"] in order else len(order)))
+    out = [[f"{r['model']} ({r['layers']})", r["sparsifier"], CAPTURE_LABELS.get(r["label"], r["label"]),
+            f"{r['calibration_tokens']:,}", f"{r['resident_after_load_mib']:,.1f}",
+            f"{r['calibration_peak_added_mib']:,.1f}", f"{r['one_layer_of_hidden_states_mib']:,.1f}"] for r in runs]
+    return _md_table(["model (layers)", "sparsifier", "calibration", "tokens", "resident after load, MiB",
+                      "peak added, MiB", "one layer of hidden states, MiB"], out,
+                     f"`{CALIBRATION_MEMORY.relative_to(REPO)}/`")
 
 
 def fill_blocks(text: str, blocks: dict[str, str]) -> str:

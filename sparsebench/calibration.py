@@ -19,6 +19,7 @@ import torch
 
 from .cache import atomic_write_bytes, atomic_write_json, cache_root, locked
 from .data.corpus import calibration_windows, prefix_tokens
+from .device import move_to
 from .provenance import code_digest
 
 # Modules every calibration runs through, besides the sparsifier's own.
@@ -30,9 +31,13 @@ def calibration_code(sparsifier) -> str:
     return code_digest([type(sparsifier).__module__, *CALIBRATION_MODULES])
 
 
-def calibration_key(model_id: str, dcfg, sparsifier, seed: int, tokenizer=None) -> dict:
+def calibration_key(model_id: str, dcfg, sparsifier, seed: int, tokenizer=None, model=None) -> dict:
+    params = next(model.parameters()) if model is not None else None
     return {
         "model": model_id,
+        # statistics of bf16 activations on a GPU are not those of fp32 ones on the CPU
+        "device": params.device.type if params is not None else None,
+        "dtype": str(params.dtype) if params is not None else None,
         "corpus": dcfg.corpus,
         "heldout_works": list(dcfg.get("heldout_works", [])),
         "num_sequences": int(dcfg.calibration.num_sequences),
@@ -57,7 +62,7 @@ def _load_verified(path, meta, key):
         except json.JSONDecodeError:
             return None
         if recorded.get("sha256") == hashlib.sha256(blob).hexdigest() and recorded.get("key") == key:
-            return torch.load(io.BytesIO(blob), weights_only=True)
+            return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
     return None
 
 
@@ -99,16 +104,21 @@ class ArtifactCache:
                 if state is not None:
                     _save(path, meta, key, state)
             if state is None:
-                state = compute()
+                # on the CPU whether computed or read back, so callers see one device
+                state = move_to(compute(), "cpu")
                 _save(path, meta, key, state)
         return state
 
 
 def load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id, dcfg, seed, cache_dir=None):
-    """Return (state, info) where info says whether the state came from the cache."""
+    """Return (state, info) where info says whether the state came from the cache.
+
+    The state is stored on the CPU (one cache serves CPU and GPU runs) and handed to
+    ``sparsifier.load_state`` on the model's device."""
+    device = next(model.parameters()).device
     if not sparsifier.needs_calibration:
         return {}, {"calibration": "none"}
-    key = calibration_key(model_id, dcfg, sparsifier, seed, tokenizer)
+    key = calibration_key(model_id, dcfg, sparsifier, seed, tokenizer, model)
     folder = cache_root(cache_dir) / "calibration"
     path = folder / f"{sparsifier.name}-{_digest(key)}.pt"
     meta = path.with_suffix(".json")
@@ -118,14 +128,14 @@ def load_or_calibrate(sparsifier, controller, model, tokenizer, splits, model_id
     with locked(path):
         state = _load_verified(path, meta, key)
         if state is not None:
-            sparsifier.load_state(state)
+            sparsifier.load_state(move_to(state, device))
             return state, {"calibration": "cached", "calibration_file": str(path)}
         windows = calibration_windows(tokenizer, splits, key["num_sequences"], key["seq_len"], seed)
-        batches = windows.split(int(dcfg.calibration.batch_size))
+        batches = windows.to(device).split(int(dcfg.calibration.batch_size))
         # lm-eval and others reseed the global RNG; calibration uses its own seed
         torch.manual_seed(seed)
-        state = sparsifier.calibrate(controller, model, batches)
+        state = move_to(sparsifier.calibrate(controller, model, batches), "cpu")
         _save(path, meta, key, state)
-    sparsifier.load_state(state)
+    sparsifier.load_state(move_to(state, device))
     return state, {"calibration": "computed", "calibration_file": str(path),
                    "calibration_tokens": int(windows.numel())}

@@ -21,6 +21,9 @@ from .errors import ConfigError
 
 # settings whose default is a number but where null means "no limit"
 NULLABLE = {("evaluator", "lm_eval", "limit")}
+# Settings whose shipped default is a number that also accept a word (lm-eval's own batch
+# size detection, on CUDA; the evaluator refuses it on the CPU).
+ALSO_ACCEPTS = {("evaluator", "lm_eval", "batch_size"): "auto"}
 
 
 @cache
@@ -110,6 +113,8 @@ def _check_level(group: str, defaults: dict, cfg, where: str, name: str) -> None
             _check_level(group, default, value, f"{where}.{key}", name)
             continue
         if value is None and (group, name, key) in NULLABLE:
+            continue
+        if value is not None and value == ALSO_ACCEPTS.get((group, name, key)):
             continue
         if not _fits(value, default):
             raise ConfigError(f"{where}.{key}={value!r} must be {_kind(default)}, e.g. {where}.{key}={_override(default)}")

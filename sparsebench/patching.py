@@ -239,7 +239,7 @@ class SparsityController:
             past = int(cache_position[0])
         elif pkv is not None and hasattr(pkv, "get_seq_length"):
             past = int(pkv.get_seq_length())
-        self._positions = torch.arange(past, past + ids.shape[1])
+        self._positions = torch.arange(past, past + ids.shape[1], device=ids.device)
 
     # -------------------------------------------------------------- modes
     @contextlib.contextmanager

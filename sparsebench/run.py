@@ -32,6 +32,7 @@ def build_components(cfg: DictConfig):
     (done before any model is loaded, so a bad override costs nothing and writes nothing)."""
     from .backends import BACKENDS
     from .config_check import check_option
+    from .device import resolve_device, resolve_dtype
     from .evaluators import EVALUATORS
     from .models.loader import check_model_config
     from .sparsifiers import SPARSIFIERS
@@ -43,13 +44,22 @@ def build_components(cfg: DictConfig):
     check_option("backend", cfg.backend)
     for e in evaluator_configs(cfg):
         check_option("evaluator", e, prefix=f"evaluator.{e.name}")
+    device = resolve_device(cfg.get("device", "auto"))
+    resolve_dtype(cfg.model.get("dtype", "auto"), device)
     sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)
     backend = BACKENDS.get(cfg.backend.name)(cfg.backend)
+    if device.type not in backend.device_types:
+        raise ConfigError(f"backend={backend.name} runs on {' or '.join(backend.device_types)}, not on {device}: "
+                          f"use device={backend.device_types[0]} or backend=index_select")
     evaluators = [EVALUATORS.get(e.name)(e) for e in evaluator_configs(cfg)]
+    for ev in evaluators:
+        if device.type not in ev.device_types:
+            raise ConfigError(f"evaluator {ev.name} runs on {' or '.join(ev.device_types)}, not on {device}: "
+                              f"use device={ev.device_types[0]}")
     return sparsifier, backend, evaluators
 
 
-def dense_baseline_cache(cfg: DictConfig, model_id: str, tokenizer):
+def dense_baseline_cache(cfg: DictConfig, model, model_id: str, tokenizer):
     """Where the dense baselines of this model, data and seed are kept: every point of a
     sweep over methods and sparsities shares them, so the dense pass runs once per model.
     Keyed by the tokenizer's special prefix and library versions; each entry also by the
@@ -60,7 +70,10 @@ def dense_baseline_cache(cfg: DictConfig, model_id: str, tokenizer):
     from .results import versions
 
     v = versions()
+    params = next(model.parameters())
     key = {"model": model_id, "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+           # bf16 on a GPU gives other numbers than fp32 on the CPU
+           "device": params.device.type, "dtype": str(params.dtype),
            "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
            "prefix_tokens": prefix_tokens(tokenizer),
            "versions": {k: v[k] for k in ("torch", "transformers", "lm_eval")}}
@@ -107,6 +120,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     from .calibration import load_or_calibrate
     from .comparison import compare_items
     from .data.corpus import load_corpus, prefix_tokens
+    from .device import device_info, resolve_device
     from .provenance import code_version, source_files
     from .evaluators import RunContext
     from .faults import checkpoint
@@ -132,7 +146,8 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
 
-    model, tokenizer, model_id = load_model(cfg.model, cfg.cache_dir)
+    device = resolve_device(cfg.get("device", "auto"))
+    model, tokenizer, model_id = load_model(cfg.model, cfg.cache_dir, device)
     splits = load_corpus(cfg.data, cfg.cache_dir)
     check_finite = bool(cfg.get("check_finite", True))
     controller = SparsityController(sparsifier, backend, prefill=prefill_policy(cfg),
@@ -144,7 +159,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
                      cache_dir=cfg.cache_dir)
 
     compare = bool(cfg.compare_dense) and sparsifier.name != "none"
-    dense_cache = dense_baseline_cache(cfg, model_id, tokenizer) if cfg.get("dense_cache", True) else None
+    dense_cache = dense_baseline_cache(cfg, model, model_id, tokenizer) if cfg.get("dense_cache", True) else None
     metrics, dense_metrics, per_layer, timings = {}, ({} if compare else None), {}, {}
     items, dense_items, info = {}, {}, {}
     lock_wait = 0.0
@@ -152,7 +167,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         t0, waited = time.time(), 0.0
         if ev.timing:
             controller.check_finite = False  # the unpatched baseline it is timed against has no check
-            with exclusive_timing(cfg.cache_dir, ev.name) as lock:
+            with exclusive_timing(cfg.cache_dir, ev.name, device) as lock:
                 res = ev.evaluate(ctx)
             controller.check_finite = check_finite
             waited = lock["waited_s"]
@@ -196,7 +211,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         "per_layer": rows,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions() | {"sparsebench": __version__},
-        "machine": machine(),
+        "machine": machine() | device_info(device) | {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
         "code": code,
         # vs the dense baseline on the same items: Δ, 95% paired-bootstrap CI, exact McNemar p
         "paired": compare_items(dense_items, items) if compare else {},

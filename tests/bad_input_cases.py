@@ -98,7 +98,7 @@ CASES = [
     ("a broken interpolation", ["backend.union=${", *TINY], "Error parsing override 'backend.union=${'"),
     ("unsupported dtype", lambda tmp: ["model=local", f"model.path={_save(tmp, 'm')}", "model.dtype=float64",
                                        "data=tiny", "logger.mode=disabled"],
-     "model.dtype=float64 is not supported; use float32, bfloat16 or float16"),
+     "model.dtype=float64 is not supported; use auto, float32, bfloat16, float16"),
     ("a misspelt setting", ["sparsifier.sparsty=0.5", *TINY],
      "Could not override 'sparsifier.sparsty': Key 'sparsty' is not in struct; check the spelling"),
     ("local model without a path", ["model=local", "data=tiny", "logger.mode=disabled"], "model=local needs a folder: pass model.path="),

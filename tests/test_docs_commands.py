@@ -569,7 +569,12 @@ def check_lm_eval(cmd: DocCommand, ws: Path) -> None:
         model_args = dict(kv.split("=", 1) for kv in model_args.split(","))
     assert args.model == "hf"
     assert Path(model_args["pretrained"]) == cache / "models" / cfg.model.name  # models.loader.convert_registry_model
-    assert model_args["dtype"] == cfg.model.dtype
+    # the dtype sparsebench loads the model in on the CPU (model.dtype auto: float32 there)
+    import torch
+
+    from sparsebench.device import resolve_dtype
+
+    assert model_args["dtype"] == str(resolve_dtype(cfg.model.dtype, torch.device("cpu"))).removeprefix("torch.")
     ev = cfg.evaluator.lm_eval
     tasks = args.tasks.split(",") if isinstance(args.tasks, str) else [t for arg in args.tasks for t in arg.split(",")]
     assert tasks == [PREFIX + t for t in ev.tasks]

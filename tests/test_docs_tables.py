@@ -309,3 +309,18 @@ def test_decode_fused_block_reads_back_its_runs(tmp_path):
         assert _num(row["overhead ms/token (share of step)"]) == pytest.approx(m["overhead/ms_per_token"], abs=0.005)
         assert row["identical (replayed masks)"] == "yes"
         assert row["Δ avg acc, points [95% CI] (comparison)"] == "—"
+
+
+def test_calibration_memory_block_reads_back_every_committed_measurement():
+    import json
+
+    from sparsebench.experiments.tables import CALIBRATION_MEMORY, calibration_memory_block
+
+    block = calibration_memory_block()
+    runs = [json.loads(f.read_text()) for f in sorted(CALIBRATION_MEMORY.glob("*.json"))]
+    assert runs and block.count("\n| ") == len(runs)  # one row per file (after the header and |---|)
+    for r in runs:
+        row = next(line for line in block.splitlines()
+                   if line.startswith(f"| {r['model']} (") and f"| {r['calibration_peak_added_mib']:,.1f} |" in line)
+        assert f"| {r['one_layer_of_hidden_states_mib']:,.1f} |" in row
+    assert block in (REPO / "docs" / "gpu.md").read_text()

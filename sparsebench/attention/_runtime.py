@@ -26,7 +26,9 @@ def attention_key(ctx, method) -> dict:
     from ..provenance import code_digest
 
     cfg = ctx.cfg
+    params = next(ctx.model.parameters())
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "device": params.device.type, "dtype": str(params.dtype),
             "prefix_tokens": prefix_tokens(ctx.tokenizer),
             "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
             "mlp_sparsifier": OmegaConf.to_container(cfg.sparsifier, resolve=True),

@@ -138,17 +138,20 @@ def predictor_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def train_head_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, seed: int):
     """Fit logits = B(A x) to boolean labels Y [N, heads] (weighted BCE, AdamW as the
-    reference); returns A [rank, d], B [heads, rank]. Deterministic for a seed."""
+    reference); returns A [rank, d], B [heads, rank] on X's device, float32 whatever X's dtype.
+    Deterministic for a seed: the initial weights and the shuffles come from a CPU generator
+    (the same on every device) and are moved to X's device."""
     gen = torch.Generator().manual_seed(seed)
     d, h = X.shape[1], Y.shape[1]
-    A = (torch.randn(rank, d, generator=gen) / d ** 0.5).to(X.device).requires_grad_()
-    B = (torch.randn(h, rank, generator=gen) / rank ** 0.5).to(X.device).requires_grad_()
+    X = X.float()
+    A = (torch.randn(rank, d, generator=gen, device="cpu") / d ** 0.5).to(X.device).requires_grad_()
+    B = (torch.randn(h, rank, generator=gen, device="cpu") / rank ** 0.5).to(X.device).requires_grad_()
     Yf = Y.float()
     opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01)
     done = 0
     with torch.enable_grad():
         while done < steps:  # epochs over shuffled tokens until the step budget is spent
-            for idx in torch.randperm(X.shape[0], generator=gen).split(BATCH_TOKENS):
+            for idx in torch.randperm(X.shape[0], generator=gen, device="cpu").split(BATCH_TOKENS):
                 idx = idx.to(X.device)
                 loss = predictor_loss((X[idx] @ A.T) @ B.T, Yf[idx])
                 opt.zero_grad()
@@ -260,9 +263,10 @@ class HeadSparsity(AttentionMethod):
         d = int(cfg.hidden_size)
         r = max(1, int(round(float(self.cfg.get("rank", 0.1)) * d)))
         k_label = keep_count(float(self.cfg.get("label_heads", 0.3)), q_heads)
-        A, B = torch.zeros(n_layers, r, d), torch.zeros(n_layers, q_heads, r)
-        trained = torch.zeros(n_layers, dtype=torch.bool)
-        report = {f"{part}_recall{u}": torch.zeros(n_layers, n)
+        # the state is kept on the CPU (cached on disk; ``_weights`` moves it to the K/V's device)
+        A, B = torch.zeros(n_layers, r, d, device="cpu"), torch.zeros(n_layers, q_heads, r, device="cpu")
+        trained = torch.zeros(n_layers, dtype=torch.bool, device="cpu")
+        report = {f"{part}_recall{u}": torch.zeros(n_layers, n, device="cpu")
                   for part in ("train", "holdout") for u, n in (("", q_heads), ("_kv", kv_heads))}
         train_device = device if device.type != "meta" else torch.device("cpu")
         for i in layers:

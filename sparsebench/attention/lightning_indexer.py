@@ -318,7 +318,7 @@ class LightningIndexer(AttentionMethod):
         gen = torch.Generator().manual_seed(int(self.cfg.seed))
         layers = sorted(data)
         per_layer = [self._fit(data[layer], gen) for layer in layers]
-        state = {"layers": torch.tensor(layers, dtype=torch.long)}
+        state = {"layers": torch.tensor(layers, dtype=torch.long, device="cpu")}  # states live on the CPU
         for key in (*_PARAMS, "losses", "loss_initial", "loss_final"):
             state[key] = torch.stack([r[key] for r in per_layer])
         return state
@@ -333,12 +333,14 @@ class LightningIndexer(AttentionMethod):
         hidden = samples[0][0].shape[-1]
         device = samples[0][0].device
         std = hidden ** -0.5
+        # drawn on the CPU (the same initial weights on every device), trained on the samples'
+        # device in float32 (the samples are float32 whatever the model's dtype)
         init = {
-            "wq": torch.randn(heads * dim, hidden, generator=gen) * std,
-            "wk": torch.randn(dim, hidden, generator=gen) * std,
-            "k_norm_weight": torch.ones(dim),
-            "k_norm_bias": torch.zeros(dim),
-            "ww": torch.randn(heads, hidden, generator=gen) * std,
+            "wq": torch.randn(heads * dim, hidden, generator=gen, device="cpu") * std,
+            "wk": torch.randn(dim, hidden, generator=gen, device="cpu") * std,
+            "k_norm_weight": torch.ones(dim, device="cpu"),
+            "k_norm_bias": torch.zeros(dim, device="cpu"),
+            "ww": torch.randn(heads, hidden, generator=gen, device="cpu") * std,
         }
         rope_dim, theta = self.rope_dim, self.rope_theta
 
@@ -366,9 +368,9 @@ class LightningIndexer(AttentionMethod):
             losses.append(loss.item())
         after = full_loss(params)
         out = {p: t.detach().cpu() for p, t in params.items()}
-        out["losses"] = torch.tensor(losses, dtype=torch.float32)
-        out["loss_initial"] = torch.tensor(before, dtype=torch.float32)
-        out["loss_final"] = torch.tensor(after, dtype=torch.float32)
+        out["losses"] = torch.tensor(losses, dtype=torch.float32, device="cpu")
+        out["loss_initial"] = torch.tensor(before, dtype=torch.float32, device="cpu")
+        out["loss_final"] = torch.tensor(after, dtype=torch.float32, device="cpu")
         return out
 
     # -- reporting ----------------------------------------------------------------------------

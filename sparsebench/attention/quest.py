@@ -16,7 +16,10 @@ and reads one set of pages per kv head (what a GQA serving kernel needs to save 
 ``sink_tokens``/``recent_tokens`` force the first/last tokens in; ``budget_fraction`` sets the budget
 as a fraction of the context; ``prefill: sparse`` applies the decode rule at every position of a
 multi-token forward, each query scoring pages from the keys up to itself only, so long-window
-perplexity measures what a token-by-token decode would see.
+perplexity measures what a token-by-token decode would see. Page bounds (min and max, exact
+in any dtype) are kept in the cache's dtype on its device; page scores are computed in
+float32 whatever the model's dtype (the reference scores in the model's fp16), so bf16
+rounding does not create ties the decode and teacher-forced paths would break differently.
 """
 from __future__ import annotations
 
@@ -101,7 +104,8 @@ class Quest(AttentionMethod):
         b, hkv, _, d = kmin.shape
         g = call.groups
         q = call.query.view(b, hkv, g, d)  # query head j = kv head j // g, as repeat_kv lays them out
-        scores = page_bound(q, kmin, kmax)  # [b, hkv, g, p]: no copy of the bounds per query head
+        # [b, hkv, g, p]: no copy of the bounds per query head; float32 (a no-op for a float32 model)
+        scores = page_bound(q.float(), kmin.float(), kmax.float())
         scores = scores.amax(2) if self.group == "kv" else scores.view(b, hkv * g, n_pages)
         top = scores.topk(k_pages, dim=-1, sorted=False).indices.sort(-1).values  # [b, h, k_pages]
         index = (top[..., None] * page + torch.arange(page, device=top.device)).flatten(-2)
@@ -166,8 +170,9 @@ class Quest(AttentionMethod):
         n_pages = -(-n // page)
         padded = torch.nn.functional.pad(key, (0, 0, 0, n_pages * page - n))
         blocks = padded.unflatten(2, (n_pages, page))  # [b, hkv, p, page, d]
-        run_max = blocks.cummax(3).values.flatten(2, 3)[:, :, :n]  # running bounds within each page
-        run_min = blocks.cummin(3).values.flatten(2, 3)[:, :, :n]
+        run_max = blocks.cummax(3).values.flatten(2, 3)[:, :, :n].float()  # running bounds within each page
+        run_min = blocks.cummin(3).values.flatten(2, 3)[:, :, :n].float()
+        q = q.float()  # scores in float32, as the decode path's (no-ops for a float32 model)
         last = torch.clamp(torch.arange(1, n_pages + 1, device=key.device) * page, max=n) - 1
         full_min, full_max = run_min[:, :, last], run_max[:, :, last]
         g = call.groups

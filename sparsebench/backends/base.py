@@ -19,6 +19,8 @@ class Backend:
     """
 
     name: str = "base"
+    # Device types it runs on (run.py refuses the others before loading the model).
+    device_types: tuple[str, ...] = ("cpu", "cuda")
 
     def __init__(self, cfg=None):
         self.cfg = cfg

@@ -111,6 +111,7 @@ def tokens_per_sequence(x: torch.Tensor, rows: int) -> int:
 
 @BACKENDS.register("cached")
 class CachedBackend(Backend):
+    device_types = ("cpu",)  # a Cython/OpenMP kernel on host memory
     def __init__(self, cfg=None):
         super().__init__(cfg)
         get = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)

@@ -181,6 +181,7 @@ def fused_weights(gate, up, down, *, gate_bias=None, up_bias=None, down_bias=Non
 
 @BACKENDS.register("fused")
 class FusedBackend(Backend):
+    device_types = ("cpu",)  # a Cython/OpenMP kernel on host memory
     PREFILL = ("dense_mask", "per_token")
     DENSE_PATHS = ("torch", "kernel")
     WEIGHTS = ("model", "bfloat16")

@@ -21,6 +21,9 @@ work each window is centred in one of equal-length segments, so they never overl
 cover the work from beginning to end. ``Windows.tokens_per_source`` records how many
 scored tokens each work contributed. Calibration windows are drawn with a seeded
 generator from the calibration works.
+
+**Devices.** Token ids are returned as CPU tensors, whatever device the model is on; the
+consumers (evaluators, calibration, attention methods) move them to the model's device.
 """
 from __future__ import annotations
 

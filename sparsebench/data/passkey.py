@@ -12,7 +12,9 @@ prefilled, the rest (the question and some filler) is fed one token at a time as
 steps, so the queries that must find the needle are decode queries, which a decode-time
 method (Quest) sparsifies. The prefill part is tokenized as the model's tokenizer does by
 default (BOS where it adds one); the decode part without special tokens.
-``haystack_text`` replaces the filler by other text (e.g. held-out prose).
+``haystack_text`` replaces the filler by other text (e.g. held-out prose). The items' token
+ids are CPU tensors; the evaluator (``sparsebench.evaluators.passkey``) moves them to the
+model's device.
 """
 from __future__ import annotations
 

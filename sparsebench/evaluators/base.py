@@ -37,6 +37,8 @@ class Evaluator:
     # Whether the evaluator measures time: run.py then holds the per-machine timing lock
     # (sparsebench.timing) around it, so parallel sweep jobs never time on shared cores.
     timing: bool = False
+    # Device types it runs on (run.py refuses the others before loading the model).
+    device_types: tuple[str, ...] = ("cpu", "cuda")
 
     def __init__(self, cfg):
         self.cfg = cfg

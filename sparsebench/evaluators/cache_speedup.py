@@ -18,7 +18,8 @@ what a deployment would see rather than on random masks:
   ``churns``; the curve the measured points should sit on.
 
 The activation is SiLU for every model: it costs the same as GELU-tanh and does not
-change which rows are read.
+change which rows are read. The row cache is the ``cached`` backend's Cython/OpenMP kernel
+on host memory, so the evaluator runs on the CPU only (``device=cpu``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..bench import mask_sequence, time_layer
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device, refuse_cuda
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode
 
@@ -64,12 +66,14 @@ def record_decode_masks(ctx, prompt: torch.Tensor, new_tokens: int) -> dict[int,
 class CacheSpeedup(Evaluator):
     compare_dense = False  # needs masks
     timing = True
+    device_types = ("cpu",)  # the cached backend's row cache (Cython/OpenMP on host memory)
 
     @torch.no_grad()
     def evaluate(self, ctx):
         from ..backends.weights import mlp_weights
 
         cfg, ctl = self.cfg, ctx.controller
+        refuse_cuda(model_device(ctx.model), "evaluator cache_speedup (the cached backend's row cache)")
         threads = int(cfg.threads)
         torch.set_num_threads(threads)
         prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens)).ids

@@ -18,6 +18,7 @@ import torch
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
@@ -71,8 +72,9 @@ class Churn(Evaluator):
         ctl.mask_observer, ctl.linear_mask_observer = on_mlp, on_linear
         try:
             windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
+            device = model_device(ctx.model)  # held-out windows come on the CPU
             for batch in windows.split(int(self.cfg.batch_size)):
-                ctx.model(input_ids=batch, logits_to_keep=1)
+                ctx.model(input_ids=batch.to(device), logits_to_keep=1)
         finally:
             ctl.mask_observer, ctl.linear_mask_observer = observers
         if not counter.tokens:

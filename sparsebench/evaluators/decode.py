@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -33,26 +32,32 @@ from torch import nn
 from ..backends.weights import projections_to_compute
 from ..data.corpus import heldout_windows
 from . import EVALUATORS
+from ..device import model_device, timer
 from .base import EvalResult, Evaluator
 
 
 @torch.no_grad()
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
-    """(generated ids [B, new_tokens], prefill seconds, decode seconds for the rest)."""
+    """(generated ids [B, new_tokens] on the model's device, prefill seconds, decode seconds
+    for the rest). ``prompt`` is moved to the model's device (untimed); on CUDA the clock is
+    read after synchronizing."""
     from transformers import DynamicCache
 
-    t0 = time.perf_counter()
+    device = model_device(model)
+    prompt = prompt.to(device)
+    clock = timer(device)
+    t0 = clock()
     out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [nxt]
-    t1 = time.perf_counter()
+    t1 = clock()
     past = out.past_key_values
     for _ in range(new_tokens - 1):
         out = model(input_ids=nxt, past_key_values=past, use_cache=True)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(nxt)
-    t2 = time.perf_counter()
+    t2 = clock()
     return torch.cat(tokens, dim=1), t1 - t0, t2 - t1
 
 
@@ -151,7 +156,9 @@ class Decode(Evaluator):
 
     def evaluate(self, ctx):
         cfg, controller = self.cfg, ctx.controller
+        # held-out ids come on the CPU: moved once, so no timed run copies them
         prompt = heldout_windows(ctx.tokenizer, ctx.splits, int(cfg.batch_size), int(cfg.prompt_tokens)).ids
+        prompt = prompt.to(model_device(ctx.model))
         n_new = int(cfg.new_tokens)
         if n_new < 2:
             from ..errors import ConfigError

@@ -5,35 +5,37 @@ call during greedy KV-cached decoding of ``new_tokens`` tokens after a prompt; t
 per-layer value is the median over decode steps (the prefill forward is excluded).
 Reported per layer (``latency/mlp_ms``, ``latency/attn_ms`` against the ``layer`` axis
 in results.json and W&B) and summed over layers. Run with ``threads`` set: timings on a
-shared machine are noisy, medians make them comparable within one run.
+shared machine are noisy, medians make them comparable within one run. On CUDA each hook
+synchronizes the device before reading the clock, so a module's time is its kernels' time.
 """
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from ..data.corpus import heldout_windows
 from . import EVALUATORS
+from ..device import model_device, timer as device_clock
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode
 
 
 class _Timer:
-    def __init__(self):
+    def __init__(self, device=None):
         self.samples: dict[tuple[str, int], list[float]] = {}
         self.active = False
+        self.clock = device_clock(device)  # CUDA: synchronizes before reading the clock
         self._start: dict[tuple[str, int], float] = {}
 
     def hooks(self, module, key):
         def pre(_m, _args):
             if self.active:
-                self._start[key] = time.perf_counter()
+                self._start[key] = self.clock()
 
         def post(_m, _args, _out):
             if self.active and key in self._start:
-                self.samples.setdefault(key, []).append(time.perf_counter() - self._start.pop(key))
+                self.samples.setdefault(key, []).append(self.clock() - self._start.pop(key))
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
@@ -44,12 +46,13 @@ class LayerLatency(Evaluator):
     @torch.no_grad()
     def evaluate(self, ctx):
         ctl = ctx.controller
-        timer = _Timer()
+        device = model_device(ctx.model)
+        timer = _Timer(device)
         handles = []
         for site in ctl.sites:
             handles += timer.hooks(site.installed, ("mlp", site.layer_idx))
             handles += timer.hooks(site.layer.self_attn, ("attn", site.layer_idx))
-        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(self.cfg.prompt_tokens)).ids
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(self.cfg.prompt_tokens)).ids.to(device)
         try:
             greedy_decode(ctx.model, prompt, 4)  # warm-up
             ctl.backend.reset()

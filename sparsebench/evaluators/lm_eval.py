@@ -6,16 +6,29 @@ call, how many token positions reached each MLP and how many of them had a mask
 applied, and reports both: a sparse run whose masked fraction is not 1.0 did not
 measure what it claims. Per-document correctness is kept (``items``) so a sparse run
 and its dense baseline — or any two runs — are compared on the same documents.
+
+Devices: HFLM takes its device from the model (``HFLM.device`` is ``model.device`` when
+``pretrained`` is a model object), and both scorers feed the model there; log-probabilities
+are float32 whatever the model's dtype. ``batch_size: auto`` (CUDA only) is lm-eval's
+detection: from ``max_batch_size`` (64) down, halving on out-of-memory, with forwards of
+the longest request and full-vocabulary logits; ``score_continuations_only`` keeps fewer
+logits than that, so the size found fits its forwards too. The detection's dummy forwards
+are not counted in the MLP statistics. A CUDA out-of-memory error while scoring stops the
+run with one line naming ``evaluator.lm_eval.batch_size``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
 from ..data.tasks import PREFIX, prepare_tasks
+from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
@@ -31,6 +44,8 @@ def continuation_scoring_lm(**kwargs):
     continuation positions (``logits_to_keep`` with an index tensor). Tokenisation,
     truncation and right padding are HFLM's; requests with the same input tokens
     (same context, one-token continuations) share one forward, as HFLM's logits cache does.
+    Inputs are built on the CPU and moved to ``self.device`` (the model's); the
+    log-softmax is float32. ``batch_size="auto"``: HFLM's detection on the longest input.
     """
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
@@ -43,22 +58,27 @@ def continuation_scoring_lm(**kwargs):
                 inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
                 groups.setdefault(inp, []).append(n)
             inputs = sorted(groups, key=lambda t: (-len(t), t))  # longest first, like HFLM
-            size = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
+            if isinstance(self.batch_size, int):
+                size = self.batch_size
+            elif override_bs or not inputs:
+                size = override_bs or 1
+            else:  # "auto": sized on the longest input (the first batch); the rest are shorter
+                size = self._detect_batch_size([requests[groups[inputs[0]][0]]], 0)
             answers: list[tuple[float, bool] | None] = [None] * len(requests)
             bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
             for start in range(0, len(inputs), size):
                 batch = inputs[start:start + size]
-                ids = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+                ids = torch.zeros(len(batch), len(batch[0]), dtype=torch.long, device="cpu")  # moved below
                 spans = []  # (row, request, first scored position, continuation tokens)
                 for row, inp in enumerate(batch):
-                    ids[row, :len(inp)] = torch.tensor(inp)
+                    ids[row, :len(inp)] = torch.tensor(inp, device="cpu")
                     for n in groups[inp]:
                         cont = requests[n][2]
                         spans.append((row, n, len(inp) - len(cont), cont))
                 positions = sorted({p for _, _, a, c in spans for p in range(a, a + len(c))})
                 with torch.no_grad():
                     logits = model(ids.to(self.device), logits_to_keep=torch.tensor(positions, device=self.device)).logits
-                logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                logp = F.log_softmax(logits.float(), dim=-1, dtype=self.softmax_dtype)
                 column = {p: k for k, p in enumerate(positions)}
                 for row, n, a, cont in spans:
                     lp = logp[row, [column[p] for p in range(a, a + len(cont))]]
@@ -74,6 +94,44 @@ def continuation_scoring_lm(**kwargs):
     return ContinuationScoringHFLM(**kwargs)
 
 
+def lm_eval_batch_size(value, device) -> int | str:
+    """``evaluator.lm_eval.batch_size``: a positive integer, or ``auto`` on CUDA (lm-eval's
+    detection halves on CUDA out-of-memory; on the CPU it would just take the largest)."""
+    if str(value) == "auto":
+        if device.type != "cuda":
+            raise ConfigError(f"evaluator.lm_eval.batch_size=auto needs a CUDA device (the model is on {device}); "
+                              "give a number, e.g. evaluator.lm_eval.batch_size=8")
+        return "auto"
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ConfigError(f"evaluator.lm_eval.batch_size={value} must be a positive integer (or auto on CUDA), "
+                          "e.g. evaluator.lm_eval.batch_size=8")
+    return size
+
+
+def _uncounted(controller, detect, *args, **kwargs):
+    """lm-eval's batch-size detection with the controller's MLP statistics off."""
+    prev, controller.collect_stats = controller.collect_stats, False
+    try:
+        return detect(*args, **kwargs)
+    finally:
+        controller.collect_stats = prev
+
+
+@contextlib.contextmanager
+def out_of_memory_names_the_knob(batch_size, device):
+    """A CUDA out-of-memory error while scoring, as one line naming the batch size."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        smaller = "4" if batch_size == "auto" else str(max(1, int(batch_size) // 2))
+        raise ConfigError(f"evaluator.lm_eval.batch_size={batch_size} ran out of memory on {device} while scoring; "
+                          f"use a smaller one, e.g. evaluator.lm_eval.batch_size={smaller}") from None
+
+
 @EVALUATORS.register("lm_eval")
 class LMEvalAccuracy(Evaluator):
     def evaluate(self, ctx):
@@ -81,15 +139,19 @@ class LMEvalAccuracy(Evaluator):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        device = model_device(ctx.model)
+        batch_size = lm_eval_batch_size(self.cfg.batch_size, device)
         if self.cfg.get("include_path"):  # user-supplied task YAMLs, task names used as given
             include_path, tasks = self.cfg.include_path, list(self.cfg.tasks)
         else:
             include_path, tasks = prepare_tasks(list(self.cfg.tasks), self.cfg.package, ctx.cache_dir)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         lm_class = continuation_scoring_lm if self.cfg.get("score_continuations_only", True) else HFLM
-        lm = lm_class(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=int(self.cfg.batch_size),
-                      max_length=self.cfg.get("max_length"))
-        with ctx.controller.counting() as stats, torch.no_grad():
+        lm = lm_class(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size,
+                      max_length=self.cfg.get("max_length"), softmax_dtype=torch.float32)
+        if batch_size == "auto":  # the detection's dummy forwards are not lm-eval tokens
+            lm._detect_batch_size = functools.partial(_uncounted, ctx.controller, lm._detect_batch_size)
+        with ctx.controller.counting() as stats, torch.no_grad(), out_of_memory_names_the_knob(batch_size, device):
             out = simple_evaluate(
                 model=lm, tasks=tasks, limit=self.cfg.limit, num_fewshot=self.cfg.get("num_fewshot"),
                 task_manager=TaskManager(include_path=str(include_path)), bootstrap_iters=0,

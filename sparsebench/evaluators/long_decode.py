@@ -15,14 +15,14 @@ Beside the speed: the fraction of decode steps whose argmax equals dense attenti
 bytes one step reads (all weights, plus per layer the K/V rows attended and what the
 method reads to select them, ``selection_bytes``), and their ratio — the bytes-bound limit
 of the speedup. An untimed pass with hooks gives each layer's attention latency (median
-over steps) at the longest context.
+over steps) at the longest context. On CUDA the clock is read after synchronizing the device
+(the token ids are on the model's device before the timed steps).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import statistics
-import time
 
 import torch
 
@@ -32,6 +32,7 @@ from ..attention.base import attention_modules
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device, timer
 from .base import EvalResult, Evaluator
 from .decode import weight_bytes
 from .passkey import max_context, variant_name
@@ -44,12 +45,17 @@ def kv_bytes(cache, layer: int) -> int:
 
 @torch.no_grad()
 def timed_steps(model, cache, tokens: torch.Tensor) -> tuple[list[float], list[int]]:
-    """Seconds of each decode step feeding ``tokens`` one at a time, and each step's argmax."""
+    """Seconds of each decode step feeding ``tokens`` one at a time, and each step's argmax.
+    The tokens go to the model's device before the first step (each step's input is a view
+    of them: no host-to-device copy is timed)."""
+    device = model_device(model)
+    clock = timer(device)
+    steps = tokens.to(device).reshape(-1, 1)
     times, argmax = [], []
-    for tok in tokens.tolist():
-        t0 = time.perf_counter()
-        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
-        times.append(time.perf_counter() - t0)
+    for i in range(steps.shape[0]):
+        t0 = clock()
+        logits = model(input_ids=steps[i:i + 1], past_key_values=cache, use_cache=True).logits
+        times.append(clock() - t0)
         argmax.append(int(logits[0, -1].argmax()))
     return times, argmax
 
@@ -57,6 +63,7 @@ def timed_steps(model, cache, tokens: torch.Tensor) -> tuple[list[float], list[i
 @contextlib.contextmanager
 def attention_timer(model):
     """Per-layer seconds spent in the attention module, appended per call."""
+    clock = timer(model_device(model))
     spent: list[list[float]] = []
     handles = []
     for i, mod in enumerate(attention_modules(model)):
@@ -64,10 +71,10 @@ def attention_timer(model):
         start = {}
 
         def pre(module, args, kwargs, start=start):
-            start["t"] = time.perf_counter()
+            start["t"] = clock()
 
         def post(module, args, kwargs, output, start=start, i=i):
-            spent[i].append(time.perf_counter() - start["t"])
+            spent[i].append(clock() - start["t"])
 
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
@@ -95,19 +102,21 @@ class LongDecode(Evaluator):
                               f"model's context window ({limit})")
         metrics, per_layer, info = {}, {}, {"contexts": contexts}
         w_bytes = weight_bytes(ctx.model, ctx.controller)["total"]
+        device = model_device(ctx.model)
+        clock = timer(device)
         with attached_attention(ctx, record_stats=False) as session:
             variants = attention_variants(session, cfg.budgets)
             for c in contexts:
                 window = heldout_windows(ctx.tokenizer, ctx.splits, 1, c + new)
-                ids = window.ids[0]
+                ids = window.ids[0].to(device)  # held-out ids come on the CPU
                 info[f"ctx={c}/source"] = window.sources[0]
                 cache = preallocated_cache(ctx.model)
                 if session is not None:
                     session.reset()
-                t0 = time.perf_counter()
+                t0 = clock()
                 with torch.no_grad(), attention_variant(session, "dense"):
                     ctx.model(input_ids=ids[None, :c], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                metrics[f"long_decode/ctx={c}/prefill_s"] = time.perf_counter() - t0
+                metrics[f"long_decode/ctx={c}/prefill_s"] = clock() - t0
                 state = session.snapshot() if session is not None else None
                 n_layers = len(cache.layers)
                 dense_kv = sum(kv_bytes(cache, i) for i in range(n_layers))

@@ -22,6 +22,7 @@ from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from ..stats import paired_perplexity
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 from .passkey import max_context
 
@@ -29,16 +30,19 @@ from .passkey import max_context
 @torch.no_grad()
 def window_nll(model, windows, batch_size: int, chunk: int = 512) -> list[float]:
     """Summed NLL of the scored tokens of each window; the LM head runs on ``chunk``
-    positions at a time (4k positions of Gemma's 262k-entry vocabulary would be 4 GB)."""
+    positions at a time (4k positions of Gemma's 262k-entry vocabulary would be 4 GB). The
+    windows (CPU) go to the model's device; logits are float32, sums float64."""
     c = windows.context
+    device = model_device(model)
     head = model.get_output_embeddings()
     text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
     out: list[float] = []
     for batch in windows.ids.split(batch_size):
+        batch = batch.to(device)
         hidden = model.get_decoder()(input_ids=batch).last_hidden_state[:, c - 1:-1]
         target = batch[:, c:]
-        total = torch.zeros(batch.shape[0], dtype=torch.float64)
+        total = torch.zeros(batch.shape[0], dtype=torch.float64, device=hidden.device)
         for i in range(0, hidden.shape[1], chunk):
             logits = head(hidden[:, i:i + chunk]).float()
             if softcap:

@@ -11,6 +11,7 @@ import torch
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
@@ -32,10 +33,11 @@ class MaskQuality(Evaluator):
             c[2] += float(oracle.sum())
 
         windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
+        device = model_device(ctx.model)  # held-out windows come on the CPU
         prev, ctx.controller.mask_observer = ctx.controller.mask_observer, observe
         try:
             for batch in windows.split(int(self.cfg.batch_size)):
-                ctx.model(input_ids=batch, logits_to_keep=1)
+                ctx.model(input_ids=batch.to(device), logits_to_keep=1)
         finally:
             ctx.controller.mask_observer = prev
         if not counts:  # a dense run (controller.dense()) has nothing to compare

@@ -68,6 +68,10 @@ token, all layers), ``bytes_per_layer_token`` (the same per layer), ``fetch_ops_
 so any other tier can be costed from the counts. Statistics skip each window's first
 ``warmup_tokens`` positions (the caches still fill during them). Per layer: hit rates at
 ``per_layer_capacity`` (default: the middle of ``capacities``) and every window size.
+
+**Devices.** The forwards run wherever the model is (the windows go to its device); each
+batch's masks come back to the CPU as bool, and the replay is CPU bookkeeping (its tensors
+are made with ``device="cpu"``, or on the device of the masks a policy is given).
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ import torch
 from ..data.corpus import calibration_windows, heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 POLICIES = ("lru", "hot", "window")
@@ -122,12 +127,12 @@ class LRU(Policy):
     name = "lru"
 
     def __init__(self, capacity: torch.Tensor, width: int):
-        self.cap = torch.as_tensor(capacity, dtype=torch.long)
-        rows = self.cap.shape[-1]
-        self.ranks = torch.arange(width).expand(rows, width)
+        self.cap = torch.as_tensor(capacity, dtype=torch.long)  # its device is the state's
+        rows, device = self.cap.shape[-1], self.cap.device
+        self.ranks = torch.arange(width, device=device).expand(rows, width)
         self.pos = self.ranks.clone()
         self.perm = self.ranks.clone()
-        self.used = torch.zeros(rows, width, dtype=torch.bool)
+        self.used = torch.zeros(rows, width, dtype=torch.bool, device=device)
 
     def access(self, active):
         held = self.used & (self.pos < self.cap[..., None])
@@ -149,8 +154,9 @@ class LRU(Policy):
 def hot_set(counts: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
     """[R, I] bool: per row the ``capacity[r]`` neurons of highest count (ties: lower index)."""
     order = torch.sort(counts, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(counts.shape[1]).expand_as(order))
-    return rank < torch.as_tensor(capacity, dtype=torch.long).reshape(-1, 1)
+    ranks = torch.arange(counts.shape[1], device=counts.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    return rank < torch.as_tensor(capacity, dtype=torch.long, device=counts.device).reshape(-1, 1)
 
 
 class Hot(Policy):
@@ -174,9 +180,9 @@ class Window(Policy):
 
     name = "window"
 
-    def __init__(self, k: int, rows: int, width: int):
+    def __init__(self, k: int, rows: int, width: int, device="cpu"):
         self.k = int(k)
-        self.last = torch.full((rows, width), -(2 ** 40), dtype=torch.long)  # step last active
+        self.last = torch.full((rows, width), -(2 ** 40), dtype=torch.long, device=device)  # step last active
         self.t = 0
 
     def access(self, active):
@@ -216,7 +222,7 @@ def replay(masks: torch.Tensor, policy: Policy, warmup: int = 0, coalesce: bool 
     """Run ``policy`` over ``masks`` [T, R, I] (token-major), counting steps >= ``warmup``.
     Policies answering several variants at once (LRU with capacities [V, R]) give
     misses, ops and resident of shape [V, R]."""
-    zero = torch.zeros((), dtype=torch.long)
+    zero = torch.zeros((), dtype=torch.long, device=masks.device)
     acc = mis = ops = res = zero
     for t in range(masks.shape[0]):
         active = masks[t]
@@ -290,13 +296,14 @@ def capture_masks(ctx, windows: torch.Tensor, batch_size: int,
 
     observers = (ctl.mask_observer, ctl.linear_mask_observer)
     ctl.mask_observer, ctl.linear_mask_observer = on_mlp, on_linear
+    device = model_device(ctx.model)  # the windows come on the CPU; the masks go back there
     try:
         row = 0
         for batch in windows.split(batch_size):
             seen.clear()
-            ctx.model(input_ids=batch, logits_to_keep=1)
+            ctx.model(input_ids=batch.to(device), logits_to_keep=1)
             b, t = batch.shape
-            out = torch.zeros(len(widths), b, t, width, dtype=torch.bool)
+            out = torch.zeros(len(widths), b, t, width, dtype=torch.bool, device="cpu")
             for layer, w in enumerate(widths):
                 got = seen.get(layer, {})
                 mask = got.get("down") if got.get("down") is not None else got.get("mlp")
@@ -353,7 +360,7 @@ class Offload(Evaluator):
     def evaluate(self, ctx):
         cfg, ctl = self.cfg, ctx.controller
         bs, warmup = int(cfg.batch_size), int(cfg.warmup_tokens)
-        widths = torch.tensor([s.intermediate_size for s in ctl.sites])
+        widths = torch.tensor([s.intermediate_size for s in ctl.sites], device="cpu")
         n_layers, width = len(ctl.sites), int(widths.max())
 
         # held-out masks, token-major: [T, L, N, W]
@@ -361,7 +368,7 @@ class Offload(Evaluator):
         n, seq = windows.shape
         if warmup >= seq:
             raise ConfigError(f"evaluator.offload.warmup_tokens={warmup} leaves no token of a {seq}-token window")
-        held = torch.empty(seq, n_layers, n, width, dtype=torch.bool)
+        held = torch.empty(seq, n_layers, n, width, dtype=torch.bool, device="cpu")
 
         def keep(row, m):
             held[:, :, row:row + m.shape[1]] = m.permute(2, 0, 1, 3)
@@ -376,11 +383,11 @@ class Offload(Evaluator):
             dcal = ctx.cfg.data.calibration
             calib = calibration_windows(ctx.tokenizer, ctx.splits, int(dcal.num_sequences), int(dcal.seq_len),
                                         int(ctx.cfg.seed))
-            counts = torch.zeros(n_layers, width, dtype=torch.long)
+            counts = torch.zeros(n_layers, width, dtype=torch.long, device="cpu")
             capture_masks(ctx, calib, bs, lambda row, m: counts.add_(m.sum((1, 2))))
-            counts[torch.arange(width)[None, :] >= widths[:, None]] = -1  # padding is never hot
+            counts[torch.arange(width, device="cpu")[None, :] >= widths[:, None]] = -1  # padding is never hot
             info["offload_profile_tokens"] = int(calib.numel())
-        rb = torch.tensor([row_bytes(s, int(cfg.dtype_bytes)) for s in ctl.sites], dtype=torch.float64)
+        rb = torch.tensor([row_bytes(s, int(cfg.dtype_bytes)) for s in ctl.sites], dtype=torch.float64, device="cpu")
         with one_thread():
             metrics, per_layer = self.measure(held.view(seq, n_layers * n, width), n, widths, rb, counts)
         return EvalResult(metrics=metrics, per_layer=per_layer, info=info)
@@ -427,7 +434,8 @@ class Offload(Evaluator):
                 per_layer[f"offload/{tag}/hit_rate"] = [1.0 - float(m) / float(a) if float(a) else 1.0
                                                         for m, a in zip(mis, acc)]
 
-        caps = torch.tensor([[capacity_rows(c, int(w)) for w in per_row_width] for c in self.caps])  # [V, R]
+        caps = torch.tensor([[capacity_rows(c, int(w)) for w in per_row_width] for c in self.caps],
+                            device=masks.device)  # [V, R]
         for policy in self.policies:
             if policy == "lru":  # one pass answers every capacity
                 res = replay(masks, LRU(caps, width), warmup, coalesce)
@@ -440,6 +448,6 @@ class Offload(Evaluator):
                     record(f"hot/{cap_label(c)}", res.misses, res.ops, res.resident, c == self.per_layer_cap)
             else:
                 for k in self.ks:
-                    res = replay(masks, Window(k, rows, width), warmup, coalesce)
+                    res = replay(masks, Window(k, rows, width, masks.device), warmup, coalesce)
                     record(f"window/k{k}", res.misses, res.ops, res.resident, True)
         return metrics, per_layer

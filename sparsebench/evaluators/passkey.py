@@ -24,6 +24,7 @@ from ..data.passkey import answer_key, passkey_items
 from ..errors import ConfigError
 from ..stats import paired_accuracy
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
@@ -34,15 +35,17 @@ def max_context(model) -> int:
 
 @torch.no_grad()
 def continue_greedy(model, cache, decode_ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Feed ``decode_ids`` one token at a time, then greedily generate ``new_tokens``."""
+    """Feed ``decode_ids`` one token at a time, then greedily generate ``new_tokens``
+    (each input made on the model's device; the answer comes back as Python ints)."""
+    device = model_device(model)
     logits = None
     for tok in decode_ids.tolist():
-        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True).logits
     out = []
     for _ in range(new_tokens):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True).logits
     return out
 
 
@@ -74,6 +77,7 @@ class Passkey(Evaluator):
                               f"context window ({limit} tokens)")
         items = passkey_items(ctx.tokenizer, contexts, int(cfg.per_context), int(cfg.seed), int(cfg.question_chars),
                               int(cfg.answer_tokens), _haystack(ctx, str(cfg.haystack)))
+        device = model_device(ctx.model)  # the items' ids are CPU tensors
         with attached_attention(ctx) as session:
             variants = attention_variants(session, cfg.budgets)
             correct = {v: {c: [] for c in contexts} for v in variants}
@@ -87,7 +91,7 @@ class Passkey(Evaluator):
                         if session is not None:
                             session.reset()
                         with attention_variant(session, v):
-                            ctx.model(input_ids=item.prefill[None], past_key_values=cache, use_cache=True,
+                            ctx.model(input_ids=item.prefill[None].to(device), past_key_values=cache, use_cache=True,
                                       logits_to_keep=1)
                         if share_prefill and i < len(variants) - 1:
                             snapshot = (copy.deepcopy(cache), session.snapshot() if session else None)

@@ -16,15 +16,19 @@ import torch.nn.functional as F
 
 from ..data.corpus import heldout_windows
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
 @torch.no_grad()
 def window_nll(model, windows, batch_size: int) -> list[float]:
-    """Summed NLL of the scored tokens of each window."""
+    """Summed NLL of the scored tokens of each window (float32 whatever the model's dtype;
+    the windows come on the CPU and go to the model's device)."""
     c = windows.context
+    device = model_device(model)
     out: list[float] = []
     for batch in windows.ids.split(batch_size):
+        batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, c - 1 : -1].float()
         target = batch[:, c:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")

@@ -17,6 +17,7 @@ import torch
 
 from ..data.corpus import heldout_windows
 from . import EVALUATORS
+from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
@@ -44,9 +45,10 @@ class Sparsity(Evaluator):
     @torch.no_grad()
     def evaluate(self, ctx):
         windows = heldout_windows(ctx.tokenizer, ctx.splits, int(self.cfg.num_windows), int(self.cfg.seq_len)).ids
+        device = model_device(ctx.model)  # held-out windows come on the CPU
         with ctx.controller.counting() as stats:
             for batch in windows.split(int(self.cfg.batch_size)):
-                ctx.model(input_ids=batch, logits_to_keep=1)  # the MLPs are what we count
+                ctx.model(input_ids=batch.to(device), logits_to_keep=1)  # the MLPs are what we count
         layers = sorted(stats)
         neuron_layer = [stats[i].sparsity for i in layers]
         neuron_mean = sum(stats[i].zeroed for i in layers) / sum(stats[i].neurons for i in layers)

@@ -15,18 +15,19 @@ model they can eat the whole saving. This evaluator measures them directly:
    (``overhead/fraction_of_step``) and of the MLP calls (``overhead/fraction_of_mlp``).
 
 The hooks' own cost (two clock reads and a closure call per module call) is counted as
-overhead, so the figure is an upper bound. Needs a backend that times its kernels (fused).
+overhead, so the figure is an upper bound. Needs a backend that times its kernels (fused),
+so it runs on the CPU only (``device=cpu``); a CUDA model is refused.
 """
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from . import EVALUATORS
+from ..device import model_device, refuse_cuda, timer
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode, recording_masks, replaying_masks
 
@@ -35,18 +36,19 @@ class WallClock:
     """Forward pre/post hooks that add up the wall time spent inside a set of modules, on
     single-token calls only (decode steps; the prefill is not a decode step)."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, device=None):
         self.seconds, self.calls, self._t0, self._handles = 0.0, 0, 0.0, []
+        self.clock = timer(device)  # CUDA: synchronizes before reading the clock
         for m in modules:
             self._handles.append(m.register_forward_pre_hook(self._start))
             self._handles.append(m.register_forward_hook(self._stop))
 
     def _start(self, _module, args):
-        self._t0 = time.perf_counter() if args[0].numel() == args[0].shape[-1] else None
+        self._t0 = self.clock() if args[0].numel() == args[0].shape[-1] else None
 
     def _stop(self, *_):
         if self._t0 is not None:
-            self.seconds += time.perf_counter() - self._t0
+            self.seconds += self.clock() - self._t0
             self.calls += 1
 
     def remove(self):
@@ -68,36 +70,39 @@ def sparse_modules(controller) -> list[torch.nn.Module]:
 class StepOverhead(Evaluator):
     timing = True
     compare_dense = False
+    device_types = ("cpu",)  # the fused backend's kernels (Cython/OpenMP on host memory)
 
     @torch.no_grad()
     def evaluate(self, ctx):
         cfg, ctl = self.cfg, ctx.controller
+        device = model_device(ctx.model)
+        refuse_cuda(device, "evaluator step_overhead (it times the fused backend's kernels)")
         if "kernel_s" not in ctl.backend.stats():
             raise ConfigError(f"evaluator step_overhead needs a backend that times its kernels (backend=fused), "
                               f"not backend={ctl.backend.name}")
-        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens)).ids
+        prompt = heldout_windows(ctx.tokenizer, ctx.splits, 1, int(cfg.prompt_tokens)).ids.to(device)
         n_new = int(cfg.new_tokens)
         mlp_masks, linear_masks = [], []
         with recording_masks(ctl.sparsifier, mlp_masks, linear_masks):
             greedy_decode(ctx.model, prompt, n_new)
 
         def replay(instrument: bool):
-            clock = WallClock(sparse_modules(ctl)) if instrument else None
+            wall = WallClock(sparse_modules(ctl), device) if instrument else None
             ctl.backend.reset()
             try:
                 with replaying_masks(ctl.sparsifier, list(mlp_masks), list(linear_masks)):
                     _, prefill_s, decode_s = greedy_decode(ctx.model, prompt, n_new)
             finally:
-                if clock is not None:
-                    clock.remove()
-            return decode_s, prefill_s, clock, ctl.backend.stats()["kernel_s"]
+                if wall is not None:
+                    wall.remove()
+            return decode_s, prefill_s, wall, ctl.backend.stats()["kernel_s"]
 
         replay(False)  # warm-up
         steps, inside, kernel = [], [], []
         for _ in range(int(cfg.repeats)):
             steps.append(replay(False)[0])
-            _, _, clock, kernel_s = replay(True)
-            inside.append(clock.seconds)
+            _, _, wall, kernel_s = replay(True)
+            inside.append(wall.seconds)
             kernel.append(kernel_s)
         tokens = n_new - 1
         step_s = statistics.median(steps) / tokens

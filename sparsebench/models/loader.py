@@ -33,15 +33,6 @@ def set_offline() -> None:
     os.environ.update(HF_OFFLINE_ENV)
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ConfigError(f"model.dtype={name} is not supported; use float32, bfloat16 or float16") from None
-
-
 # ------------------------------------------------------------------ registry GGUF
 
 def _assemble_gguf(mcfg, cache: Path) -> Path:
@@ -208,15 +199,30 @@ def check_model_config(mcfg) -> None:
 
 # ------------------------------------------------------------------ entry point
 
-def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
-    """Return (model, tokenizer, model_id) for a model config; model in eval mode on CPU."""
+def load_model(mcfg, cache_dir: str | os.PathLike | None = None, device="cpu"):
+    """Return (model, tokenizer, model_id) for a model config; the model in eval mode on
+    ``device``, in ``model.dtype`` (``auto``: bf16 on CUDA, fp32 on the CPU)."""
+    import torch
+
+    from ..device import resolve_dtype
+
     set_offline()
     check_model_config(mcfg)
+    device = torch.device(device)
+    dtype = resolve_dtype(mcfg.get("dtype", "auto"), device)
     source = mcfg.source
     if source == "tiny":
         model = build_tiny_model(mcfg.arch, **dict(mcfg.get("config", {}) or {}), seed=int(mcfg.get("seed", 0)))
+        if dtype != torch.float32:
+            # the same fp32 draws loaded into a model built in ``dtype``, as from_pretrained
+            # does: ``.to(dtype)`` would also cast fp32 buffers such as RoPE's inv_freq
+            from transformers import AutoModelForCausalLM
+
+            cast = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+            cast.load_state_dict(model.state_dict())
+            model = cast.eval()
         tokenizer = tiny_tokenizer(model.config.vocab_size, add_bos=bool(mcfg.get("add_bos", False)))
-        return model, tokenizer, f"tiny-{mcfg.arch}"
+        return model.to(device), tokenizer, f"tiny-{mcfg.arch}"
     if source == "registry":
         folder = convert_registry_model(mcfg, cache_root(cache_dir))
     else:
@@ -236,7 +242,9 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None):
         raise ModelUnavailable(f"{folder} is not a model transformers can read ({str(exc).splitlines()[0]})") from None
     adapter_for_config(config)  # refuse unsupported architectures before loading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=_torch_dtype(mcfg.get("dtype", "float32")))
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                     # straight onto the GPU: an 8B checkpoint need not fit in host RAM twice
+                                                     **({"device_map": {"": str(device)}} if device.type == "cuda" else {}))
     except ValueError as exc:
         raise ModelUnavailable(f"{folder} is not a causal LM transformers can load ({str(exc).splitlines()[0]})") from None
     install_activation(model, fmt)

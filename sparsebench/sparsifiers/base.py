@@ -11,7 +11,9 @@ from ..errors import ConfigError
 
 class NoArtifactCache:
     def get(self, name, extra_key, compute):
-        return compute()
+        from ..device import move_to
+
+        return move_to(compute(), "cpu")  # as the on-disk cache returns it
 
 
 class Sparsifier:
@@ -112,20 +114,51 @@ def _batch_slice(obj, full: int, n: int):
     return obj
 
 
+class _DenseInputs:
+    """The dense model's input to layer i for every batch, streamed: only the current
+    layer's hidden states are held, and asking for layer i advances them through the
+    layers in between (densely, with the arguments the model passed each layer). Callers
+    go through the layers in order, so each layer runs once; going back restarts from
+    layer 0."""
+
+    def __init__(self, controller, first: list[torch.Tensor], run_layer):
+        self.controller, self.first, self.run_layer = controller, first, run_layer
+        self.layer, self.hidden = 0, list(first)
+
+    @torch.no_grad()
+    def __call__(self, i: int, b: int) -> torch.Tensor:
+        if i < self.layer:
+            self.layer, self.hidden = 0, list(self.first)
+        with self.controller.recording(None):
+            while self.layer < i:
+                self.hidden = [self.run_layer(self.layer, h, n) for n, h in enumerate(self.hidden)]
+                self.layer += 1
+        return self.hidden[b]
+
+
 @torch.no_grad()
 def capture_layer_inputs(controller, model, batches):
-    """One dense forward per batch that captures every decoder layer's inputs.
+    """One dense forward per batch that captures the arguments of every decoder layer.
 
     Returns ``run_layer(i, hidden, b)`` — run layer i on ``hidden`` with the other
     arguments the model passed it for batch b (attention mask, rotary embeddings) — and
     the list of layer-0 inputs per batch. ``run_layer.dense_input(i, b)`` gives the
     dense model's input to layer i.
+
+    Memory is bounded by one layer: the hidden states the model passed layers > 0 are
+    dropped at capture (their other arguments are tensors shared by all layers, or one
+    per attention type), and ``dense_input`` recomputes them layer by layer. At once
+    the calibration holds, per calibration token, the layer-0 input, the dense input of
+    the current layer and the sparse-upstream input of the current layer (3 × hidden
+    size values), besides the model and what the sparsifier records.
     """
     layers = [site.layer for site in controller.sites]
     captured: list[dict[int, tuple]] = []
 
     def capture(i):
         def hook(_mod, args, kwargs):
+            if i > 0:  # the hidden states are recomputed when asked for: keep one layer's worth
+                args, kwargs = ((None, *args[1:]) if args else ()), {k: v for k, v in kwargs.items() if k != "hidden_states"}
             captured[-1][i] = (args, kwargs)
         return hook
 
@@ -139,9 +172,15 @@ def capture_layer_inputs(controller, model, batches):
         for h in hooks:
             h.remove()
 
+    def layer0_input(b):
+        args, kwargs = captured[b][0]
+        return args[0] if args else kwargs["hidden_states"]
+
+    first = [layer0_input(b) for b in range(len(captured))]
+
     def run_layer(i, hidden, b):
         args, kwargs = captured[b][i]
-        full = dense_input(i, b).shape[0]
+        full = first[b].shape[0]
         if hidden.shape[0] != full:  # a probe on the first sequences of a batch
             args, kwargs = _batch_slice(args, full, hidden.shape[0]), _batch_slice(kwargs, full, hidden.shape[0])
         if args:
@@ -150,13 +189,9 @@ def capture_layer_inputs(controller, model, batches):
             out = layers[i](**{**kwargs, "hidden_states": hidden})
         return out[0] if isinstance(out, tuple) else out
 
-    def dense_input(i, b):
-        args, kwargs = captured[b][i]
-        return args[0] if args else kwargs["hidden_states"]
-
-    run_layer.dense_input = dense_input
+    run_layer.dense_input = _DenseInputs(controller, first, run_layer)
     run_layer.num_batches = len(captured)
-    return run_layer, [dense_input(0, b) for b in range(len(captured))]
+    return run_layer, first
 
 
 @torch.no_grad()

@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import torch
 
+from ..device import model_device
 from ..errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise, collect_per_layer
 
 
 def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The k-th smallest value with k = round(q·n): keeping ``values > t`` drops exactly k."""
+    """The k-th smallest value with k = round(q·n): keeping ``values > t`` drops exactly k.
+    On ``values``' device; half-precision values are ranked in float32 (a bf16/fp16
+    ``kthvalue`` is unsupported or slow on some backends), wider dtypes as they are."""
     flat = values.reshape(-1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
     k = int(round(q * flat.numel()))
     if k == 0:
-        return torch.tensor(float("-inf"))
+        return torch.tensor(float("-inf"), device=flat.device)
     return flat.kthvalue(k).values
 
 
@@ -52,7 +57,7 @@ class CATS(Sparsifier):
         if self.cfg.get("calibrate_on", "sparse_upstream") == "dense":
             acts = collect_per_layer(controller, model, batches, abs_act)
             return {"thresholds": torch.stack([quantile_threshold(torch.cat(acts[i]), self.sparsity) for i in sorted(acts)])}
-        self.thresholds = torch.full((len(controller.sites),), float("-inf"))
+        self.thresholds = torch.full((len(controller.sites),), float("-inf"), device=model_device(model))
 
         def fit(i, values):
             self.thresholds[i] = quantile_threshold(torch.cat(values), self.sparsity)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device import model_device
 from ..errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise, calibration_perplexity
@@ -73,6 +74,7 @@ class CETT(Sparsifier):
         self.eps: torch.Tensor | None = None
         self.cett: torch.Tensor | None = None
         self._t: dict[int, torch.Tensor] = {}
+        self._e: dict[int, float] = {}  # ε per layer as a Python float (read once per layer)
 
     def validate(self):
         super().validate()
@@ -86,15 +88,16 @@ class CETT(Sparsifier):
     # ---------------------------------------------------------------- calibration
     def _calibrate_at(self, controller, model, batches, budget):
         n_layers = len(controller.sites)
-        self.eps = torch.zeros(n_layers)
-        self.cett = torch.zeros(n_layers)
-        self._t = {}
-        gen = torch.Generator().manual_seed(0)
+        device = model_device(model)
+        self.eps = torch.zeros(n_layers, device=device)
+        self.cett = torch.zeros(n_layers, device=device)
+        self._t, self._e = {}, {}
+        gen = torch.Generator().manual_seed(0)  # a CPU stream: the same subsample on every device
 
         def fit(i, values):
             h = torch.cat(values).float()
             if h.shape[0] > MAX_TOKENS:
-                h = h[torch.randperm(h.shape[0], generator=gen)[:MAX_TOKENS]]
+                h = h[torch.randperm(h.shape[0], generator=gen, device="cpu")[:MAX_TOKENS].to(h.device)]
             w = controller.sites[i].down.weight.detach().float()
             c = w.norm(dim=0)
             if budget is None:
@@ -105,6 +108,7 @@ class CETT(Sparsifier):
             self.eps[i] = eps
             self.cett[i] = mean_cett(h, w, c, eps)
             self._t.pop(i, None)
+            self._e.pop(i, None)
 
         rows = lambda inp: inp.h.detach().reshape(-1, inp.h.shape[-1]).float()
         calibrate_layerwise(controller, model, batches, rows, fit)
@@ -141,26 +145,35 @@ class CETT(Sparsifier):
             state = self._calibrate_at(controller, model, fit_b, lo or 1e-3)
             best = (lo or 1e-3, calibration_perplexity(model, val_b) / dense_ppl, state)
         budget, ratio, state = best
-        return {**state, "budget": torch.tensor(budget), "ppl_ratio": torch.tensor(ratio)}
+        # two scalars of the saved state (read back with float() in load_state)
+        return {**state, "budget": torch.tensor(budget, device="cpu"), "ppl_ratio": torch.tensor(ratio, device="cpu")}
 
     def load_state(self, state):
         self.eps, self.cett = state["epsilon"], state["cett"]
         self.found_budget = float(state["budget"]) if "budget" in state else None
         self.found_ratio = float(state["ppl_ratio"]) if "ppl_ratio" in state else None
-        self._t = {}
+        self._t, self._e = {}, {}
 
     # ---------------------------------------------------------------- inference
+    def epsilon(self, layer: int) -> float:
+        """ε of one layer as a Python float, read once per layer (not per MLP call: a
+        per-call read of a device tensor would sync the device)."""
+        e = self._e.get(layer)
+        if e is None:
+            e = self._e[layer] = float(self.eps[layer])
+        return e
+
     def thresholds(self, site) -> torch.Tensor:
-        """t_i = ε / ‖W_down[:, i]‖ for this layer (cached per layer)."""
+        """t_i = ε / ‖W_down[:, i]‖ for this layer (cached per layer, on the weight's device)."""
         t = self._t.get(site.layer_idx)
         if t is None:
             c = site.down.weight.detach().float().norm(dim=0)
-            t = float(self.eps[site.layer_idx]) / c.clamp_min(1e-30)
+            t = self.epsilon(site.layer_idx) / c.clamp_min(1e-30)
             self._t[site.layer_idx] = t
         return t
 
     def mask(self, inp):
-        if float(self.eps[inp.layer_idx]) <= 0.0:
+        if self.epsilon(inp.layer_idx) <= 0.0:
             return None
         h = inp.h
         return h.abs() >= self.thresholds(inp.site).to(h.dtype)

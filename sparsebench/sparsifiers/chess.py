@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import SPARSIFIERS
+from ..device import model_device
 from ..errors import ConfigError
 from .base import Sparsifier, calibrate_layerwise
 from .cats import quantile_threshold
@@ -71,7 +72,7 @@ class CHESS(Sparsifier):
         site0 = controller.sites[0]
         if site0.kind != "gated":
             raise ConfigError("chess needs a gated MLP (act(gate(x)) * up(x)); for OPT-style MLPs use cats")
-        self.tau = torch.zeros(len(controller.sites), site0.intermediate_size)
+        self.tau = torch.zeros(len(controller.sites), site0.intermediate_size, device=model_device(model))
         kind = self.cfg.get("up_stat", "mean_square")
         p = act_power(kind)
 
@@ -82,7 +83,7 @@ class CHESS(Sparsifier):
         def fit(i, values):
             a = torch.cat([v[0] for v in values])
             stat = up_statistic(torch.cat([v[1].reshape(-1, v[1].shape[-1]) for v in values]), kind).clamp_min(1e-12)
-            t = quantile_threshold(a.pow(p) * stat, self.sparsity) if self.sparsity > 0 else torch.tensor(-1.0)
+            t = quantile_threshold(a.pow(p) * stat, self.sparsity) if self.sparsity > 0 else stat.new_tensor(-1.0)
             self.tau[i] = (float(t) / stat).pow(1.0 / p) if float(t) >= 0 else torch.full_like(stat, -1.0)
 
         calibrate_layerwise(controller, model, batches, rows, fit)

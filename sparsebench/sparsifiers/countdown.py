@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device import model_device
 from ..errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise
@@ -114,7 +115,7 @@ class Countdown(Sparsifier):
     # ------------------------------------------------------------ calibration
     def calibrate(self, controller, model, batches):
         n = len(controller.sites)
-        self.thresholds = torch.full((n,), float("-inf"))
+        self.thresholds = torch.full((n,), float("-inf"), device=model_device(model))
         s = self.sparsity
         if s == 0.0:
             return {"thresholds": self.thresholds.clone()}

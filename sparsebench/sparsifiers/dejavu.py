@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from . import SPARSIFIERS
 from ..errors import ConfigError
 from .base import Sparsifier, calibrate_layerwise
+from ..device import model_device
 from .wina import topk_mask
 
 
@@ -90,8 +91,10 @@ class DejaVu(Sparsifier):
         d, d_ff = sites[0].up.in_features, sites[0].intermediate_size
         r = max(1, int(round(float(self.cfg.get("rank", 0.1)) * d)))
         L = len(sites)
-        self.A, self.B = torch.zeros(L, r, d), torch.zeros(L, d_ff, r)
-        report = {k: torch.zeros(L) for k in ("train_recall", "train_precision", "positive_rate")}
+        device = model_device(model)
+        self.A, self.B = torch.zeros(L, r, d, device=device), torch.zeros(L, d_ff, r, device=device)
+        # per-layer training statistics, written as Python floats: CPU bookkeeping
+        report = {k: torch.zeros(L, device="cpu") for k in ("train_recall", "train_precision", "positive_rate")}
         prev = None  # layer l−1's MLP inputs per batch (look-ahead source)
         keep = self.keep(d_ff)
 
@@ -125,6 +128,8 @@ class DejaVu(Sparsifier):
 
     # ---------------------------------------------------------------- inference
     def _scores(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """B(A x) in the activation dtype, as the reference runs its predictor (trained in
+        float32; its reads are counted at the model's element size)."""
         A, B = self.A[i].to(x.dtype), self.B[i].to(x.dtype)
         return (x @ A.T) @ B.T
 
@@ -169,24 +174,28 @@ def predictor_loss(logits: torch.Tensor, y: torch.Tensor, loss_weight: str = "re
     if p is None:
         p = float(y.mean())
     p = min(max(p, 1e-4), 1 - 1e-4)
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor((1 - p) / p))
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor((1 - p) / p, device=logits.device))
 
 
 def train_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, seed: int,
                     batch_size: int = 1024, loss_weight: str = "reference"):
     """Fit P(x) = B(A x) to boolean labels Y with weighted BCE (``predictor_loss``);
-    returns A, B, stats."""
+    returns A, B (float32, on X's device), stats. Trains in float32 on X's device; the
+    seeded draws (initialisation, shuffles) come from a CPU generator and are moved, so
+    they are the same numbers on every device."""
     gen = torch.Generator().manual_seed(seed)
+    X, dev = X.float(), X.device
     d, d_ff = X.shape[1], Y.shape[1]
-    A = (torch.randn(rank, d, generator=gen) / d ** 0.5).requires_grad_()
-    B = (torch.randn(d_ff, rank, generator=gen) / rank ** 0.5).requires_grad_()
+    A = (torch.randn(rank, d, generator=gen, device="cpu").to(dev) / d ** 0.5).requires_grad_()
+    B = (torch.randn(d_ff, rank, generator=gen, device="cpu").to(dev) / rank ** 0.5).requires_grad_()
+    Y = Y.to(dev)
     Yf = Y.float()
     p = float(Yf.mean().clamp(1e-4, 1 - 1e-4))
     opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01)
     done = 0
     with torch.enable_grad():
         while done < steps:  # epochs over shuffled tokens until the step budget is spent
-            for idx in torch.randperm(X.shape[0], generator=gen).split(batch_size):
+            for idx in torch.randperm(X.shape[0], generator=gen, device="cpu").to(dev).split(batch_size):
                 logits = (X[idx] @ A.T) @ B.T
                 loss = predictor_loss(logits, Yf[idx], loss_weight, p)
                 opt.zero_grad()

@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from ..device import model_device
 from ..errors import ConfigError
 from . import SPARSIFIERS
 from .base import calibrate_layerwise
@@ -60,13 +61,18 @@ def down_column_norms(site) -> torch.Tensor:
 
 def cats_rule(act: torch.Tensor, t) -> torch.Tensor:
     """CATS: keep |act_i| > t (``cats.CATS.mask``)."""
-    t = torch.as_tensor(t)
-    return act.abs() > t.to(device=act.device, dtype=act.dtype)
+    t = torch.as_tensor(t, device=act.device)
+    return act.abs() > t.to(dtype=act.dtype)
 
 
 def cett_rule(h: torch.Tensor, eps, col_norm: torch.Tensor) -> torch.Tensor:
-    """CETT: keep |h_i| ≥ ε / ‖W_down[:, i]‖ (``cett.CETT.mask``)."""
-    t = float(eps) / col_norm.clamp_min(1e-30)
+    """CETT: keep |h_i| ≥ ε / ‖W_down[:, i]‖ (``cett.CETT.mask``). ``eps`` may be a
+    device tensor: (1 / ‖·‖)·ε is the same float32 product as ``float(eps) / ‖·‖`` (what
+    CETT computes) without reading ε back to the host on every call."""
+    if isinstance(eps, torch.Tensor):
+        t = col_norm.clamp_min(1e-30).reciprocal() * eps.to(device=col_norm.device, dtype=col_norm.dtype)
+    else:
+        t = float(eps) / col_norm.clamp_min(1e-30)
     return h.abs() >= t.to(device=h.device, dtype=h.dtype)
 
 
@@ -77,8 +83,8 @@ def fit_label_threshold(labels: str, values: torch.Tensor, sparsity: float, col_
         return quantile_threshold(values.abs().float(), sparsity)
     if labels == "cett":
         eps = float(quantile_threshold(values.float().abs() * col_norm, sparsity)) if sparsity > 0 else 0.0
-        return torch.tensor(max(eps, 0.0))
-    return torch.tensor(0.0)  # topk_h: a per-token rank, no threshold
+        return torch.tensor(max(eps, 0.0), device=values.device)
+    return torch.tensor(0.0, device=values.device)  # topk_h: a per-token rank, no threshold
 
 
 @SPARSIFIERS.register("dejavu_target")
@@ -140,7 +146,8 @@ class DejaVuTarget(DejaVu):
         return topk_mask(scores, self.keep_predicted(d_ff))
 
     def _scores(self, i, x):
-        """B(A x) with layer i's factors in x's dtype and device (cast once, then cached)."""
+        """B(A x) in the activation dtype (trained in float32; its reads are counted at the
+        model's element size), with layer i's factors cast once per device and dtype."""
         key = (i, x.device, x.dtype)
         hit = self._cast.get(key)
         if hit is None:
@@ -180,10 +187,12 @@ class DejaVuTarget(DejaVu):
         L = len(sites)
         oracle = bool(self.cfg.get("oracle", False))
         lookahead = bool(self.cfg.get("lookahead", False))
-        self.A, self.B = torch.zeros(L, r, d), torch.zeros(L, d_ff, r)
-        self.label_thresholds = torch.zeros(L)
+        device = model_device(model)
+        self.A, self.B = torch.zeros(L, r, d, device=device), torch.zeros(L, d_ff, r, device=device)
+        self.label_thresholds = torch.zeros(L, device=device)
         self._col_norm, self._cast = {}, {}
-        report = {k: torch.zeros(L) for k in self.REPORT}
+        # per-layer training statistics, written one float at a time: CPU bookkeeping
+        report = {k: torch.zeros(L, device="cpu") for k in self.REPORT}
         prev = None  # layer l−1's MLP inputs per batch (look-ahead source)
 
         def rows(inp):
@@ -195,11 +204,11 @@ class DejaVuTarget(DejaVu):
             V = torch.cat([v for _, v in values])
             c = self.col_norm(sites[i]) if self.labels == "cett" else None
             self.label_thresholds[i] = fit_label_threshold(self.labels, V, self.sparsity, c)
-            Y = self.label_mask(sites[i], V).cpu()  # the predictor trains on the CPU (as dejavu's)
+            Y = self.label_mask(sites[i], V)  # the predictor trains on the model's device (as dejavu's)
             report["label_density"][i] = Y.float().mean()
             if not oracle:  # (oracle: the pass that advances the hidden states runs oracle_mask)
                 src = prev if (lookahead and i > 0) else xs
-                X = torch.cat(src).cpu()
+                X = torch.cat(src)
                 A, B, stats = train_predictor(X, Y, r, steps=int(self.cfg.get("steps", 400)),
                                               lr=float(self.cfg.get("lr", 5e-3)), seed=i,
                                               loss_weight=self.cfg.get("loss_weight", "reference"))

@@ -291,7 +291,7 @@ class LaRoSA(Sparsifier):
     def load_state(self, state):
         self.q = {g: state[f"q_{g}"] for g in ("attn", "mlp") if f"q_{g}" in state}
         if "coefficients" in state:
-            self.coefficients = tuple(float(c) for c in state["coefficients"])
+            self.coefficients = tuple(float(c) for c in state["coefficients"].tolist())
             self.search = dict(zip(state["search_c"].tolist(), state["search_ppl"].tolist()))
         else:
             self.coefficients, self.search = self._cfg_coefficients(), {}
@@ -355,9 +355,10 @@ class LaRoSA(Sparsifier):
                 search[c] = calibration_perplexity(model, val)
             best = min(search, key=search.get)
             f64 = torch.float64  # the grid's values exactly (0.7 stays 0.7)
-            state.update(coefficients=torch.tensor([best, 2.0 - best], dtype=f64),
-                         search_c=torch.tensor(list(search), dtype=f64),
-                         search_ppl=torch.tensor(list(search.values()), dtype=f64))
+            cpu = "cpu"  # Python numbers of the saved state (read back as floats by load_state)
+            state.update(coefficients=torch.tensor([best, 2.0 - best], dtype=f64, device=cpu),
+                         search_c=torch.tensor(list(search), dtype=f64, device=cpu),
+                         search_ppl=torch.tensor(list(search.values()), dtype=f64, device=cpu))
         return state
 
     # ------------------------------------------------------------ levels and costs

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import SPARSIFIERS
+from ..device import model_device
 from ..errors import ConfigError
 from .base import Sparsifier, calibrate_layerwise
 from .cats import quantile_threshold
@@ -29,7 +30,8 @@ from .cats import quantile_threshold
 
 def is_relu_like(act) -> bool:
     """True if the activation maps negative inputs to exactly zero."""
-    probe = torch.tensor([-3.0, -1.0, -0.1])
+    # a CPU probe of a parameter-free elementwise function, checked once at attach
+    probe = torch.tensor([-3.0, -1.0, -0.1], device="cpu")
     return bool((act(probe) == 0).all())
 
 
@@ -69,16 +71,18 @@ class ReLUMask(Sparsifier):
             inp.replace_act(torch.relu(inp.pre))
 
     def calibrate(self, controller, model, batches):
-        self.thresholds = torch.zeros(len(controller.sites))
+        self.thresholds = torch.zeros(len(controller.sites), device=model_device(model))
+        self._cut_of, self._cut = self.thresholds, [False] * len(controller.sites)
 
         def scores(inp):
             self._swap(inp)
             z = inp.pre.detach().float().reshape(-1)
-            return torch.where(inp.h.detach().reshape(-1) != 0, z, torch.tensor(float("-inf")))
+            return torch.where(inp.h.detach().reshape(-1) != 0, z, z.new_full((), float("-inf")))
 
         def fit(i, values):
             t = quantile_threshold(torch.cat(values), self.sparsity)
             self.thresholds[i] = max(0.0, float(t)) if torch.isfinite(t) else 0.0
+            self._cut[i] = float(self.thresholds[i]) > 0
 
         calibrate_layerwise(controller, model, batches, scores, fit)
         return {"thresholds": self.thresholds.clone()}
@@ -86,11 +90,19 @@ class ReLUMask(Sparsifier):
     def load_state(self, state):
         self.thresholds = state.get("thresholds")
 
+    def _cuts(self) -> list[bool]:
+        """Per layer, whether a FATReLU threshold (> 0) applies: read from ``thresholds``
+        once per tensor, not per MLP call (a per-call read would sync the device)."""
+        if getattr(self, "_cut_of", None) is not self.thresholds:
+            self._cut_of, self._cut = self.thresholds, [t > 0 for t in self.thresholds.tolist()]
+        return self._cut
+
     def mask(self, inp):
         self._swap(inp)
         keep = inp.h != 0
-        if self.thresholds is not None and float(self.thresholds[inp.layer_idx]) > 0:
-            keep = keep & (inp.pre > self.thresholds[inp.layer_idx].to(inp.pre.dtype))
+        i = inp.layer_idx
+        if self.thresholds is not None and self._cuts()[i]:
+            keep = keep & (inp.pre > self.thresholds[i].to(inp.pre.dtype))
         return keep
 
     def describe(self):

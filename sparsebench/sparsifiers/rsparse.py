@@ -84,6 +84,7 @@ class RSparse(Sparsifier):
         self.thresholds: dict[tuple[int, str], float] = {}
         self.factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._norms: dict[tuple[int, str], torch.Tensor] = {}
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # factors in an activation dtype
         self._sites = []
 
     def validate(self):
@@ -102,7 +103,7 @@ class RSparse(Sparsifier):
 
     def attach(self, controller, model):
         self._sites = controller.sites
-        self._norms, self.factors = {}, {}
+        self._norms, self.factors, self._cast = {}, {}, {}
 
     # ------------------------------------------------------------ budget and factors
     def _linear(self, layer: int, proj: str):
@@ -137,7 +138,7 @@ class RSparse(Sparsifier):
     def _tables(self, controller, model, batches, sparse_upstream: bool, alphas, thresholds_for=None):
         """Quantile tables of the channel scores per (layer, projection, weighted), for
         each score the sparse ratios ``alphas`` use (|x| and/or |x|·‖W[:, i]‖)."""
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(0)  # CPU: the same subsample on every device
         tables = {}
         kinds = sorted({self.weighted(a) for a in alphas})
 
@@ -148,7 +149,8 @@ class RSparse(Sparsifier):
             for proj, vals in linear_values.items():
                 x = torch.cat(vals)
                 for w in kinds:
-                    tables[(i, proj, w)] = quantile_table(x * self.column_norm(i, proj) if w else x, gen)
+                    # on the CPU: interp_threshold reads a few entries as Python floats
+                    tables[(i, proj, w)] = quantile_table(x * self.column_norm(i, proj) if w else x, gen).cpu()
             if thresholds_for is not None:
                 self._set_thresholds(i, tables, thresholds_for)
 
@@ -191,17 +193,21 @@ class RSparse(Sparsifier):
         self.alpha = best
         self._tables(controller, model, batches, sparse_upstream=True, alphas=[best], thresholds_for=best)
         keys = sorted(self.thresholds)
-        return {"alpha": torch.tensor(best), "threshold": torch.tensor([self.thresholds[k] for k in keys]),
-                "threshold_layer": torch.tensor([k[0] for k in keys]),
-                "threshold_proj": torch.tensor([PROJECTIONS.index(k[1]) for k in keys]),
-                "search_alpha": torch.tensor(list(search)), "search_ppl": torch.tensor(list(search.values()))}
+        cpu = "cpu"  # the state holds Python numbers (read back as such by load_state)
+        return {"alpha": torch.tensor(best, device=cpu),
+                "threshold": torch.tensor([self.thresholds[k] for k in keys], device=cpu),
+                "threshold_layer": torch.tensor([k[0] for k in keys], device=cpu),
+                "threshold_proj": torch.tensor([PROJECTIONS.index(k[1]) for k in keys], device=cpu),
+                "search_alpha": torch.tensor(list(search), device=cpu),
+                "search_ppl": torch.tensor(list(search.values()), device=cpu)}
 
     def load_state(self, state):
         self.alpha = float(state["alpha"])
         self.thresholds = {(int(layer), PROJECTIONS[int(p)]): float(t) for layer, p, t in
-                           zip(state["threshold_layer"], state["threshold_proj"], state["threshold"])}
+                           zip(state["threshold_layer"].tolist(), state["threshold_proj"].tolist(),
+                               state["threshold"].tolist())}
         self.search = dict(zip(state["search_alpha"].tolist(), state["search_ppl"].tolist()))
-        self.factors = {}
+        self.factors, self._cast = {}, {}
 
     # ------------------------------------------------------------ inference
     def channel_score(self, inp) -> torch.Tensor:
@@ -221,9 +227,20 @@ class RSparse(Sparsifier):
         x = inp.x
         y = backend.linear(inp, linear, mask)
         if self.rank(inp.layer_idx, inp.proj) > 0:
-            vs, ut = self._factors(inp.layer_idx, inp.proj)
-            y = y + ((x * (~mask).to(x.dtype)) @ vs.to(x.dtype)) @ ut.to(x.dtype)
+            vs, ut = self._factors_as(inp.layer_idx, inp.proj, x)
+            y = y + ((x * (~mask).to(x.dtype)) @ vs) @ ut
         return y
+
+    def _factors_as(self, layer, proj, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors (``_factors``, float32) in ``like``'s dtype and device, cast once per
+        (linear, rank, dtype, device) rather than on every call."""
+        key = (layer, proj, self.rank(layer, proj), like.dtype, like.device)
+        hit = self._cast.get(key)
+        if hit is None:
+            vs, ut = self._factors(layer, proj)
+            hit = self._cast[key] = (vs.to(device=like.device, dtype=like.dtype),
+                                     ut.to(device=like.device, dtype=like.dtype))
+        return hit
 
     def summary(self):
         out = {"alpha": self.alpha}

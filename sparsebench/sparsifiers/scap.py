@@ -109,11 +109,11 @@ def kde_mode(samples: torch.Tensor, bw_adjust: float = KDE_BW_ADJUST, gridsize: 
         return lo
     bw = float(x.std()) * n ** (-0.2) * bw_adjust
     step = (hi - lo) / (gridsize - 1)
-    grid = torch.linspace(lo, hi, gridsize, dtype=torch.float64)
+    grid = torch.linspace(lo, hi, gridsize, dtype=torch.float64, device=x.device)
     reach = int(math.ceil(KDE_TRUNCATE * bw / step))
-    offsets = torch.arange(-reach, reach + 1)
+    offsets = torch.arange(-reach, reach + 1, device=x.device)
     nearest = ((x - lo) / step).round().long()
-    density = torch.zeros(gridsize, dtype=torch.float64)
+    density = torch.zeros(gridsize, dtype=torch.float64, device=x.device)
     chunk = max(1, KDE_CHUNK // offsets.numel())
     for start in range(0, n, chunk):  # [samples × offsets] at a time: few, large tensor ops
         j = nearest[start:start + chunk, None] + offsets
@@ -229,8 +229,10 @@ class SCAP(Sparsifier):
     def calibrate(self, controller, model, batches):
         self.attach(controller, model)
         n = len(controller.sites)
-        self.modes = torch.zeros(n, len(PROJ_NAMES), dtype=torch.float64)
-        self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0, dtype=torch.float64)
+        # written and read as Python floats (``params``): CPU bookkeeping; load_state puts
+        # the saved state on the model's device
+        self.modes = torch.zeros(n, len(PROJ_NAMES), dtype=torch.float64, device="cpu")
+        self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0, dtype=torch.float64, device="cpu")
 
         def fit(i, _values, linear_values, _probe):
             site = controller.sites[i]

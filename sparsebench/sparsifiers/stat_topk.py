@@ -60,6 +60,8 @@ saved. No calibration.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ConfigError
@@ -68,16 +70,36 @@ from .base import Sparsifier
 from .wina import topk_mask
 
 
+@functools.lru_cache(maxsize=64)
+def _normal_quantile(sparsity: float) -> float:
+    """Φ⁻¹(s) rounded to float32, as a Python float: computed once on the CPU (a host
+    constant, so the per-call threshold needs no tensor of its own on the device)."""
+    return float(torch.special.ndtri(torch.tensor(sparsity, dtype=torch.float32, device="cpu")))
+
+
 def gaussian_threshold(z: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """mean + std·Φ⁻¹(s) over the last dimension (std with Bessel's correction off)."""
+    """mean + std·Φ⁻¹(s) over the last dimension (std with Bessel's correction off), in
+    float32 on z's device."""
     zf = z.float()
-    q = torch.special.ndtri(torch.tensor(sparsity, dtype=torch.float32))
-    return zf.mean(-1, keepdim=True) + zf.std(-1, keepdim=True, correction=0) * q
+    return zf.mean(-1, keepdim=True) + zf.std(-1, keepdim=True, correction=0) * _normal_quantile(float(sparsity))
 
 
-def normal_nodes(n: int) -> torch.Tensor:
-    """Φ⁻¹((j + ½)/n), j = 0..n−1: n equal-probability nodes of the standard normal."""
-    return torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+def normal_nodes(n: int, device=None) -> torch.Tensor:
+    """Φ⁻¹((j + ½)/n), j = 0..n−1: n equal-probability nodes of the standard normal
+    (float32; computed on the CPU, so the same numbers on every device, then moved)."""
+    nodes = torch.special.ndtri((torch.arange(n, dtype=torch.float64, device="cpu") + 0.5) / n).float()
+    return nodes if device is None else nodes.to(device)
+
+
+_NODES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _cached_nodes(n: int, device: torch.device) -> torch.Tensor:
+    """``normal_nodes(n)`` on ``device``, built once per (n, device) (not per MLP call)."""
+    hit = _NODES.get((n, device))
+    if hit is None:
+        hit = _NODES[(n, device)] = normal_nodes(n, device)
+    return hit
 
 
 def gaussian_z_threshold(z: torch.Tensor, sparsity: float, score_fn, nodes: int = 1024) -> torch.Tensor:
@@ -85,7 +107,7 @@ def gaussian_z_threshold(z: torch.Tensor, sparsity: float, score_fn, nodes: int 
     from ``nodes`` equal-probability nodes of that Gaussian: [..., 1]."""
     zf = z.float()
     mu, sd = zf.mean(-1, keepdim=True), zf.std(-1, keepdim=True, correction=0)
-    u = normal_nodes(nodes).to(zf.device)
+    u = _cached_nodes(nodes, zf.device)
     vals = score_fn(mu + sd * u).float()  # [..., nodes]
     k = min(max(int(round(sparsity * nodes)), 1), nodes)
     return vals.kthvalue(k, dim=-1, keepdim=True).values

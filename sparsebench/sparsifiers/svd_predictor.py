@@ -131,9 +131,11 @@ class SVDPredictor(Sparsifier):
         H, I = sites[0].up.in_features, sites[0].intermediate_size
         r = resolve_rank(self.cfg.get("rank", 0.25), H, min(H, I))
         L = len(sites)
-        self.A, self.B, self.energy = torch.zeros(L, r, H), torch.zeros(L, I, r), torch.zeros(L)
+        dev = sites[0].activation_input.weight.device  # the factors come from the weights, on theirs
+        self.A, self.B = torch.zeros(L, r, H, device=dev), torch.zeros(L, I, r, device=dev)
+        self.energy = torch.zeros(L, device="cpu")  # one Python float per layer: CPU bookkeeping
         if self.use_up:
-            self.A_up, self.B_up = torch.zeros(L, r, H), torch.zeros(L, I, r)
+            self.A_up, self.B_up = torch.zeros(L, r, H, device=dev), torch.zeros(L, I, r, device=dev)
         for i, site in enumerate(sites):
             self.A[i], self.B[i], self.energy[i] = truncated_factors(site.activation_input.weight, r)
             if self.use_up:
@@ -151,8 +153,8 @@ class SVDPredictor(Sparsifier):
             self.oracle_thresholds = torch.stack([quantile_threshold(torch.cat([e for _, e in vals[i]]), s)
                                                   for i in sorted(vals)])
         else:
-            self.thresholds = torch.full((L,), float("-inf"))
-            self.oracle_thresholds = torch.full((L,), float("-inf"))
+            self.thresholds = torch.full((L,), float("-inf"), device=dev)
+            self.oracle_thresholds = torch.full((L,), float("-inf"), device=dev)
 
             def fit(i, values):
                 self.thresholds[i] = quantile_threshold(torch.cat([p for p, _ in values]), s)

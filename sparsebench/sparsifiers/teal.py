@@ -84,7 +84,8 @@ LINEARS_OF = {**UNITS["projection"], **INPUTS}  # a unit's name → its linears
 GROUP_NAMES = PROJ_NAMES
 GROUP_OF = {p: p for p in PROJ_NAMES}
 
-LEVELS = torch.linspace(0, 1, 1001)
+# the table's sparsity levels: a CPU constant (indices into a table are moved to its device)
+LEVELS = torch.linspace(0, 1, 1001, device="cpu")
 MAX_VALUES = 1 << 20  # |x| samples per table: quantile error ~1e-3, a 1M sort per table
 GREEDY_ERRORS = ("reference", "token")
 TAIL_FRACTION = 0.25  # greedyopt.py's last_fraction
@@ -93,10 +94,10 @@ TAIL_FRACTION = 0.25  # greedyopt.py's last_fraction
 def quantile_table(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """|x| at sparsity levels LEVELS (exact order statistics of a sample of ≤ 1M values)."""
     flat = values.reshape(-1).float().abs()
-    if flat.numel() > MAX_VALUES:
-        flat = flat[torch.randint(flat.numel(), (MAX_VALUES,), generator=gen)]
+    if flat.numel() > MAX_VALUES:  # ``gen`` is a CPU generator: the same sample on every device
+        flat = flat[torch.randint(flat.numel(), (MAX_VALUES,), generator=gen, device="cpu").to(flat.device)]
     srt = flat.sort().values
-    idx = (LEVELS * (srt.numel() - 1)).round().long()
+    idx = (LEVELS * (srt.numel() - 1)).round().long().to(srt.device)
     table = srt[idx]
     table[0] = -1.0  # sparsity 0 keeps everything, zeros included
     return table
@@ -122,7 +123,8 @@ def _group_input(inp):
 def levels_at(effective: torch.Tensor, levels: torch.Tensor, s: float) -> torch.Tensor:
     """Levels at block sparsity ``s`` on a greedy path (linear between steps);
     ``effective`` is non-decreasing, one entry per row of ``levels``."""
-    k = int(torch.searchsorted(effective, torch.tensor(s, dtype=effective.dtype), right=True)) - 1
+    k = int(torch.searchsorted(effective, torch.tensor(s, dtype=effective.dtype, device=effective.device),
+                               right=True)) - 1
     k = max(0, min(k, effective.numel() - 1))
     if k + 1 >= effective.numel() or effective[k + 1] <= effective[k]:
         return levels[k]
@@ -238,17 +240,18 @@ def greedy_trajectory(controller, model, batches, *, units: str, step: float, to
         path = greedy_path(params, lambda lv: apply(i, prepared, lv), probe, block_step(site, step), top, error)
         per = linear_params(site)
         total = sum(per.values())
-        rows = [torch.tensor([next((lv[u] for u in lv if p in LINEARS_OF[u]), 0.0) for p in PROJ_NAMES])
-                for lv in path]
+        # the path is Python floats: CPU bookkeeping (cached as an artifact, read as floats)
+        rows = [torch.tensor([next((lv[u] for u in lv if p in LINEARS_OF[u]), 0.0) for p in PROJ_NAMES],
+                             device="cpu") for lv in path]
         eff = [sum(per.get(p, 0) * float(r[k]) for k, p in enumerate(PROJ_NAMES)) / total for r in rows]
-        return {"levels": torch.stack(rows), "effective": torch.tensor(eff, dtype=torch.float64)}
+        return {"levels": torch.stack(rows), "effective": torch.tensor(eff, dtype=torch.float64, device="cpu")}
 
     for i in tqdm(range(len(controller.sites)), desc="greedy allocation", leave=False):
         one = layer_cache(i, lambda i=i: layer_path(i)) if layer_cache is not None else layer_path(i)
         paths.append((one["levels"], one["effective"]))
     n = max(len(e) for _, e in paths)
-    levels = torch.zeros(len(paths), n, len(PROJ_NAMES))
-    effective = torch.zeros(len(paths), n, dtype=torch.float64)
+    levels = torch.zeros(len(paths), n, len(PROJ_NAMES), device="cpu")  # CPU bookkeeping, as above
+    effective = torch.zeros(len(paths), n, dtype=torch.float64, device="cpu")
     for i, (rows, eff) in enumerate(paths):
         levels[i, : len(rows)], levels[i, len(rows):] = rows, rows[-1]
         effective[i, : len(eff)], effective[i, len(eff):] = eff, eff[-1]
@@ -295,6 +298,7 @@ class TEAL(Sparsifier):
         self.thresholds: torch.Tensor | None = None  # [layers, linears]
         self.levels: torch.Tensor | None = None  # [layers, linears] sparsity per linear
         self._last = (None, None, None)
+        self._rows = (None, [])  # (thresholds tensor, its rows as Python floats)
 
     def validate(self):
         super().validate()
@@ -316,8 +320,10 @@ class TEAL(Sparsifier):
     def calibrate(self, controller, model, batches):
         batches = list(batches)
         n = len(controller.sites)
-        self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0)
-        self.levels = torch.zeros(n, len(PROJ_NAMES))
+        # thresholds, levels, targets and tables are written and read as Python floats, a
+        # few per layer: CPU bookkeeping (load_state puts the saved state on the model's device)
+        self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0, device="cpu")
+        self.levels = torch.zeros(n, len(PROJ_NAMES), device="cpu")
         if self.cfg.get("allocation", "greedy") == "greedy" and self.sparsity > 0:
             # the path has its own version: a change to the final fit (calibration_version)
             # leaves it valid, and it is the expensive part (minutes per model)
@@ -325,8 +331,8 @@ class TEAL(Sparsifier):
                                       lambda: self.greedy_trajectory(controller, model, batches))
             targets = [levels_at(traj["effective"][i], traj["levels"][i], self.sparsity) for i in range(n)]
         else:
-            targets = [torch.full((len(PROJ_NAMES),), self.sparsity) for _ in range(n)]
-        tables = torch.zeros(n, len(INPUT_NAMES), LEVELS.numel())
+            targets = [torch.full((len(PROJ_NAMES),), self.sparsity, device="cpu") for _ in range(n)]
+        tables = torch.zeros(n, len(INPUT_NAMES), LEVELS.numel(), device="cpu")
         gen = torch.Generator().manual_seed(0)
 
         def fit(i, _values, linear_values, _probe):
@@ -350,11 +356,13 @@ class TEAL(Sparsifier):
                 self.levels[i, k] = s
                 self.thresholds[i, k] = interp_threshold(table[INPUT_NAMES.index(INPUT_OF[p])], s)
         self._last = (None, None, None)
+        self._rows = (None, [])
 
     @staticmethod
     def _tables(linear_values, gen) -> torch.Tensor:
-        """One |x| quantile table per input (INPUT_NAMES)."""
-        out = torch.zeros(len(INPUT_NAMES), LEVELS.numel())
+        """One |x| quantile table per input (INPUT_NAMES), on the CPU (interp_threshold
+        reads a few entries of it as Python floats)."""
+        out = torch.zeros(len(INPUT_NAMES), LEVELS.numel(), device="cpu")
         for proj, vals in linear_values.items():
             vals = [v for v in vals if v is not None]
             if vals:
@@ -369,7 +377,8 @@ class TEAL(Sparsifier):
         gen = torch.Generator().manual_seed(0)
         if self.thresholds is None:
             n = len(controller.sites)
-            self.thresholds, self.levels = torch.full((n, len(PROJ_NAMES)), -1.0), torch.zeros(n, len(PROJ_NAMES))
+            self.thresholds = torch.full((n, len(PROJ_NAMES)), -1.0, device="cpu")  # CPU bookkeeping (calibrate)
+            self.levels = torch.zeros(n, len(PROJ_NAMES), device="cpu")
         return greedy_trajectory(
             controller, model, batches, units=self.units, step=float(self.cfg.get("greedy_step", 0.025)),
             top=float(self.cfg.get("greedy_max", 0.8)), sequences=int(self.cfg.get("greedy_sequences", 1)),
@@ -386,10 +395,21 @@ class TEAL(Sparsifier):
     def load_state(self, state):
         self.thresholds, self.levels = state["thresholds"], state["levels"]
         self._last = (None, None, None)
+        self._rows = (None, [])
 
     # ------------------------------------------------------------ inference
+    def threshold(self, layer: int, proj: str) -> float:
+        """One linear's threshold as a Python float. The table is read back once per
+        thresholds tensor (and after each change), not per call: a per-call read of a
+        device tensor would sync the device."""
+        src, rows = self._rows
+        if src is not self.thresholds:
+            src, rows = self.thresholds, self.thresholds.tolist()
+            self._rows = (src, rows)
+        return rows[layer][PROJ_NAMES.index(proj)]
+
     def input_mask(self, inp):
-        t = float(self.thresholds[inp.layer_idx, PROJ_NAMES.index(inp.proj)])
+        t = self.threshold(inp.layer_idx, inp.proj)
         key = (inp.layer_idx, t)
         last_x, last_key, last_mask = self._last
         if last_x is inp.x and last_key == key:  # q/k/v (gate/up) read one input: one compare per threshold

@@ -114,6 +114,7 @@ class WINA(Sparsifier):
         super().__init__(cfg)
         self._norms: dict[tuple[int, str], torch.Tensor | None] = {}
         self.levels: torch.Tensor | None = None  # [layers, linears] (greedy allocation)
+        self._level_rows = (None, [])  # (levels tensor, its rows as Python floats)
         self._search: dict[tuple[int, str], float] | None = None  # thresholds while the greedy runs
 
     @property
@@ -152,15 +153,21 @@ class WINA(Sparsifier):
         return inp.x.abs() if c is None else inp.x.abs() * c
 
     def level(self, layer: int, proj: str) -> float:
+        """One linear's level as a Python float; the levels are read back once per tensor,
+        not per call (a per-call read of a device tensor would sync the device)."""
         if self.levels is None:
             return self.sparsity
-        return float(self.levels[layer, PROJ_NAMES.index(proj)])
+        src, rows = self._level_rows
+        if src is not self.levels:
+            src, rows = self.levels, self.levels.tolist()
+            self._level_rows = (src, rows)
+        return rows[layer][PROJ_NAMES.index(proj)]
 
     # ------------------------------------------------------------ calibration (greedy)
     def calibrate(self, controller, model, batches):
         n = len(controller.sites)
-        if self.sparsity == 0.0:
-            return {"levels": torch.zeros(n, len(PROJ_NAMES))}
+        if self.sparsity == 0.0:  # levels are read as Python floats: CPU bookkeeping
+            return {"levels": torch.zeros(n, len(PROJ_NAMES), device="cpu")}
         key = {"version": self.greedy_version, "score": self.cfg.get("score", "reference"),
                "orthogonalize": bool(self.cfg.get("orthogonalize", False)),
                "greedy_error": self.cfg.get("greedy_error", "reference"),
@@ -176,11 +183,12 @@ class WINA(Sparsifier):
         ``key`` each layer's path is cached as it is found."""
         from .base import dense_linear_inputs
 
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(0)  # CPU: the same subsample on every device
 
         def prepare(i, run_layer):  # a quantile table of the score per projection
             vals = dense_linear_inputs(controller, run_layer, i, lambda inp: self.score(inp).detach().reshape(-1).float())
-            return {p: quantile_table(torch.cat(v), gen) for p, v in vals.items()}
+            # on the CPU: the greedy reads a few entries per trial as Python floats
+            return {p: quantile_table(torch.cat(v), gen).cpu() for p, v in vals.items()}
 
         def apply(i, tables, levels):
             for u, s in levels.items():
