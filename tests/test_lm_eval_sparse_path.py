@@ -139,3 +139,30 @@ def test_both_scorers_give_the_same_task_metrics(task_dir, tiny_tokenizer):
         metrics[flag] = ev.evaluate(ctx).metrics
     assert metrics[True]["lm_eval/avg_acc"] == metrics[False]["lm_eval/avg_acc"]
     assert metrics[True]["lm_eval/tiny_mc/acc"] == metrics[False]["lm_eval/tiny_mc/acc"]
+
+
+def test_batch_size_detection_forwards_are_not_counted_as_lm_eval_tokens(tiny_tokenizer):
+    """batch_size=auto (CUDA) runs lm-eval's detection: its dummy forwards of the longest
+    request must not reach the MLP statistics the run reports. Driven directly here (the
+    evaluator refuses auto on the CPU), with the evaluator's own ``uncounted`` context."""
+    import torch
+
+    from sparsebench.evaluators.lm_eval import continuation_scoring_lm, uncounted
+
+    model = make_tiny("llama")
+    ctl = SparsityController(CATS(OmegaConf.create({"sparsity": 0.0})), DenseBackend()).attach(model)
+    entered = []
+
+    def context():
+        entered.append(True)
+        return uncounted(ctl)
+
+    lm = continuation_scoring_lm(pretrained=model, tokenizer=tiny_tokenizer, batch_size=1, max_length=16,
+                                 max_batch_size=4, detection_context=context)
+    requests = [(("c", "x"), [5, 6, 7], [8])]
+    with ctl.counting(), torch.no_grad():
+        size = lm._detect_batch_size(requests, 0)
+        assert entered and size >= 1
+        assert sum(s.tokens for s in ctl.stats.values()) == 0  # nothing counted
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert sum(s.tokens for s in ctl.stats.values()) == 3 * len(ctl.sites)  # a real forward is

@@ -13,26 +13,25 @@ are float32 whatever the model's dtype. ``batch_size: auto`` (CUDA only) is lm-e
 detection: from ``max_batch_size`` (64) down, halving on out-of-memory, with forwards of
 the longest request and full-vocabulary logits; ``score_continuations_only`` keeps fewer
 logits than that, so the size found fits its forwards too. The detection's dummy forwards
-are not counted in the MLP statistics. A CUDA out-of-memory error while scoring stops the
+are not counted in the MLP statistics (with ``score_continuations_only``, the default). A CUDA out-of-memory error while scoring stops the
 run with one line naming ``evaluator.lm_eval.batch_size``.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
 from ..data.tasks import PREFIX, prepare_tasks
+from ..device import model_device
 from ..errors import ConfigError
 from . import EVALUATORS
-from ..device import model_device
 from .base import EvalResult, Evaluator
 
 
-def continuation_scoring_lm(**kwargs):
+def continuation_scoring_lm(detection_context=contextlib.nullcontext, **kwargs):
     """An lm-eval ``HFLM`` whose loglikelihood requests project to the vocabulary only the
     positions they score.
 
@@ -45,12 +44,18 @@ def continuation_scoring_lm(**kwargs):
     truncation and right padding are HFLM's; requests with the same input tokens
     (same context, one-token continuations) share one forward, as HFLM's logits cache does.
     Inputs are built on the CPU and moved to ``self.device`` (the model's); the
-    log-softmax is float32. ``batch_size="auto"``: HFLM's detection on the longest input.
+    log-softmax is float32. ``batch_size="auto"``: HFLM's detection on the longest input,
+    run inside ``detection_context()`` (the evaluator passes one that keeps its dummy
+    forwards out of the MLP statistics).
     """
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
 
     class ContinuationScoringHFLM(HFLM):
+        def _detect_batch_size(self, *args, **kw):
+            with detection_context():
+                return super()._detect_batch_size(*args, **kw)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             model = self.model
             groups: dict[tuple[int, ...], list[int]] = {}
@@ -112,11 +117,12 @@ def lm_eval_batch_size(value, device) -> int | str:
     return size
 
 
-def _uncounted(controller, detect, *args, **kwargs):
-    """lm-eval's batch-size detection with the controller's MLP statistics off."""
+@contextlib.contextmanager
+def uncounted(controller):
+    """The controller's MLP statistics off inside (lm-eval's batch-size detection)."""
     prev, controller.collect_stats = controller.collect_stats, False
     try:
-        return detect(*args, **kwargs)
+        yield
     finally:
         controller.collect_stats = prev
 
@@ -146,11 +152,13 @@ class LMEvalAccuracy(Evaluator):
         else:
             include_path, tasks = prepare_tasks(list(self.cfg.tasks), self.cfg.package, ctx.cache_dir)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        lm_class = continuation_scoring_lm if self.cfg.get("score_continuations_only", True) else HFLM
-        lm = lm_class(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size,
+        common = dict(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=batch_size,
                       max_length=self.cfg.get("max_length"), softmax_dtype=torch.float32)
-        if batch_size == "auto":  # the detection's dummy forwards are not lm-eval tokens
-            lm._detect_batch_size = functools.partial(_uncounted, ctx.controller, lm._detect_batch_size)
+        if self.cfg.get("score_continuations_only", True):
+            # the detection's dummy forwards are not lm-eval tokens: kept out of the counts
+            lm = continuation_scoring_lm(detection_context=lambda: uncounted(ctx.controller), **common)
+        else:  # lm-eval's own HFLM (its detection's forwards, CUDA + auto only, are counted)
+            lm = HFLM(**common)
         with ctx.controller.counting() as stats, torch.no_grad(), out_of_memory_names_the_knob(batch_size, device):
             out = simple_evaluate(
                 model=lm, tasks=tasks, limit=self.cfg.limit, num_fewshot=self.cfg.get("num_fewshot"),
