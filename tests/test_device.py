@@ -19,6 +19,7 @@ import sparsebench
 from sparsebench.cli import config_groups
 from sparsebench.device import device_info, move_to, resolve_device, resolve_dtype
 from sparsebench.errors import ConfigError
+from test_lm_eval_sparse_path import task_dir  # noqa: F401  (a local multiple-choice task for lm_eval)
 
 PACKAGE = Path(sparsebench.__file__).resolve().parent
 # Factories whose result lands on the default (CPU) device unless told otherwise.
@@ -150,12 +151,13 @@ def test_every_backend_runs_in_bf16_with_no_deviceless_tensor(backend, sparsifie
     assert results["metrics"]["perplexity"] > 1
 
 
-OFFLINE_EVALUATORS = [e for e in GROUPS["evaluator"] if e not in ("lm_eval", "cache_speedup")]
-
-
-@pytest.mark.parametrize("evaluator", OFFLINE_EVALUATORS)
-def test_every_evaluator_runs_in_bf16_with_no_deviceless_tensor(evaluator, tmp_path):
-    extra = {"long_decode": ["evaluator.long_decode.contexts=[128]", "evaluator.long_decode.new_tokens=3",
+@pytest.mark.parametrize("evaluator", GROUPS["evaluator"])
+def test_every_evaluator_runs_in_bf16_with_no_deviceless_tensor(evaluator, task_dir, tmp_path):
+    extra = {"lm_eval": [f"evaluator.lm_eval.include_path={task_dir}", "evaluator.lm_eval.tasks=[tiny_mc]",
+                         "evaluator.lm_eval.limit=2"],
+             "cache_speedup": ["evaluator.cache_speedup.prompt_tokens=8", "evaluator.cache_speedup.new_tokens=5",
+                               "evaluator.cache_speedup.churns=[0.1]", "evaluator.cache_speedup.grid_steps=3"],
+             "long_decode": ["evaluator.long_decode.contexts=[128]", "evaluator.long_decode.new_tokens=3",
                              "evaluator.long_decode.repeats=1", "evaluator.long_decode.warmup=1"],
              "long_perplexity": ["evaluator.long_perplexity.seq_lens=[256]", "evaluator.long_perplexity.num_windows=2"],
              "passkey": ["evaluator.passkey.contexts=[200]", "evaluator.passkey.per_context=1",
