@@ -30,8 +30,8 @@ import torch
 from ..bench import mask_sequence, time_layer
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
-from . import EVALUATORS
 from ..device import model_device, refuse_cuda
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode
 

@@ -17,8 +17,8 @@ import torch
 
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
-from . import EVALUATORS
 from ..device import model_device
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
 

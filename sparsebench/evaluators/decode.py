@@ -31,8 +31,8 @@ from torch import nn
 
 from ..backends.weights import projections_to_compute
 from ..data.corpus import heldout_windows
-from . import EVALUATORS
 from ..device import model_device, timer
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
 

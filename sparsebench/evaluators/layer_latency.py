@@ -15,8 +15,8 @@ import statistics
 import torch
 
 from ..data.corpus import heldout_windows
-from . import EVALUATORS
 from ..device import model_device, timer as device_clock
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode
 

@@ -31,8 +31,8 @@ from ..attention._runtime import attached_attention, attention_variant, attentio
 from ..attention.base import attention_modules
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
-from . import EVALUATORS
 from ..device import model_device, timer
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import weight_bytes
 from .passkey import max_context, variant_name

@@ -21,8 +21,8 @@ from ..attention._runtime import _writable, attached_attention
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
 from ..stats import paired_perplexity
-from . import EVALUATORS
 from ..device import model_device
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .passkey import max_context
 

@@ -84,8 +84,8 @@ import torch
 
 from ..data.corpus import calibration_windows, heldout_windows
 from ..errors import ConfigError
-from . import EVALUATORS
 from ..device import model_device
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
 POLICIES = ("lru", "hot", "window")

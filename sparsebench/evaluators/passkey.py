@@ -23,8 +23,8 @@ from ..attention._runtime import attached_attention, attention_variant, attentio
 from ..data.passkey import answer_key, passkey_items
 from ..errors import ConfigError
 from ..stats import paired_accuracy
-from . import EVALUATORS
 from ..device import model_device
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
 

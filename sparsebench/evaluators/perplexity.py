@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.corpus import heldout_windows
-from . import EVALUATORS
 from ..device import model_device
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
 

@@ -26,8 +26,8 @@ import torch
 
 from ..data.corpus import heldout_windows
 from ..errors import ConfigError
-from . import EVALUATORS
 from ..device import model_device, refuse_cuda, timer
+from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode, recording_masks, replaying_masks
 

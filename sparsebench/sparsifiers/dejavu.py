@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import SPARSIFIERS
 from ..errors import ConfigError
+from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise
 from ..device import model_device
 from .wina import topk_mask

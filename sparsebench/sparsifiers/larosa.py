@@ -103,9 +103,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from . import SPARSIFIERS
 from ..errors import ConfigError
 from ..patching import LinearInput
+from . import SPARSIFIERS
 from .base import Sparsifier, calibration_perplexity
 from .teal import PROJ_NAMES
 from .wina import topk_mask

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from . import SPARSIFIERS
 from ..device import model_device
 from ..errors import ConfigError
+from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise
 from .cats import quantile_threshold
 

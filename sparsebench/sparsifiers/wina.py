@@ -75,8 +75,8 @@ from __future__ import annotations
 
 import torch
 
-from . import SPARSIFIERS
 from ..errors import ConfigError
+from . import SPARSIFIERS
 from .base import Sparsifier
 from .teal import (
     LINEARS_OF,
