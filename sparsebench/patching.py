@@ -252,6 +252,16 @@ class SparsityController:
             self.enabled = prev
 
     @contextlib.contextmanager
+    def uncounted(self):
+        """Forwards inside are left out of the counts of an enclosing ``counting()`` (e.g.
+        lm-eval's batch-size detection, whose dummy forwards are not lm-eval tokens)."""
+        prev, self.collect_stats = self.collect_stats, False
+        try:
+            yield
+        finally:
+            self.collect_stats = prev
+
+    @contextlib.contextmanager
     def counting(self):
         """Collect per-layer token/zero counts for the duration of the block
         (``stats``: MLP neurons per layer; ``linear_stats``: inputs per (layer, projection))."""

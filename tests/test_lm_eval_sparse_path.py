@@ -144,10 +144,10 @@ def test_both_scorers_give_the_same_task_metrics(task_dir, tiny_tokenizer):
 def test_batch_size_detection_forwards_are_not_counted_as_lm_eval_tokens(tiny_tokenizer):
     """batch_size=auto (CUDA) runs lm-eval's detection: its dummy forwards of the longest
     request must not reach the MLP statistics the run reports. Driven directly here (the
-    evaluator refuses auto on the CPU), with the evaluator's own ``uncounted`` context."""
+    evaluator refuses auto on the CPU), with the controller's ``uncounted`` context, as the evaluator passes it."""
     import torch
 
-    from sparsebench.evaluators.lm_eval import continuation_scoring_lm, uncounted
+    from sparsebench.evaluators.lm_eval import continuation_scoring_lm
 
     model = make_tiny("llama")
     ctl = SparsityController(CATS(OmegaConf.create({"sparsity": 0.0})), DenseBackend()).attach(model)
@@ -155,7 +155,7 @@ def test_batch_size_detection_forwards_are_not_counted_as_lm_eval_tokens(tiny_to
 
     def context():
         entered.append(True)
-        return uncounted(ctl)
+        return ctl.uncounted()
 
     lm = continuation_scoring_lm(pretrained=model, tokenizer=tiny_tokenizer, batch_size=1, max_length=16,
                                  max_batch_size=4, detection_context=context)

@@ -118,16 +118,6 @@ def lm_eval_batch_size(value, device) -> int | str:
 
 
 @contextlib.contextmanager
-def uncounted(controller):
-    """The controller's MLP statistics off inside (lm-eval's batch-size detection)."""
-    prev, controller.collect_stats = controller.collect_stats, False
-    try:
-        yield
-    finally:
-        controller.collect_stats = prev
-
-
-@contextlib.contextmanager
 def out_of_memory_names_the_knob(batch_size, device):
     """A CUDA out-of-memory error while scoring, as one line naming the batch size."""
     try:
@@ -156,7 +146,7 @@ class LMEvalAccuracy(Evaluator):
                       max_length=self.cfg.get("max_length"), softmax_dtype=torch.float32)
         if self.cfg.get("score_continuations_only", True):
             # the detection's dummy forwards are not lm-eval tokens: kept out of the counts
-            lm = continuation_scoring_lm(detection_context=lambda: uncounted(ctx.controller), **common)
+            lm = continuation_scoring_lm(detection_context=ctx.controller.uncounted, **common)
         else:  # lm-eval's own HFLM (its detection's forwards, CUDA + auto only, are counted)
             lm = HFLM(**common)
         with ctx.controller.counting() as stats, torch.no_grad(), out_of_memory_names_the_knob(batch_size, device):
