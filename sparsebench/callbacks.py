@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from .results import combined_table, load_results, print_tables
+from .reporting.results import combined_table, load_results, print_tables
 from .sweep import failed_points
 
 # Failed points of the last multirun in this process; ``sparsebench`` exits 1 when non-empty.

@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import SparsebenchError
+from .core.errors import SparsebenchError
 
 CONFIG_MODULE = "sparsebench.conf"
 MAX_DIRNAME_BYTES = 200  # filesystems allow 255 bytes per name
@@ -100,9 +100,10 @@ def check_composes(overrides) -> None:
 
 # Libraries whose messages go to the run folder's library log instead of the console: lm-eval's
 # "`pretrained` model kwarg is not of type `str`" and "metric acc is defined, but aggregation is
-# not", transformers' deprecation notes, datasets' "Map" bars, Python warnings.
+# not", transformers' deprecation notes, datasets' "Map" bars, Python warnings, and pip's output
+# when a registry package is fetched (store.cache logs it line by line at INFO).
 LIBRARY_LOGGERS = ("lm-eval", "lm_eval", "transformers", "datasets", "huggingface_hub", "accelerate", "urllib3",
-                   "filelock", "hydra_plugins", "py.warnings")
+                   "filelock", "hydra_plugins", "py.warnings", "pip")
 LIBRARY_LOG = "libraries.log"
 
 
@@ -124,6 +125,7 @@ def route_library_output(output_dir: Path) -> Path:
                 logger.removeHandler(old)  # a previous sweep point's file
         logger.addHandler(handler)
         logger.propagate = False
+    logging.getLogger("pip").setLevel(logging.INFO)  # its lines are only worth having in the file
     try:
         import transformers
 
@@ -161,7 +163,7 @@ def sweep_group(sweep_dir: str) -> str:
 def check_attention_applies(cfg: DictConfig) -> None:
     """Refuse ``attention=<method>`` with an evaluator that would measure dense attention:
     today only the long-context evaluators (``applies_attention``) install the method."""
-    from .errors import ConfigError
+    from .core.errors import ConfigError
     from .evaluators import EVALUATORS
 
     attention = cfg.get("attention") or {}
@@ -178,8 +180,8 @@ def check_attention_applies(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from .faults import checkpoint
-    from .results import RESULTS_FILE
+    from .core.faults import checkpoint
+    from .reporting.results import RESULTS_FILE
     from .run import run
     from .sweep import clear_failure, equivalent_point, finished_run, record_failure
 

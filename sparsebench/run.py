@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -18,7 +18,7 @@ def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
 
 
 def prefill_policy(cfg: DictConfig):
-    from .patching import PrefillPolicy
+    from .models.patching import PrefillPolicy
 
     p = cfg.get("prefill") or {}
     n = p.get("dense_prefix", 0)
@@ -31,8 +31,8 @@ def build_components(cfg: DictConfig):
     """Instantiate sparsifier, backend and evaluators; raises ConfigError on bad values
     (done before any model is loaded, so a bad override costs nothing and writes nothing)."""
     from .backends import BACKENDS
-    from .config_check import check_option
-    from .device import resolve_device, resolve_dtype
+    from .core.config_check import check_option
+    from .core.device import resolve_device, resolve_dtype
     from .evaluators import EVALUATORS
     from .models.loader import check_model_config
     from .sparsifiers import SPARSIFIERS
@@ -64,10 +64,10 @@ def dense_baseline_cache(cfg: DictConfig, model, model_id: str, tokenizer):
     sweep over methods and sparsities shares them, so the dense pass runs once per model.
     Keyed by the tokenizer's special prefix and library versions; each entry also by the
     sources of its evaluator (``dense_baseline``)."""
-    from .cache import cache_root
-    from .calibration import ArtifactCache, committed_artifacts
+    from .store.cache import cache_root
+    from .models.calibration import ArtifactCache, committed_artifacts
     from .data.corpus import prefix_tokens
-    from .results import versions
+    from .reporting.results import versions
 
     v = versions()
     params = next(model.parameters())
@@ -82,14 +82,14 @@ def dense_baseline_cache(cfg: DictConfig, model, model_id: str, tokenizer):
 
 
 # Modules a dense evaluation runs through besides the evaluator's own.
-DENSE_MODULES = ("sparsebench.patching", "sparsebench.models.loader", "sparsebench.data.corpus")
+DENSE_MODULES = ("sparsebench.models.patching", "sparsebench.models.loader", "sparsebench.data.corpus")
 
 
 def dense_baseline(ev, ctx, cache):
     """The evaluator's result with every mask off, from the cache when the same dense
     evaluation was done before (same model, data, seed, evaluator settings and code)."""
     from .evaluators import EvalResult
-    from .provenance import code_digest
+    from .store.provenance import code_digest
 
     def compute():
         with ctx.controller.dense():
@@ -117,17 +117,17 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
     import torch
 
     from . import __version__
-    from .calibration import load_or_calibrate
-    from .comparison import compare_items
+    from .models.calibration import load_or_calibrate
+    from .reporting.comparison import compare_items
     from .data.corpus import load_corpus, prefix_tokens
-    from .device import device_info, resolve_device
-    from .provenance import code_version, source_files
+    from .core.device import device_info, resolve_device
+    from .store.provenance import code_version, source_files
     from .evaluators import RunContext
-    from .faults import checkpoint
-    from .timing import exclusive_timing
+    from .core.faults import checkpoint
+    from .store.timing_lock import exclusive_timing
     from .models.loader import load_model, set_offline
-    from .patching import SparsityController
-    from .results import (
+    from .models.patching import SparsityController
+    from .reporting.results import (
         machine,
         per_layer_table,
         print_tables,
@@ -135,7 +135,7 @@ def run(cfg: DictConfig, output_dir: Path, name: str = "default", group: str | N
         versions,
         write_results,
     )
-    from .wandb_logger import log_run
+    from .reporting.wandb_logger import log_run
 
     started = time.time()
     sparsifier, backend, evaluators = build_components(cfg)

@@ -18,9 +18,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_write_json
-from .provenance import files_unchanged
-from .results import RESULTS_FILE
+from .store.cache import atomic_write_json
+from .store.provenance import files_unchanged
+from .reporting.results import RESULTS_FILE
 
 FAILED_FILE = "failed.json"
 # Config keys that do not change what a run measures: where the cache lives, how W&B

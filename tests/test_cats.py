@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.models.adapters import mlp_sites
-from sparsebench.patching import SparsityController
+from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers.cats import CATS, quantile_threshold
 
 
@@ -103,7 +103,7 @@ def test_quantile_threshold_zero_keeps_everything():
 
 
 def test_sparsity_out_of_range_is_refused():
-    from sparsebench.errors import ConfigError
+    from sparsebench.core.errors import ConfigError
 
     for bad in (1.0, 1.5, -0.1, "half"):
         with pytest.raises(ConfigError, match="sparsifier.sparsity"):

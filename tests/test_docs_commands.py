@@ -445,7 +445,7 @@ def check_bench(cmd: DocCommand, ws: Path) -> None:
     argv = substituted(cmd.argv)
     sub = argv[1]
     assert sub in BENCH_SMALL, f"sparsebench-bench {sub}: no small settings for it in BENCH_SMALL"
-    from sparsebench.bench import main as bench_main
+    from sparsebench.backends.bench import main as bench_main
 
     helped = io.StringIO()
     with contextlib.redirect_stdout(helped), pytest.raises(SystemExit) as exit_:
@@ -494,7 +494,7 @@ def check_tool(cmd: DocCommand, ws: Path) -> None:
     elif module == LONG_CONTEXT_FIGURE:
         assert (ws / opts.get("--out", f"{roots[0]}/figures") / "long_context.csv").read_text().count("\n") >= 2
     elif args[0] == "export":
-        from sparsebench.results import load_results
+        from sparsebench.reporting.results import load_results
 
         ok = [r for r in load_results([ws / r for r in roots]) if r.get("status") == "ok"]
         assert len(list((ws / opts["--out"]).rglob("*.json"))) == len(ok) > 0, proc.stdout
@@ -508,7 +508,7 @@ def check_tables_in_process(args: list[str], ws: Path) -> None:
     """``tables docs`` and ``tables artifacts`` write into the repository: run them in-process
     with their targets redirected to copies."""
     from sparsebench.experiments import tables
-    from sparsebench.results import load_results
+    from sparsebench.reporting.results import load_results
 
     results = load_results([ws / FIG4])  # the committed comparison, as copied
     repo = ws / f"repo_copy_{len(list(ws.glob('repo_copy_*')))}"
@@ -519,8 +519,8 @@ def check_tables_in_process(args: list[str], ws: Path) -> None:
     if args[0] == "artifacts":  # a greedy path made by today's code, as a real TEAL calibration leaves it
         import torch
 
-        from sparsebench.calibration import CALIBRATION_MODULES, ArtifactCache
-        from sparsebench.provenance import code_digest
+        from sparsebench.models.calibration import CALIBRATION_MODULES, ArtifactCache
+        from sparsebench.store.provenance import code_digest
 
         today = code_digest(["sparsebench.sparsifiers.teal", *CALIBRATION_MODULES])
         ArtifactCache(ws / "cache" / "calibration", {"method": "teal", "code": today}).get(
@@ -572,7 +572,7 @@ def check_lm_eval(cmd: DocCommand, ws: Path) -> None:
     # the dtype sparsebench loads the model in on the CPU (model.dtype auto: float32 there)
     import torch
 
-    from sparsebench.device import resolve_dtype
+    from sparsebench.core.device import resolve_dtype
 
     assert model_args["dtype"] == str(resolve_dtype(cfg.model.dtype, torch.device("cpu"))).removeprefix("torch.")
     ev = cfg.evaluator.lm_eval

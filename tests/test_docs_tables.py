@@ -79,7 +79,7 @@ def test_comparison_blocks_without_results_say_how_to_make_them():
 def test_comparison_blocks_with_results_are_tables(tmp_path):
     """With a committed result the empty-set note gives way to the paired tables, and the
     docs are rewritten once and then up to date."""
-    from sparsebench.stats import paired_accuracy_tasks, paired_perplexity
+    from sparsebench.core.stats import paired_accuracy_tasks, paired_perplexity
 
     a = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1]
     b = [1, 0, 0, 1, 0, 1, 0, 0, 1, 1]
@@ -149,7 +149,7 @@ def test_backend_blocks_are_in_the_docs_and_name_their_csv():
 
 def test_cold_mlp_step_block_equals_the_benchmark_csv(tmp_path):
     """The cold MLP-step table reads back what the benchmark wrote (brute force over the CSV)."""
-    from sparsebench.bench import mlp_step_cold
+    from sparsebench.backends.bench import mlp_step_cold
     from sparsebench.experiments.tables import backend_mlp_step_cold_block
 
     assert backend_mlp_step_cold_block(tmp_path).startswith("_No ")
@@ -263,7 +263,7 @@ def test_offload_block_equals_the_committed_results():
     """Each cell of the offload table is read back against the metrics of its results.json."""
     from sparsebench.experiments.figures import method, model_name
     from sparsebench.experiments.tables import OFFLOAD, backend_offload_block
-    from sparsebench.results import load_results
+    from sparsebench.reporting.results import load_results
 
     results = [r for r in load_results([OFFLOAD]) if "offload/none/ms_per_token" in r["metrics"]]
     rows = _md_rows(backend_offload_block())
@@ -285,7 +285,7 @@ def test_decode_fused_block_reads_back_its_runs(tmp_path):
     from test_cli import TINY, sparsebench
 
     from sparsebench.experiments.tables import backend_decode_fused_block
-    from sparsebench.results import load_results
+    from sparsebench.reporting.results import load_results
 
     small = ["evaluator.decode.new_tokens=6", "evaluator.decode.prompt_tokens=6", "evaluator.decode.repeats=1",
              "evaluator.step_overhead.new_tokens=6", "evaluator.step_overhead.prompt_tokens=6",

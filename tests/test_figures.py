@@ -219,7 +219,7 @@ def test_grid_table_places_each_run_in_its_cell_and_flags_missed_sparsity():
 
 
 def test_accuracy_figure_draws_the_paired_ci_and_marks_significance(tmp_path):
-    from sparsebench.stats import paired_accuracy_tasks
+    from sparsebench.core.stats import paired_accuracy_tasks
 
     import random
 

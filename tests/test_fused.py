@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from sparsebench.backends import BACKENDS
 from sparsebench.backends.fused import FusedKernel, fused_weights
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.models.activations import FATReLU
 
 
@@ -126,7 +126,7 @@ def test_kernel_fuzz():
 def test_backend_bf16_weights_match_bf16_reference():
     """``weights: bfloat16`` on an fp32 model equals the masked MLP of the bf16-rounded weights."""
     from conftest import make_tiny
-    from sparsebench.patching import MLPInput, SparsityController
+    from sparsebench.models.patching import MLPInput, SparsityController
     from sparsebench.sparsifiers import SPARSIFIERS
 
     model = make_tiny("llama")
@@ -145,7 +145,7 @@ def test_backend_bf16_weights_match_bf16_reference():
 
 def test_backend_dense_path_through_kernel_and_refusals():
     from conftest import make_tiny
-    from sparsebench.patching import MLPInput, SparsityController
+    from sparsebench.models.patching import MLPInput, SparsityController
     from sparsebench.sparsifiers import SPARSIFIERS
 
     model = make_tiny("gemma3")
@@ -172,7 +172,7 @@ def test_fatrelu_model_through_fused():
     from test_backends import assert_close, sites_of
 
     from sparsebench.models.activations import FATReLU as Fat
-    from sparsebench.patching import MLPInput
+    from sparsebench.models.patching import MLPInput
 
     _, sites = sites_of("llama")
     dense = BACKENDS.get("dense")(None)

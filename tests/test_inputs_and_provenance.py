@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import make_tiny
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.calibration import calibration_key, load_or_calibrate
+from sparsebench.models.calibration import calibration_key, load_or_calibrate
 from sparsebench.data.corpus import (
     TINY_TEXT,
     TextSplits,
@@ -26,8 +26,8 @@ from sparsebench.data.corpus import (
 from sparsebench.evaluators import RunContext
 from sparsebench.evaluators.perplexity import Perplexity
 from sparsebench.models.loader import tiny_tokenizer
-from sparsebench.patching import SparsityController
-from sparsebench.provenance import file_digest, files_unchanged, forget_hashes, source_files
+from sparsebench.models.patching import SparsityController
+from sparsebench.store.provenance import file_digest, files_unchanged, forget_hashes, source_files
 from sparsebench.sparsifiers.cats import CATS
 from sparsebench.sweep import finished_run
 
@@ -189,10 +189,10 @@ def test_editing_a_sparsifier_module_recomputes_its_calibration(tmp_path):
 
 def test_source_files_follow_imports_and_skip_presentation():
     files = source_files(["sparsebench.sparsifiers.cats"])
-    assert {"sparsebench/sparsifiers/cats.py", "sparsebench/sparsifiers/base.py", "sparsebench/registry.py"} <= set(files)
+    assert {"sparsebench/sparsifiers/cats.py", "sparsebench/sparsifiers/base.py", "sparsebench/core/registry.py"} <= set(files)
     assert not any("teal" in f for f in files)  # another method's module is not a dependency
     run_files = source_files(["sparsebench.run"])
-    assert "sparsebench/patching.py" in run_files and "sparsebench/results.py" not in run_files
+    assert "sparsebench/models/patching.py" in run_files and "sparsebench/reporting/results.py" not in run_files
 
 
 def test_a_sweep_point_made_by_other_code_is_not_reused(tmp_path):
@@ -212,7 +212,7 @@ def test_a_sweep_point_made_by_other_code_is_not_reused(tmp_path):
 
 
 def test_committed_artifacts_are_used_only_with_the_same_key(tmp_path):
-    from sparsebench.calibration import ArtifactCache
+    from sparsebench.models.calibration import ArtifactCache
 
     seed, calls = tmp_path / "committed", []
 
@@ -230,7 +230,7 @@ def test_committed_artifacts_are_used_only_with_the_same_key(tmp_path):
 
 
 def test_wording_edits_keep_the_hash_code_edits_change_it(tmp_path):
-    from sparsebench.provenance import semantic_source
+    from sparsebench.store.provenance import semantic_source
 
     f = tmp_path / "m.py"
     base = 'def f(x):\n    """Double."""\n    return 2 * x  # why\n'
@@ -282,9 +282,9 @@ def test_results_json_carries_tokens_per_work_both_corpora_code_and_paired_stats
 
 
 def test_only_artifacts_of_todays_code_are_committed(tmp_path):
-    from sparsebench.calibration import CALIBRATION_MODULES, ArtifactCache
+    from sparsebench.models.calibration import CALIBRATION_MODULES, ArtifactCache
     from sparsebench.experiments.tables import commit_artifacts
-    from sparsebench.provenance import code_digest
+    from sparsebench.store.provenance import code_digest
     from sparsebench.run import DENSE_MODULES
 
     today = code_digest(["sparsebench.sparsifiers.teal", *CALIBRATION_MODULES])

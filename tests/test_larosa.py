@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from conftest import ARCHS, make_tiny, random_ids
 from sparsebench.backends import BACKENDS
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.sparsity import linear_input_sparsity
-from sparsebench.patching import SparseLinear, SparsityController
+from sparsebench.models.patching import SparseLinear, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers.base import calibration_perplexity
 from sparsebench.sparsifiers.larosa import GROUP_OF, block_levels

@@ -14,7 +14,7 @@ from sparsebench.backends.dense import DenseBackend
 from sparsebench.data.corpus import TINY_TEXT, load_tiny
 from sparsebench.evaluators.base import RunContext
 from sparsebench.evaluators.lm_eval import LMEvalAccuracy
-from sparsebench.patching import SparsityController
+from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers.cats import CATS
 
 DOCS = [

@@ -49,7 +49,7 @@ def test_passkey_prompts_fit_and_hold_the_key(tiny_tokenizer):
 
 def test_attention_with_an_evaluator_that_ignores_it_is_refused(tmp_path):
     from sparsebench.cli import check_attention_applies
-    from sparsebench.errors import ConfigError
+    from sparsebench.core.errors import ConfigError
 
     check_attention_applies(compose_cfg(["attention=quest", "evaluator=[passkey,long_decode]"], tmp_path))
     check_attention_applies(compose_cfg(["evaluator=perplexity"], tmp_path))

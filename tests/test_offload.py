@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.offload import (LRU, Hot, Tier, Window, capacity_rows, capture_masks, fetch_ops,
                                             hot_set, replay)
 

@@ -5,9 +5,9 @@ from omegaconf import OmegaConf
 
 from conftest import make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import UnsupportedArchitecture
+from sparsebench.core.errors import UnsupportedArchitecture
 from sparsebench.models.adapters import SUPPORTED, adapter_for_config, mlp_sites
-from sparsebench.patching import SparseMLP, SparsityController
+from sparsebench.models.patching import SparseMLP, SparsityController
 from sparsebench.sparsifiers.none import NoSparsifier
 
 

@@ -11,8 +11,8 @@ from conftest import make_tiny, random_ids
 from test_backends import assert_close, backend
 from test_sparsifiers import check_mlp_calls, exact_topk
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
-from sparsebench.patching import MLPInput, SparsityController
+from sparsebench.core.errors import ConfigError
+from sparsebench.models.patching import MLPInput, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 
 GATED = ["llama", "qwen2", "gemma3"]
@@ -429,7 +429,7 @@ def test_predictor_table_gives_recall_gap_to_oracle_and_cost(tmp_path):
 
     from test_cli import TINY, sparsebench
     from sparsebench.experiments.tables import predictor_rows
-    from sparsebench.results import load_results
+    from sparsebench.reporting.results import load_results
 
     common = ["-m", "experiment=predictor_quality", *TINY, "threads=1", "evaluator.perplexity.num_windows=2",
               "evaluator.sparsity.num_windows=2", "evaluator.mask_quality.num_windows=2",

@@ -11,8 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sparsebench.backends import BACKENDS
 from sparsebench.cli import config_groups
-from sparsebench.config_check import check_option, shipped_defaults
-from sparsebench.errors import SparsebenchError
+from sparsebench.core.config_check import check_option, shipped_defaults
+from sparsebench.core.errors import SparsebenchError
 from sparsebench.evaluators import EVALUATORS
 from sparsebench.sparsifiers import SPARSIFIERS
 from bad_input_cases import CASES, error_lines, run_case
@@ -231,7 +231,7 @@ def local_index(tmp_path, monkeypatch):
 
 
 def test_unpacked_package_with_a_truncated_file_is_fetched_again(tmp_path, local_index):
-    from sparsebench.cache import fetch_package
+    from sparsebench.store.cache import fetch_package
 
     _wheel(local_index)
     cache = tmp_path / "cache"
@@ -243,9 +243,27 @@ def test_unpacked_package_with_a_truncated_file_is_fetched_again(tmp_path, local
     assert (again / "fakepkg" / "data.txt").read_bytes() == original
 
 
+def test_pip_output_goes_to_the_run_log_and_the_console_gets_one_line(tmp_path, local_index, capfd):
+    import logging
+
+    from sparsebench.cli import route_library_output
+    from sparsebench.store.cache import fetch_package
+
+    _wheel(local_index)
+    log = route_library_output(tmp_path / "run")
+    fetch_package("fakepkg==1.0", tmp_path / "cache")
+    for h in logging.getLogger("pip").handlers:
+        h.flush()
+    out = capfd.readouterr()
+    console = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    assert len(console) == 1 and console[0].startswith("[sparsebench] fetching fakepkg==1.0") and " s" in console[0]
+    assert "fakepkg" in log.read_text() and "Saved" in log.read_text()  # pip's own report, kept in the file
+    logging.captureWarnings(False)
+
+
 def test_a_wheel_failing_its_record_is_refused_and_not_trusted(tmp_path, local_index):
-    from sparsebench.cache import fetch_package
-    from sparsebench.errors import DataUnavailable
+    from sparsebench.store.cache import fetch_package
+    from sparsebench.core.errors import DataUnavailable
 
     _wheel(local_index, record_ok=False)
     with pytest.raises(DataUnavailable, match="fails its RECORD checksum"):
@@ -258,7 +276,7 @@ def test_kill_between_download_and_unpack_then_rerun(tmp_path, local_index):
     import sys
 
     _wheel(local_index)
-    code = f"from pathlib import Path; from sparsebench.cache import fetch_package; print(fetch_package('fakepkg==1.0', Path('{tmp_path}/cache')))"
+    code = f"from pathlib import Path; from sparsebench.store.cache import fetch_package; print(fetch_package('fakepkg==1.0', Path('{tmp_path}/cache')))"
     env = {**os.environ, "SPARSEBENCH_KILL_AT": "package_downloaded"}
     killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9
@@ -270,7 +288,7 @@ def test_kill_between_download_and_unpack_then_rerun(tmp_path, local_index):
 
 
 def test_converted_model_folder_is_trusted_only_while_its_manifest_matches(tmp_path):
-    from sparsebench.cache import atomic_write_json
+    from sparsebench.store.cache import atomic_write_json
     from sparsebench.models.loader import _manifest, _verified
 
     folder = tmp_path / "model"

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 from conftest import make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.models.loader import load_model
-from sparsebench.patching import SparsityController
+from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 
 

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from conftest import make_tiny, random_ids
 from sparsebench.backends import BACKENDS
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.sparsity import linear_input_sparsity
-from sparsebench.patching import SparseLinear, SparseMLP, SparsityController
+from sparsebench.models.patching import SparseLinear, SparseMLP, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers import scap as scap_mod
 from sparsebench.sparsifiers.teal import PROJ_NAMES

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from conftest import ARCHS, make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.sparsity import linear_input_sparsity
-from sparsebench.patching import SparseLinear, SparseMLP, SparsityController
+from sparsebench.models.patching import SparseLinear, SparseMLP, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers.cett import bisect_epsilon, mean_cett
 from sparsebench.sparsifiers.rsparse import split_budget
@@ -404,7 +404,7 @@ def test_rsparse_full_rank_is_the_identity_and_budget_split_is_exact():
     # at full rank the low-rank term restores exactly what the mask dropped: y = W x
     full = min(lin.in_features, lin.out_features)
     sp.rank, sp.factors = (lambda layer, proj: full), {}  # full rank (beyond any budget)
-    from sparsebench.patching import LinearInput
+    from sparsebench.models.patching import LinearInput
 
     x = torch.randn(3, 5, lin.in_features, generator=gen)
     m = torch.rand(x.shape, generator=gen) > 0.5
@@ -446,7 +446,7 @@ def test_rsparse_alpha_search_picks_the_lowest_calibration_perplexity():
 
 @pytest.mark.parametrize("policy,prefix", [("dense_prefix", 10), ("decode_only", 0)])
 def test_prefill_policy_keeps_the_chosen_positions_dense(policy, prefix):
-    from sparsebench.patching import PrefillPolicy
+    from sparsebench.models.patching import PrefillPolicy
 
     model, sp, ctl = build("cats", "llama", sparsity=0.5)
     ctl.prefill = PrefillPolicy(policy, prefix)
@@ -481,7 +481,7 @@ def test_cett_ppl_search_finds_the_budget_at_the_perplexity_ratio():
 
 
 def test_teal_greedy_path_is_computed_once_for_every_sparsity(tmp_path):
-    from sparsebench.calibration import ArtifactCache
+    from sparsebench.models.calibration import ArtifactCache
 
     cache = ArtifactCache(tmp_path, {"model": "tiny"})
     calls = []
@@ -504,7 +504,7 @@ def test_teal_greedy_path_is_computed_once_for_every_sparsity(tmp_path):
 def test_teal_greedy_path_survives_a_new_calibration_version(tmp_path):
     """The greedy path is keyed by its own version: bumping the method's calibration
     version (a change to the final fit) recomputes the thresholds, not the path."""
-    from sparsebench.calibration import ArtifactCache
+    from sparsebench.models.calibration import ArtifactCache
 
     calls = []
     for method_version in (2, 3):

@@ -1,4 +1,4 @@
-"""sparsebench.stats against brute force: closed forms and exact bootstrap enumeration."""
+"""sparsebench.core.stats against brute force: closed forms and exact bootstrap enumeration."""
 
 import itertools
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import multinomial
 
-from sparsebench.stats import (critical_sparsity, format_delta, mcnemar_exact, paired_accuracy,
+from sparsebench.core.stats import (critical_sparsity, format_delta, mcnemar_exact, paired_accuracy,
                                paired_accuracy_tasks, paired_perplexity)
 
 B = 10_000  # resamples used by the functions under test (their default)
@@ -353,6 +353,6 @@ def test_format_delta_star_follows_mcnemar():
 
 # ------------------------------------------------------------------------- module
 def test_module_is_light():
-    code = ("import sys; import sparsebench.stats; "
-            "assert 'torch' not in sys.modules, 'sparsebench.stats imported torch'")
+    code = ("import sys; import sparsebench.core.stats; "
+            "assert 'torch' not in sys.modules, 'sparsebench.core.stats imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,7 @@
 """Resumable sweeps, failed points, launchers and the per-machine timing lock."""
 import json
 
-from sparsebench.provenance import source_files
+from sparsebench.store.provenance import source_files
 import multiprocessing as mp
 import os
 import time
@@ -77,7 +77,7 @@ def test_finished_run_requires_same_config_and_ok_status(tmp_path):
 
 
 def _hold_timing_lock(cache, log, hold_s):
-    from sparsebench.timing import exclusive_timing
+    from sparsebench.store.timing_lock import exclusive_timing
 
     with exclusive_timing(cache, "test") as info:
         with open(log, "a") as f:
@@ -125,7 +125,7 @@ def test_submitit_local_launcher_runs_points_as_separate_jobs(tmp_path):
 def test_run_names_with_brackets_survive_the_rich_table():
     from rich.console import Console
 
-    from sparsebench.results import combined_table
+    from sparsebench.reporting.results import combined_table
 
     r = {"run": {"name": "evaluator=[sparsity],sparsifier=cats"}, "model": {"id": "m"},
          "sparsifier": {"name": "cats", "sparsity": 0.5}, "metrics": {"sparsity/mean": 0.5}}

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from conftest import make_tiny, random_ids
-from sparsebench.errors import ConfigError
+from sparsebench.core.errors import ConfigError
 from sparsebench.models.activations import FATReLU, ReLUOutputLinear
 from sparsebench.models.adapters import MLPSite
-from sparsebench.patching import LinearInput, MLPInput, SparsityController
+from sparsebench.models.patching import LinearInput, MLPInput, SparsityController
 from test_backends import backend, computed_input, random_mask
 
 ON_CUDA = torch.cuda.is_available()
@@ -197,7 +197,7 @@ def test_imports_and_builds_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import sparsebench.backends.triton as t\n"
-        "from sparsebench.errors import ConfigError\n"
+        "from sparsebench.core.errors import ConfigError\n"
         "t.TritonBackend(None)\n"
         "try:\n"
         "    t.kernels()\n"

@@ -4,8 +4,8 @@ import shlex
 
 import pytest
 
-from sparsebench import wandb_report
-from sparsebench.results import load_results
+from sparsebench.reporting import wandb_report
+from sparsebench.reporting.results import load_results
 
 
 def _write_run(root, group, name, sparsifier, sparsity, metrics, per_layer, mode="offline", offline_runs=1):
@@ -196,7 +196,7 @@ def test_run_summary_carries_paired_stats_and_code(monkeypatch, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from sparsebench.wandb_logger import log_run
+    from sparsebench.reporting.wandb_logger import log_run
 
     summary = {}
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.evaluators.sparsity import linear_input_sparsity
-from sparsebench.patching import SparseLinear, SparsityController
+from sparsebench.models.patching import SparseLinear, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers.base import capture_layer_inputs
 from sparsebench.sparsifiers.teal import PROJ_NAMES, interp_threshold, quantile_table
@@ -340,7 +340,7 @@ def test_wina_transform_is_the_references_rotation_and_keeps_dense_logits(arch):
 # --------------------------------------------------------------------------- cache
 
 def test_wina_greedy_path_is_computed_once_per_model_and_transform(tmp_path):
-    from sparsebench.calibration import ArtifactCache
+    from sparsebench.models.calibration import ArtifactCache
 
     cache = ArtifactCache(tmp_path, {"model": "tiny", "method": "wina", "version": 1})
     calls = []
@@ -359,7 +359,7 @@ def test_wina_greedy_path_is_computed_once_per_model_and_transform(tmp_path):
 def test_a_stopped_greedy_path_resumes_from_its_last_finished_layer(name, tmp_path, monkeypatch):
     """Each layer's path is kept as it is found: after a stop in layer 1, the next run
     computes layer 1 onwards only, and the path equals an uninterrupted one."""
-    from sparsebench.calibration import ArtifactCache
+    from sparsebench.models.calibration import ArtifactCache
     from sparsebench.sparsifiers import teal
 
     cfg = {**OmegaConf.to_container(shipped(name)), "name": name, "sparsity": 0.5, "greedy_step": 0.1}

@@ -5,7 +5,7 @@ Methods live in ``sparsebench/attention/<name>.py`` and register with
 leaves attention dense). They compose with any MLP sparsifier: the MLP masks and the
 attention selection are installed by independent hooks.
 """
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import AttentionCall, AttentionMethod, AttentionSparsity, Selection
 
 ATTENTION_METHODS: Registry[AttentionMethod] = Registry("attention method", __name__)
@@ -13,7 +13,7 @@ ATTENTION_METHODS: Registry[AttentionMethod] = Registry("attention method", __na
 
 def build_attention(cfg) -> AttentionMethod | None:
     """The configured method, or None for ``attention=none`` / no attention group."""
-    from ..config_check import check_option
+    from ..core.config_check import check_option
 
     if cfg is None or cfg.get("name", "none") == "none":
         return None

@@ -18,12 +18,12 @@ from .base import AttentionSparsity
 
 # Modules a trained attention state depends on besides the method's own.
 ATTENTION_CALIBRATION_MODULES = ("sparsebench.attention._runtime", "sparsebench.attention.base",
-                                 "sparsebench.patching", "sparsebench.models.loader", "sparsebench.data.corpus")
+                                 "sparsebench.models.patching", "sparsebench.models.loader", "sparsebench.data.corpus")
 
 
 def attention_key(ctx, method) -> dict:
     from ..data.corpus import prefix_tokens
-    from ..provenance import code_digest
+    from ..store.provenance import code_digest
 
     cfg = ctx.cfg
     params = next(ctx.model.parameters())
@@ -50,8 +50,8 @@ def attached_attention(ctx, record_stats: bool = True):
 
 
 def calibrate_attention(ctx, session) -> dict:
-    from ..cache import cache_root
-    from ..calibration import ArtifactCache, committed_artifacts
+    from ..store.cache import cache_root
+    from ..models.calibration import ArtifactCache, committed_artifacts
     from ..data.corpus import calibration_windows
 
     method = session.method
@@ -82,7 +82,7 @@ def attention_budget(session, budget: int | None):
         return
     cfg = session.method.cfg
     if "budget" not in cfg:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(f"attention={cfg.name} has no token budget; sweep its own setting from the shell instead")
     old_budget, old_fraction = cfg.budget, cfg.get("budget_fraction")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 ATTN_IMPLEMENTATION = "sparsebench"
 HANDLE_KWARG = "sparsebench_attention"

@@ -66,7 +66,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..sparsifiers.wina import topk_mask
 from . import ATTENTION_METHODS
 from .base import AttentionCall, AttentionMethod, Selection, _layer_types, attention_modules

@@ -55,7 +55,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import ATTENTION_METHODS
 from .base import AttentionCall, AttentionMethod, Selection, budget_tokens, check_budget
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import ATTENTION_METHODS
 from .base import AttentionCall, AttentionMethod, Selection, budget_tokens, check_budget
 

@@ -1,5 +1,5 @@
 """Execution backends: run an MLP given its weights and a neuron mask."""
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import Backend
 
 BACKENDS: Registry[Backend] = Registry("backend", __name__)

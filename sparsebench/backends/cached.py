@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import BACKENDS
 from .base import Backend
 from .index_select import UnionStats, flat_call, flat_rows

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import BACKENDS
 from .base import Backend
 from .index_select import flat_rows

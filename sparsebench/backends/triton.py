@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import BACKENDS
 from .base import Backend
 from .fused import activation_code

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import cache_root, fetch_package
-from ..errors import ConfigError, DataUnavailable
+from ..store.cache import cache_root, fetch_package
+from ..core.errors import ConfigError, DataUnavailable
 
 # Used only by tiny test models: a public-domain passage to train their tokenizer on
 # and to serve as offline text.

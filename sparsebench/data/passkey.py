@@ -81,7 +81,7 @@ def passkey_item(tokenizer, context: int, depth: float, key: int, question_chars
             hi = mid - 1
     text = prompt_text(lo, depth, key, haystack_text)
     if len(text) <= 2 * question_chars:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(f"a {context}-token passkey prompt has only {len(text)} characters; lower "
                           f"question_chars ({question_chars}) or raise the context")

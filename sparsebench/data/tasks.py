@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from ..cache import atomic_dir, cache_root, fetch_package, locked
-from ..errors import ConfigError, DataUnavailable
+from ..store.cache import atomic_dir, cache_root, fetch_package, locked
+from ..core.errors import ConfigError, DataUnavailable
 
 PREFIX = "sb_"
 

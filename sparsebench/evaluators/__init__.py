@@ -1,5 +1,5 @@
 """Evaluators: get the patched model, return metrics."""
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import EvalResult, Evaluator, RunContext
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator", __name__)

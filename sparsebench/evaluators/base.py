@@ -35,7 +35,7 @@ class Evaluator:
     # evaluators that carry their own baselines (decode) or need masks (churn) opt out.
     compare_dense: bool = True
     # Whether the evaluator measures time: run.py then holds the per-machine timing lock
-    # (sparsebench.timing) around it, so parallel sweep jobs never time on shared cores.
+    # (sparsebench.store.timing_lock) around it, so parallel sweep jobs never time on shared cores.
     timing: bool = False
     # Device types it runs on (run.py refuses the others before loading the model).
     device_types: tuple[str, ...] = ("cpu", "cuda")

@@ -27,10 +27,10 @@ import statistics
 
 import torch
 
-from ..bench import mask_sequence, time_layer
+from ..backends.bench import mask_sequence, time_layer
 from ..data.corpus import heldout_windows
-from ..errors import ConfigError
-from ..device import model_device, refuse_cuda
+from ..core.errors import ConfigError
+from ..core.device import model_device, refuse_cuda
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode

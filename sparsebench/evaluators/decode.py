@@ -31,7 +31,7 @@ from torch import nn
 
 from ..backends.weights import projections_to_compute
 from ..data.corpus import heldout_windows
-from ..device import model_device, timer
+from ..core.device import model_device, timer
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 
@@ -161,7 +161,7 @@ class Decode(Evaluator):
         prompt = prompt.to(model_device(ctx.model))
         n_new = int(cfg.new_tokens)
         if n_new < 2:
-            from ..errors import ConfigError
+            from ..core.errors import ConfigError
 
             raise ConfigError(f"evaluator.decode.new_tokens={n_new} must be at least 2")
 

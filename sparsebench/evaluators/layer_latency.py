@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from ..data.corpus import heldout_windows
-from ..device import model_device, timer as device_clock
+from ..core.device import model_device, timer as device_clock
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode

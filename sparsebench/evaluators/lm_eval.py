@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tasks import PREFIX, prepare_tasks
-from ..device import model_device
-from ..errors import ConfigError
+from ..core.device import model_device
+from ..core.errors import ConfigError
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

@@ -30,8 +30,8 @@ from ..attention._kv_cache import preallocated_cache
 from ..attention._runtime import attached_attention, attention_variant, attention_variants
 from ..attention.base import attention_modules
 from ..data.corpus import heldout_windows
-from ..errors import ConfigError
-from ..device import model_device, timer
+from ..core.errors import ConfigError
+from ..core.device import model_device, timer
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import weight_bytes

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from ..attention._runtime import _writable, attached_attention
 from ..data.corpus import heldout_windows
-from ..errors import ConfigError
-from ..stats import paired_perplexity
-from ..device import model_device
+from ..core.errors import ConfigError
+from ..core.stats import paired_perplexity
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .passkey import max_context

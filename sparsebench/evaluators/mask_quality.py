@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..data.corpus import heldout_windows
-from ..errors import ConfigError
-from ..device import model_device
+from ..core.errors import ConfigError
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

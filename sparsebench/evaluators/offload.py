@@ -83,8 +83,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.corpus import calibration_windows, heldout_windows
-from ..errors import ConfigError
-from ..device import model_device
+from ..core.errors import ConfigError
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

@@ -21,9 +21,9 @@ import torch
 from ..attention._kv_cache import preallocated_cache
 from ..attention._runtime import attached_attention, attention_variant, attention_variants
 from ..data.passkey import answer_key, passkey_items
-from ..errors import ConfigError
-from ..stats import paired_accuracy
-from ..device import model_device
+from ..core.errors import ConfigError
+from ..core.stats import paired_accuracy
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.corpus import heldout_windows
-from ..device import model_device
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..data.corpus import heldout_windows
-from ..device import model_device
+from ..core.device import model_device
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 

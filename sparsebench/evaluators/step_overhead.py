@@ -25,8 +25,8 @@ import statistics
 import torch
 
 from ..data.corpus import heldout_windows
-from ..errors import ConfigError
-from ..device import model_device, refuse_cuda, timer
+from ..core.errors import ConfigError
+from ..core.device import model_device, refuse_cuda, timer
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
 from .decode import greedy_decode, recording_masks, replaying_masks

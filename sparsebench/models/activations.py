@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelUnavailable
+from ..core.errors import ConfigError, ModelUnavailable
 
 ACTIVATIONS = ("auto", "relu", "fatrelu", "drelu", "stock")
 

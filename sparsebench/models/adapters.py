@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import UnsupportedArchitecture
+from ..core.errors import UnsupportedArchitecture
 
 
 @dataclass

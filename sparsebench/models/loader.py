@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ..cache import (
+from ..store.cache import (
     atomic_dir,
     atomic_write_json,
     cache_root,
@@ -23,7 +23,7 @@ from ..cache import (
     locked,
     sha256_file,
 )
-from ..errors import ConfigError, ModelUnavailable
+from ..core.errors import ConfigError, ModelUnavailable
 
 HF_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -204,7 +204,7 @@ def load_model(mcfg, cache_dir: str | os.PathLike | None = None, device="cpu"):
     ``device``, in ``model.dtype`` (``auto``: bf16 on CUDA, fp32 on the CPU)."""
     import torch
 
-    from ..device import resolve_dtype
+    from ..core.device import resolve_dtype
 
     set_offline()
     check_model_config(mcfg)

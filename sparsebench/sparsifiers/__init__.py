@@ -1,5 +1,5 @@
 """Sparsifiers: decide, per token, which MLP neurons run."""
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import Sparsifier
 
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier", __name__)

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 class NoArtifactCache:
     def get(self, name, extra_key, compute):
-        from ..device import move_to
+        from ..core.device import move_to
 
         return move_to(compute(), "cpu")  # as the on-disk cache returns it
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..device import model_device
-from ..errors import ConfigError
+from ..core.device import model_device
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise, calibration_perplexity
 from .cats import quantile_threshold

@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise
-from ..device import model_device
+from ..core.device import model_device
 from .wina import topk_mask
 
 

@@ -42,8 +42,8 @@ import math
 
 import torch
 
-from ..device import model_device
-from ..errors import ConfigError
+from ..core.device import model_device
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import calibrate_layerwise
 from .cats import quantile_threshold

@@ -103,8 +103,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..errors import ConfigError
-from ..patching import LinearInput
+from ..core.errors import ConfigError
+from ..models.patching import LinearInput
 from . import SPARSIFIERS
 from .base import Sparsifier, calibration_perplexity
 from .teal import PROJ_NAMES

@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import BLOCK_INPUT_STAGES, Sparsifier, calibrate_layerwise, calibration_perplexity, capture_layer_inputs, dense_linear_inputs
 from .teal import interp_threshold, quantile_table

@@ -76,8 +76,8 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError
-from ..patching import LinearInput
+from ..core.errors import ConfigError
+from ..models.patching import LinearInput
 from . import SPARSIFIERS
 from .base import BLOCK_INPUT_STAGES, Sparsifier, calibrate_layerwise
 from .teal import PROJ_NAMES

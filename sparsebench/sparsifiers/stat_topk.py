@@ -64,7 +64,7 @@ import functools
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier
 from .wina import topk_mask

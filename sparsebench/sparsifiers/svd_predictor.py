@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise, collect_per_layer
 from .cats import quantile_threshold

@@ -68,7 +68,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, calibrate_layerwise
 

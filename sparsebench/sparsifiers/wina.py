@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier
 from .teal import (

@@ -76,7 +76,7 @@ class NaiveGather:
 
 
 def cache_for(gate, up, down_t, threads):
-    from .backends.cached import RowCache
+    from .cached import RowCache
 
     return RowCache([[gate, up], [down_t]], gate.shape[0], threads)
 
@@ -220,7 +220,7 @@ class ColdLayer:
     """One layer's weights in every layout the compared paths read (each its own memory)."""
 
     def __init__(self, hidden, inter, seed, threads):
-        from .backends.fused import fused_weights
+        from .fused import fused_weights
 
         gate, up, down_t = random_mlp(hidden, inter, seed=seed)
         self.gate, self.up, self.down_t = gate, up, down_t
@@ -240,7 +240,7 @@ def mlp_step_cold(shapes, densities, churn, threads_list, steps, out: Path, llc:
     Variants: dense torch (F.linear, fp32), ``index_select`` (gather then matmul), ``cached``
     (row-cache update + matmul), ``fused`` fp32 and bf16 (rows read in place), and the fused
     kernel's dense path (every neuron, fp32 and bf16)."""
-    from .backends.fused import FusedKernel
+    from .fused import FusedKernel
 
     llc = llc or llc_bytes()
     rows = []

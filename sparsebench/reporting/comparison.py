@@ -4,14 +4,14 @@ Two runs are compared on the items they share: lm-eval documents by (task, doc i
 run with ``limit=200`` and one with ``limit=50`` are compared on the 50 they share;
 perplexity windows by position, when both runs scored the same windows (same sources,
 same tokens per window). ``compare_items(reference, other)`` gives, per metric, the
-statistics of ``sparsebench.stats`` with Δ = other − reference: for every lm-eval task
+statistics of ``sparsebench.core.stats`` with Δ = other − reference: for every lm-eval task
 and for the task average (``lm_eval/avg_acc``) a 95% paired-bootstrap CI and an exact
 McNemar p-value; for every held-out corpus the perplexity ratio with a paired CI over
 windows.
 """
 from __future__ import annotations
 
-from .stats import paired_accuracy_tasks, paired_perplexity
+from ..core.stats import paired_accuracy_tasks, paired_perplexity
 
 LM_EVAL = "lm_eval"
 
@@ -55,7 +55,7 @@ def format_paired(res: dict) -> str:
     """One cell: accuracy Δ in points with its CI (``-2.4 [-4.1, -0.7]*``), or a
     perplexity ratio with its CI (``x1.034 [1.021, 1.048]*``); ``*`` = significant at 5%
     (McNemar for accuracy, CI excluding 1 for perplexity)."""
-    from .stats import format_delta
+    from ..core.stats import format_delta
 
     if "ratio" in res:
         star = "*" if res.get("significant") else ""

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import NonFiniteActivation
-from .models.adapters import MLPSite, mlp_sites
+from ..core.errors import NonFiniteActivation
+from .adapters import MLPSite, mlp_sites
 
 
 class MLPInput:
@@ -132,7 +132,7 @@ class PrefillPolicy:
 
     def __post_init__(self):
         if self.policy not in PREFILL_POLICIES:
-            from .errors import ConfigError
+            from ..core.errors import ConfigError
 
             raise ConfigError(f"prefill.policy={self.policy} is unknown; use one of: {', '.join(PREFILL_POLICIES)}")
 

