@@ -43,7 +43,7 @@ def model_name(r: dict) -> str:
 def method(r: dict) -> str:
     """The sparsifier's name, plus every setting that differs from its shipped YAML (other
     than the sparsity), e.g. ``stat_topk[rule=abs_act]``: variants are separate rows."""
-    from sparsebench.config_check import shipped_defaults
+    from sparsebench.core.config_check import shipped_defaults
 
     name = r["sparsifier"]["name"]
     cfg = (r.get("config") or {}).get("sparsifier") or {}

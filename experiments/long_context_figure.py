@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from sparsebench.results import load_results
+from sparsebench.reporting.results import load_results
 
 from .figures import _by_model, _plt, model_name
 from .plot import write_csv
@@ -31,7 +31,7 @@ LINESTYLES = ("-", "--", "-.", ":")
 def attention_method(r: dict) -> str:
     """The attention method plus every setting that differs from its shipped YAML (budgets
     aside: they are the x axis), e.g. ``quest[group=kv]``."""
-    from sparsebench.config_check import shipped_defaults
+    from sparsebench.core.config_check import shipped_defaults
 
     cfg = (r.get("config") or {}).get("attention") or {}
     name = cfg.get("name", "none")

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from sparsebench.results import load_results
+from sparsebench.reporting.results import load_results
 
 from .figures import METHOD_LABELS, _by_model, _plt, _style, method
 from .plot import write_csv

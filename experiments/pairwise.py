@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from sparsebench.comparison import compare_items, format_paired
+from sparsebench.reporting.comparison import compare_items, format_paired
 
 from .figures import method, model_name
 

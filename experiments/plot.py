@@ -12,7 +12,7 @@ import csv
 import sys
 from pathlib import Path
 
-from sparsebench.results import load_results
+from sparsebench.reporting.results import load_results
 
 from .figures import CAPTIONS, FIGURES, figures_for
 

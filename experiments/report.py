@@ -4,7 +4,7 @@ Writes ``report.md`` and ``report.html`` (same content; the HTML embeds nothing 
 into ``--out`` with every figure the runs feed (PNG/PDF/CSV beside them), the method ×
 sparsity table, the churn / decode / cache tables when those metrics exist, a list of
 the runs, and any failed sweep points. ``--wandb offline|online`` also builds the W&B
-comparison report (sparsebench.wandb_report): saved when online with an API key, else
+comparison report (sparsebench.reporting.wandb_report): saved when online with an API key, else
 written as a spec with the ``wandb sync`` command that uploads the runs.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import datetime as dt
 import html
 from pathlib import Path
 
-from sparsebench.cache import atomic_write_bytes
+from sparsebench.store.cache import atomic_write_bytes
 from sparsebench.sweep import failed_points
 
 from .figures import CAPTIONS, method_rows, model_name
@@ -92,7 +92,7 @@ def report(argv=None) -> dict:
     print(f"[sparsebench-report] {out / 'report.md'} and report.html ({len(results)} runs, {len(figures)} figures)")
     written = {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "figures": figures}
     if a.wandb:
-        from sparsebench.wandb_report import publish
+        from sparsebench.reporting.wandb_report import publish
 
         written["wandb"] = publish(results, out, a.wandb)
     return written

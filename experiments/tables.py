@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 
 from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
-from sparsebench.results import load_results
-from sparsebench.stats import critical_sparsity, format_delta
+from sparsebench.reporting.results import load_results
+from sparsebench.core.stats import critical_sparsity, format_delta
 
 REPO = Path(__file__).resolve().parent.parent
 COMPARISON = REPO / "experiments" / "results" / "comparison"
@@ -751,12 +751,12 @@ def commit_artifacts(cache: Path, out: Path = ARTIFACTS) -> list[Path]:
     """Copy from the cache the slow, point-independent results a fresh machine would
     otherwise recompute — TEAL/WINA greedy paths (per layer and whole) and dense baselines —
     when they were computed by today's code (their key's code digest equals the current
-    one); ``sparsebench.calibration.ArtifactCache`` reuses them only on an exact key match."""
+    one); ``sparsebench.models.calibration.ArtifactCache`` reuses them only on an exact key match."""
     import json
     import shutil
 
-    from sparsebench.calibration import CALIBRATION_MODULES
-    from sparsebench.provenance import code_digest
+    from sparsebench.models.calibration import CALIBRATION_MODULES
+    from sparsebench.store.provenance import code_digest
     from sparsebench.run import DENSE_MODULES
 
     out.mkdir(parents=True, exist_ok=True)
@@ -806,7 +806,7 @@ def main(argv=None) -> None:
     p.add_argument("--check", action="store_true", help="docs: only report blocks that differ (exit 1)")
     a = p.parse_args(argv)
     if a.table == "artifacts":  # roots: the cache folder (default: $SPARSEBENCH_CACHE or ~/.cache/sparsebench)
-        from sparsebench.cache import cache_root
+        from sparsebench.store.cache import cache_root
 
         copied = commit_artifacts(cache_root(a.roots[0] if a.roots else None))
         print(f"copied {len(copied)} artifacts to {ARTIFACTS}")

@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
     from hydra import compose, initialize_config_module
 
     from sparsebench.data.corpus import calibration_windows, load_corpus
-    from sparsebench.device import resolve_device
+    from sparsebench.core.device import resolve_device
     from sparsebench.models.loader import load_model, set_offline
-    from sparsebench.patching import SparsityController
+    from sparsebench.models.patching import SparsityController
     from sparsebench.run import build_components, prefill_policy
 
     set_offline()
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         import json
         from pathlib import Path
 
-        from sparsebench.provenance import code_version
+        from sparsebench.store.provenance import code_version
 
         out = Path(a.out) / f"{model_id}-{sparsifier.name}-{a.label}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

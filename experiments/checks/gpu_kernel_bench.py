@@ -54,7 +54,7 @@ from torch import nn
 from sparsebench.backends.index_select import IndexSelectBackend
 from sparsebench.backends.triton import TritonBackend
 from sparsebench.models.adapters import MLPSite
-from sparsebench.patching import LinearInput, MLPInput
+from sparsebench.models.patching import LinearInput, MLPInput
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BLOCK_KNOBS = ("block_neurons", "block_hidden", "block_in", "block_out", "num_warps")
