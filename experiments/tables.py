@@ -298,7 +298,8 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
     return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block(),
-                                                             "calibration-memory": calibration_memory_block()}
+                                                             "calibration-memory": calibration_memory_block(),
+                                                             "readme-timings": readme_timings_block()}
 
 
 def planned_grid() -> tuple[list[str], list[str], list[float]]:
@@ -711,6 +712,28 @@ def calibration_memory_block(root: Path = CALIBRATION_MEMORY) -> str:
     return _md_table(["model (layers)", "sparsifier", "calibration", "tokens", "resident after load, MiB",
                       "peak added, MiB", "one layer of hidden states, MiB"], out,
                      f"`{CALIBRATION_MEMORY.relative_to(REPO)}/`")
+
+
+README_TIMINGS = REPO / "experiments" / "results" / "readme_timings" / "readme-timings.json"
+
+
+def readme_timings_block(path: Path = README_TIMINGS) -> str:
+    """How long the README's commands took on a fresh clone (``experiments/checks/readme_timings.py``)."""
+    import json
+
+    if not path.exists():
+        return "_Not measured yet (`python experiments/checks/readme_timings.py --out experiments/results/readme_timings`)._"
+    r = json.loads(path.read_text())
+    m = r["machine"]
+
+    def took(s):
+        t = round(s["seconds"])
+        return (f"{t // 60} min {t % 60:02d} s" if t >= 60 else f"{t} s") + ("" if s["returncode"] == 0 else
+                                                                             f" (failed, exit {s['returncode']})")
+    steps = "; ".join(f"`{s['command']}` {took(s)}" for s in r["steps"])
+    return (f"Measured on a fresh clone ({r['date']}, commit `{r['commit'][:10]}`, {m['cpus']} CPU cores, "
+            f"{m['memory_gib']} GiB, Python {m['python']}; pip cache {r['pip_cache'].split(' ')[0]}, model and data "
+            f"cache {r['sparsebench_cache']}): {steps}. _From {_rel(path)}._")
 
 
 def fill_blocks(text: str, blocks: dict[str, str]) -> str:

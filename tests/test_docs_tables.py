@@ -324,3 +324,26 @@ def test_calibration_memory_block_reads_back_every_committed_measurement():
                    if line.startswith(f"| {r['model']} (") and f"| {r['calibration_peak_added_mib']:,.1f} |" in line)
         assert f"| {r['one_layer_of_hidden_states_mib']:,.1f} |" in row
     assert block in (REPO / "docs" / "gpu.md").read_text()
+
+
+def test_readme_timings_block_states_every_step(tmp_path):
+    """The README's timing line is made from the record experiments/checks/readme_timings.py
+    writes: every step with its time as minutes and seconds, and a failed step says so."""
+    import json
+
+    from sparsebench.experiments.tables import readme_timings_block
+
+    steps = [{"command": "pip install -e .", "seconds": 125.4, "returncode": 0},
+             {"command": "sparsebench", "seconds": 59.6, "returncode": 0},
+             {"command": "pytest", "seconds": 901.0, "returncode": 1}]
+    record = {"commit": "0123456789abcdef", "date": "2026-11-30", "pip_cache": "off (...)",
+              "sparsebench_cache": "empty at start", "steps": steps,
+              "machine": {"cpus": 2, "memory_gib": 23, "python": "3.11.2"}}
+    path = tmp_path / "readme-timings.json"
+    path.write_text(json.dumps(record))
+    line = readme_timings_block(path)
+    for s in steps:
+        t = round(s["seconds"])
+        assert f"`{s['command']}` {t // 60} min {t % 60:02d} s" in line
+    assert "`pip install -e .` 2 min 05 s" in line and "`sparsebench` 1 min 00 s" in line
+    assert "failed, exit 1" in line and "commit `0123456789`" in line and "2 CPU cores" in line
