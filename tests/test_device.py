@@ -27,8 +27,8 @@ FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, tor
              torch.rand, torch.randint, torch.eye, torch.linspace, torch.as_tensor}
 # Modules that are CPU-only by design (they refuse CUDA up front), build CPU token tensors
 # that their consumers move to the model's device, or only format results.
-CPU_BY_DESIGN = ("backends/cached.py", "backends/fused.py", "bench.py", "data/",
-                 "results.py", "stats.py", "comparison.py")
+CPU_BY_DESIGN = ("backends/cached.py", "backends/fused.py", "backends/bench.py", "data/",
+                 "reporting/", "core/stats.py")
 GROUPS = config_groups()
 
 
