@@ -44,6 +44,7 @@ class MLPInput:
         self._pre: torch.Tensor | None = None
         self._act: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
+        self._up: torch.Tensor | None = None
         self._altered = False
         self._kernel_computed = "x"
 
@@ -66,10 +67,17 @@ class MLPInput:
         return self._act
 
     @property
+    def up(self) -> torch.Tensor:
+        """up(x) of every neuron (gated MLPs; with dReLU's activation on it)."""
+        if self._up is None:
+            self._up = self.site.up(self.x)
+        return self._up
+
+    @property
     def h(self) -> torch.Tensor:
         """The down projection's input: act(gate(x)) * up(x), or act(fc1(x))."""
         if self._h is None:
-            self._h = self.act * self.site.up(self.x) if self.site.kind == "gated" else self.act
+            self._h = self.act * self.up if self.site.kind == "gated" else self.act
         return self._h
 
     @property
