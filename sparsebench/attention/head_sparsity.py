@@ -139,28 +139,12 @@ def predictor_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def train_head_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, seed: int):
     """Fit logits = B(A x) to boolean labels Y [N, heads] (weighted BCE, AdamW as the
     reference); returns A [rank, d], B [heads, rank] on X's device, float32 whatever X's dtype.
-    Deterministic for a seed: the initial weights and the shuffles come from a CPU generator
-    (the same on every device) and are moved to X's device."""
-    gen = torch.Generator().manual_seed(seed)
-    d, h = X.shape[1], Y.shape[1]
-    X = X.float()
-    A = (torch.randn(rank, d, generator=gen, device="cpu") / d ** 0.5).to(X.device).requires_grad_()
-    B = (torch.randn(h, rank, generator=gen, device="cpu") / rank ** 0.5).to(X.device).requires_grad_()
-    Yf = Y.float()
-    opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01)
-    done = 0
-    with torch.enable_grad():
-        while done < steps:  # epochs over shuffled tokens until the step budget is spent
-            for idx in torch.randperm(X.shape[0], generator=gen, device="cpu").split(BATCH_TOKENS):
-                idx = idx.to(X.device)
-                loss = predictor_loss((X[idx] @ A.T) @ B.T, Yf[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                done += 1
-                if done >= steps:
-                    break
-    return A.detach(), B.detach()
+    Deja Vu's MLP predictor trainer with the attention trainer's loss: deterministic for a
+    seed on every device (``sparsifiers.dejavu.train_predictor``)."""
+    from ..sparsifiers.dejavu import train_predictor
+
+    A, B, _ = train_predictor(X, Y, rank, steps, lr, seed, batch_size=BATCH_TOKENS, loss=predictor_loss)
+    return A, B
 
 
 def _out_projection(attn):

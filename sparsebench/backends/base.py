@@ -15,6 +15,11 @@ class Backend:
     ``linear(inp, linear, mask)`` runs one wrapped linear whose *input channels* are
     masked (TEAL, WINA, R-Sparse): ``mask`` has the shape of ``inp.x``.
 
+    ``mlp_by_rule`` / ``linear_by_rule`` optionally apply a sparsifier's threshold rule
+    (``sparsifiers.base.ThresholdRule``) inside the kernel instead of taking a mask; they
+    return ``(output, kept indices)`` for a single-token call, or None where the backend
+    cannot (the controller then makes the mask and calls ``mlp``/``linear``).
+
     Every backend must return what the dense mask-multiply returns for the same mask.
     """
 
@@ -30,6 +35,12 @@ class Backend:
 
     def linear(self, inp, linear, mask: torch.Tensor) -> torch.Tensor:
         return linear(inp.x * mask.to(inp.x.dtype))
+
+    def mlp_by_rule(self, site, inp, rule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def linear_by_rule(self, inp, linear, rule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
 
     def reset(self) -> None:
         """Forget per-sequence state (caches); called between independent generations."""

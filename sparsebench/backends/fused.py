@@ -27,11 +27,14 @@ perplexity, lm-eval scoring) take ``prefill: dense_mask`` — one dense GEMM and
 multiplied in, exactly what the dense-mask backend computes — or ``prefill: per_token``
 (every token through the kernel, for equivalence tests and for measuring it).
 
-The kernel can also compute the mask itself from a threshold on what it computes anyway
-(CATS's |act(gate)| > t, TEAL's |x| > t: ``fused_mlp.mlp_token(use_threshold=1)`` /
-``linear_token(use_threshold=1)``); the decode benchmark uses it. The backend interface
-receives masks the sparsifier already made, so inside a model run the kernel takes the
-given mask.
+The kernel also computes the mask itself when the sparsifier's mask is a threshold on
+what the kernel computes anyway (CATS's |act(gate)| > t, TEAL's |x| > t:
+``fused_mlp.mlp_token(use_threshold=1)`` / ``linear_token(use_threshold=1)``). In a model
+run the controller hands such a rule (``Sparsifier.mask_rule``) to ``mlp_by_rule`` /
+``linear_by_rule`` on single-token calls: no mask tensor, no ``nonzero()``, no separate pass
+— the gate of every neuron (CATS) or the compare (TEAL) happens inside the kernel. The rule
+is applied to the kernel's own float32 gate, so a neuron within rounding of the threshold
+may differ from the torch-computed mask; the kept indices come back for observers.
 """
 from __future__ import annotations
 
@@ -140,6 +143,11 @@ class FusedKernel:
             w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr(), y.data_ptr(),
             self.threads, self.simd)
         return y, k
+
+    def active_indices(self, n: int, k: int) -> torch.Tensor:
+        """The ``k`` kept indices of the last call of width ``n`` (ascending int32; a view
+        of scratch, valid until the next call of that width)."""
+        return self.scratch(n)[0][:k]
 
     def linear(self, wt: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, mask: torch.Tensor | None,
                threshold: float | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -262,6 +270,32 @@ class FusedBackend(Backend):
             self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(inp.x.shape)
+
+    def mlp_by_rule(self, site, inp, rule):
+        if rule.on != "act" or site.kind != "gated" or inp.x.numel() != inp.x.shape[-1]:
+            return None
+        w = self.mlp_weights(site)
+        kern = self._kernel()
+        x = inp.x.reshape(w.hidden).float().contiguous()
+        out = torch.empty(w.hidden)
+        t0 = time.perf_counter()
+        _, k = kern.mlp(w, x, None, mode=kernel().FROM_X, threshold=rule.threshold, out=out)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        return out.to(inp.x.dtype).reshape(inp.x.shape), kern.active_indices(w.inter, k)
+
+    def linear_by_rule(self, inp, linear, rule):
+        if rule.on != "x" or inp.x.numel() != inp.x.shape[-1]:
+            return None
+        wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
+        kern = self._kernel()
+        x = inp.x.reshape(-1).float().contiguous()
+        out = torch.empty(wt.shape[1])
+        t0 = time.perf_counter()
+        _, k = kern.linear(wt, bias, x, None, threshold=rule.threshold, out=out)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1]), kern.active_indices(wt.shape[0], k)
 
     @staticmethod
     def _given(w: FusedMLPWeights, inp):

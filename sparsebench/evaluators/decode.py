@@ -184,16 +184,23 @@ class Decode(Evaluator):
         stats = controller.backend.stats()
         # Densities and what the sparsifier computes densely, from one more (untimed) pass:
         # counting reads h, which must not happen inside the timed runs.
-        computed = []
-        observer = controller.mask_observer
-        controller.mask_observer = lambda inp, mask: computed.append(inp.computed) if not computed else None
-        mlp_masks, linear_masks = [], []
+        # The masks are taken from the controller's observers, which also see the masks a
+        # backend made in its kernel from the sparsifier's rule (fused: CATS, TEAL).
+        computed, mlp_masks, linear_masks = [], [], []
+
+        def on_mlp(inp, mask):
+            if not computed:
+                computed.append(inp.computed)
+            mlp_masks.append(mask)
+
+        observers = (controller.mask_observer, controller.linear_mask_observer)
+        controller.mask_observer, controller.linear_mask_observer = on_mlp, lambda _, mask: linear_masks.append(mask)
         try:
-            with controller.counting(), recording_masks(controller.sparsifier, mlp_masks, linear_masks):
+            with controller.counting():
                 controller.backend.reset()
                 greedy_decode(ctx.model, prompt, n_new)
         finally:
-            controller.mask_observer = observer
+            controller.mask_observer, controller.linear_mask_observer = observers
         sparse_bytes = sparse_read_bytes(controller, computed[0] if computed else None)
 
         from ..backends.dense import DenseBackend

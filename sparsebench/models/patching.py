@@ -44,7 +44,9 @@ class MLPInput:
         self._pre: torch.Tensor | None = None
         self._act: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
+        self._up: torch.Tensor | None = None
         self._altered = False
+        self._kernel_computed = "x"
 
     @property
     def layer_idx(self) -> int:
@@ -65,10 +67,17 @@ class MLPInput:
         return self._act
 
     @property
+    def up(self) -> torch.Tensor:
+        """up(x) of every neuron (gated MLPs; with dReLU's activation on it)."""
+        if self._up is None:
+            self._up = self.site.up(self.x)
+        return self._up
+
+    @property
     def h(self) -> torch.Tensor:
         """The down projection's input: act(gate(x)) * up(x), or act(fc1(x))."""
         if self._h is None:
-            self._h = self.act * self.site.up(self.x) if self.site.kind == "gated" else self.act
+            self._h = self.act * self.up if self.site.kind == "gated" else self.act
         return self._h
 
     @property
@@ -108,7 +117,12 @@ class MLPInput:
         method's measured speed includes the dense work its mask needed."""
         if self._h is not None:
             return "h"
-        return "act" if self._act is not None else "x"
+        return "act" if self._act is not None else self._kernel_computed
+
+    def note_kernel_computed(self, level: str) -> None:
+        """The backend applied the mask rule in its kernel, computing ``level`` ("act": the
+        gate of every neuron) on the way: ``computed`` reports it as if the sparsifier had."""
+        self._kernel_computed = level
 
 
 class LinearInput:
@@ -322,10 +336,30 @@ class SparsityController:
             inp.restore_act(rows)
 
     # -------------------------------------------------------------- the hot path
+    def _rule_applies(self, x: torch.Tensor) -> bool:
+        """Whether a single-token call may go through the backend's in-kernel mask rule:
+        the model is sparse as a whole (not calibration) and the prefill policy sparsifies
+        this position."""
+        if not self.enabled or x.numel() != x.shape[-1]:
+            return False
+        rows = self._policy_rows()
+        return rows is None or bool(rows.all())
+
+    @staticmethod
+    def _mask_from(kept: torch.Tensor, width: int, like: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(width, dtype=torch.bool, device=like.device)
+        mask[kept.long()] = True
+        return mask.view(*like.shape[:-1], width)
+
     def run_mlp(self, site: MLPSite, x: torch.Tensor) -> torch.Tensor:
         inp = MLPInput(site, x)
         if self.recorder is not None:
             self.recorder(inp)
+        elif self._rule_applies(x):
+            rule = self.sparsifier.mask_rule(inp)
+            done = None if rule is None else self.backend.mlp_by_rule(site, inp, rule)
+            if done is not None:
+                return self._finish_mlp_by_rule(site, inp, rule, *done)
         mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
         rows = self._policy_rows()
         mask = self._restrict(mask, rows)
@@ -337,6 +371,24 @@ class SparsityController:
         out = self.backend.mlp(site, inp, mask)
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteActivation(self._non_finite_message(site, x, mask))
+        return out
+
+    def _finish_mlp_by_rule(self, site: MLPSite, inp: MLPInput, rule, out: torch.Tensor,
+                            kept: torch.Tensor) -> torch.Tensor:
+        """Observers and counts for a call whose mask the kernel made (``kept``: the kept
+        neuron indices). Kept neurons have |act| > t ≥ 0, so none of them is an exact zero."""
+        inp.note_kernel_computed(rule.on)
+        width = site.up.weight.shape[0]
+        if self.mask_observer is not None:
+            self.mask_observer(inp, self._mask_from(kept, width, inp.x))
+        if self.collect_stats:
+            s = self.stats.setdefault(site.layer_idx, LayerStats())
+            s.tokens += 1
+            s.masked_tokens += 1
+            s.zeroed += width - kept.numel()
+            s.neurons += width
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteActivation(self._non_finite_message(site, inp.x, kept))
         return out
 
     def _non_finite_message(self, site: MLPSite, x: torch.Tensor, mask) -> str:
@@ -352,20 +404,34 @@ class SparsityController:
             self.linear_recorder(inp)
         if not self._sparse_here(site):
             return linear(x)
+        if self.linear_recorder is None and self._rule_applies(x):
+            rule = self.sparsifier.input_mask_rule(inp)
+            done = None if rule is None else self.backend.linear_by_rule(inp, linear, rule)
+            if done is not None:
+                out, kept = done
+                if self.linear_mask_observer is not None:
+                    self.linear_mask_observer(inp, self._mask_from(kept, x.shape[-1], x))
+                if self.collect_stats:
+                    self._count_linear(site, proj, x, x.shape[-1] - kept.numel())
+                return out
         mask = self._restrict(self.sparsifier.input_mask(inp), self._policy_rows())
         if self.linear_mask_observer is not None:
             self.linear_mask_observer(inp, mask)
         if self.collect_stats:
-            s = self.linear_stats.setdefault((site.layer_idx, proj), LayerStats())
-            n_tokens = x.numel() // x.shape[-1]
-            s.tokens += n_tokens
-            s.neurons += x.numel()
-            if mask is not None:
-                s.masked_tokens += n_tokens
-                s.zeroed += int((~mask).sum())
+            self._count_linear(site, proj, x, None if mask is None else int((~mask).sum()))
         if mask is None:
             return linear(x)
         return self.sparsifier.masked_linear(inp, linear, mask, self.backend)
+
+    def _count_linear(self, site: MLPSite, proj: str, x: torch.Tensor, zeroed: int | None) -> None:
+        """Count one wrapped linear's call: ``zeroed`` masked input channels (None: unmasked)."""
+        s = self.linear_stats.setdefault((site.layer_idx, proj), LayerStats())
+        n_tokens = x.numel() // x.shape[-1]
+        s.tokens += n_tokens
+        s.neurons += x.numel()
+        if zeroed is not None:
+            s.masked_tokens += n_tokens
+            s.zeroed += zeroed
 
     def _count(self, site: MLPSite, inp: MLPInput, mask: torch.Tensor | None) -> None:
         # A neuron is zeroed when the mask drops it or its value h_i is exactly zero

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -14,6 +15,17 @@ class NoArtifactCache:
         from ..core.device import move_to
 
         return move_to(compute(), "cpu")  # as the on-disk cache returns it
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A mask that is exactly ``|value| > threshold`` (strict, compared in float32) on a
+    value a kernel computes anyway: ``on="act"`` — act(gate·x) of every MLP neuron (CATS);
+    ``on="x"`` — the input channels of one linear (TEAL). A backend that can apply it in
+    its kernel needs no mask tensor and no separate pass (``Backend.mlp_by_rule``)."""
+
+    on: Literal["act", "x"]
+    threshold: float
 
 
 class Sparsifier:
@@ -90,6 +102,15 @@ class Sparsifier:
 
     def input_mask(self, inp) -> torch.Tensor | None:
         """Input-channel mask for one wrapped linear (``inp``: patching.LinearInput)."""
+        return None
+
+    def mask_rule(self, inp) -> ThresholdRule | None:
+        """The rule ``mask(inp)`` applies, when it is a threshold a kernel can apply itself
+        (must agree with ``mask``: tests compare the two); None: only ``mask`` is known."""
+        return None
+
+    def input_mask_rule(self, inp) -> ThresholdRule | None:
+        """As ``mask_rule``, for ``input_mask`` (and only when ``masked_linear`` is plain)."""
         return None
 
     def masked_linear(self, inp, linear, mask: torch.Tensor, backend) -> torch.Tensor:

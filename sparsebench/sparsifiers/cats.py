@@ -21,7 +21,7 @@ import torch
 from ..core.device import model_device
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier, calibrate_layerwise, collect_per_layer
+from .base import Sparsifier, ThresholdRule, calibrate_layerwise, collect_per_layer
 
 
 def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -46,6 +46,7 @@ class CATS(Sparsifier):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.thresholds: torch.Tensor | None = None
+        self._threshold_floats: tuple = (None, [])
 
     def validate(self):
         super().validate()
@@ -73,6 +74,14 @@ class CATS(Sparsifier):
             return None
         t = self.thresholds[inp.layer_idx]
         return inp.act.abs() > t.to(inp.act.dtype)
+
+    def mask_rule(self, inp):
+        if self.sparsity == 0.0:
+            return None
+        # read back once per thresholds tensor, not per call (a device tensor would sync)
+        if self._threshold_floats[0] is not self.thresholds:
+            self._threshold_floats = (self.thresholds, self.thresholds.float().tolist())
+        return ThresholdRule("act", self._threshold_floats[1][inp.layer_idx])
 
     def describe(self):
         return {"threshold": self.thresholds.tolist()} if self.thresholds is not None else {}

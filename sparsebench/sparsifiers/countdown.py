@@ -71,15 +71,12 @@ CALIBRATIONS = ("reference", "quantile")
 
 def coefficient(inp, kind: str) -> torch.Tensor:
     """|up(x)| (``kind='up'``, gated MLPs) or |h| for one MLP call. Leaves h computed on
-    ``inp`` (``inp.computed == 'h'``): gate and up are evaluated densely either way.
-    ``MLPInput`` exposes no up(x), so up is evaluated here and again inside ``inp.h``: the
-    numbers are exact, the extra product costs CPU time only (it is not counted as weight
-    bytes read; speed runs should keep this in mind until the interface offers up(x))."""
+    ``inp`` (``inp.computed == 'h'``): gate and up are evaluated densely either way, once
+    (``inp.h`` reuses ``inp.up``)."""
     if kind == "h" or inp.site.kind != "gated":
         return inp.h.abs()
-    up = inp.site.up(inp.x)
     inp.h  # noqa: B018 - evaluate h now: the backend reuses it (computed == "h")
-    return up.abs()
+    return inp.up.abs()
 
 
 def drop_count(d_ff: int, sparsity: float) -> int:

@@ -178,8 +178,9 @@ def predictor_loss(logits: torch.Tensor, y: torch.Tensor, loss_weight: str = "re
 
 
 def train_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, seed: int,
-                    batch_size: int = 1024, loss_weight: str = "reference"):
-    """Fit P(x) = B(A x) to boolean labels Y with weighted BCE (``predictor_loss``);
+                    batch_size: int = 1024, loss_weight: str = "reference", loss=None):
+    """Fit P(x) = B(A x) to boolean labels Y with weighted BCE (``predictor_loss``, or
+    ``loss(logits, y)`` when given: the head predictor's attention-trainer weighting);
     returns A, B (float32, on X's device), stats. Trains in float32 on X's device; the
     seeded draws (initialisation, shuffles) come from a CPU generator and are moved, so
     they are the same numbers on every device."""
@@ -197,9 +198,9 @@ def train_predictor(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr:
         while done < steps:  # epochs over shuffled tokens until the step budget is spent
             for idx in torch.randperm(X.shape[0], generator=gen, device="cpu").to(dev).split(batch_size):
                 logits = (X[idx] @ A.T) @ B.T
-                loss = predictor_loss(logits, Yf[idx], loss_weight, p)
+                value = predictor_loss(logits, Yf[idx], loss_weight, p) if loss is None else loss(logits, Yf[idx])
                 opt.zero_grad()
-                loss.backward()
+                value.backward()
                 opt.step()
                 done += 1
                 if done >= steps:

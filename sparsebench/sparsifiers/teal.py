@@ -70,7 +70,7 @@ import torch
 
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, calibrate_layerwise
+from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, ThresholdRule, calibrate_layerwise
 
 PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 # linears that read one tensor (one |x| table each)
@@ -417,6 +417,10 @@ class TEAL(Sparsifier):
         mask = None if t < 0 else inp.x.abs() > t
         self._last = (inp.x, key, mask)
         return mask
+
+    def input_mask_rule(self, inp):
+        t = self.threshold(inp.layer_idx, inp.proj)
+        return None if t < 0 else ThresholdRule("x", t)
 
     def describe(self):
         if self.levels is None:

@@ -1,0 +1,168 @@
+"""The mask rule inside the fused kernel, in a model run: on a single-token decode step CATS's
+|act(gate)| > t and TEAL's |x| > t are applied by the kernel (no mask tensor), checked
+against brute force — the same thresholds applied in torch, and the dense mask-multiply
+with the kernel's own masks replayed."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ARCHS, make_tiny, random_ids
+from sparsebench.backends import BACKENDS
+from sparsebench.evaluators.decode import replaying_masks
+from sparsebench.models.patching import PrefillPolicy, SparsityController
+from sparsebench.sparsifiers import SPARSIFIERS
+from sparsebench.sparsifiers.base import ThresholdRule
+
+GATED = [a for a in ARCHS if a != "opt"]
+
+
+def sparsifier(method):
+    from test_sparsifiers import DEFAULTS
+
+    return SPARSIFIERS.get(method)(OmegaConf.create({"name": method, "sparsity": 0.5, **DEFAULTS[method]}))
+
+
+def controller(arch, method, backend, state=None, **ctl_kw):
+    model = make_tiny(arch)
+    sp = sparsifier(method)
+    ctl = SparsityController(sp, BACKENDS.get(backend)(OmegaConf.create({"name": backend, "threads": 2})),
+                             **ctl_kw).attach(model)
+    if state is None:  # calibrated once on the dense backend, loaded everywhere
+        dense_model = make_tiny(arch)
+        dense = SparsityController(sparsifier(method), BACKENDS.get("dense")(None)).attach(dense_model)
+        state = dense.sparsifier.calibrate(dense, dense_model, [random_ids(batch=2, seq=16, seed=9)])
+    sp.load_state(state)
+    return model, ctl, state
+
+
+class Calls:
+    """Counts the sparsifier's mask/input_mask calls whose mask a rule describes (the rule
+    path makes none of them; TEAL's dense projections, t < 0, have no rule)."""
+
+    def __init__(self, sp, monkeypatch):
+        self.n = 0
+        for name, rule in (("mask", sp.mask_rule), ("input_mask", sp.input_mask_rule)):
+            monkeypatch.setattr(sp, name, self._counting(getattr(sp, name), rule))
+
+    def _counting(self, fn, rule):
+        def wrapped(inp):
+            self.n += rule(inp) is not None
+            return fn(inp)
+        return wrapped
+
+
+def step(model, ids):
+    """Prefill ``ids[:, :-1]`` then decode the last token; return its logits."""
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+        return model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+
+
+def observe(ctl, mlp, linear, acts=None):
+    def on_mlp(inp, mask):
+        mlp.append(mask)
+        if acts is not None and inp.x.numel() == inp.x.shape[-1]:
+            acts.append((inp.layer_idx, inp.act.detach().clone(), mask))
+    ctl.mask_observer, ctl.linear_mask_observer = on_mlp, lambda _, mask: linear.append(mask)
+
+
+@pytest.mark.parametrize("arch", GATED)
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_rule_step_equals_dense_mask_with_the_kernels_masks(arch, method, monkeypatch):
+    ids = random_ids(batch=1, seq=7, seed=3)
+    model, ctl, state = controller(arch, method, "fused")
+    mlp, linear = [], []
+    observe(ctl, mlp, linear)
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+    calls = Calls(ctl.sparsifier, monkeypatch)
+    by_rule = []
+    for name in ("mlp_by_rule", "linear_by_rule"):
+        fn = getattr(ctl.backend, name)
+        monkeypatch.setattr(ctl.backend, name, lambda *a, fn=fn: by_rule.append(fn(*a)) or by_rule[-1])
+    with torch.no_grad():
+        logits = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert calls.n == 0  # the decode step's masks were all made in the kernel
+    assert len([r for r in by_rule if r is not None]) >= len(ctl.sites)
+
+    # brute force: the dense mask-multiply with exactly those masks
+    ref_model, ref_ctl, _ = controller(arch, method, "dense", state)
+    with replaying_masks(ref_ctl.sparsifier, mlp, linear):
+        ref = step(ref_model, ids)
+    err = (logits - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, float(err)
+
+
+@pytest.mark.parametrize("arch", GATED)
+def test_cats_kernel_mask_is_the_threshold_on_act(arch):
+    """The kept set equals |act| > t computed in torch, up to neurons within float rounding
+    of the threshold (the kernel's gate is its own float32 dot product)."""
+    model, ctl, _ = controller(arch, "cats", "fused")
+    seen = []
+    observe(ctl, [], [], acts=seen)
+    step(model, random_ids(batch=1, seq=6, seed=5))
+    assert len(seen) == len(ctl.sites)
+    for layer, act, mask in seen:
+        t = float(ctl.sparsifier.thresholds[layer])
+        brute = act.abs() > t
+        near = (act.abs() - t).abs() <= 1e-5 * act.abs().max()
+        assert torch.equal(mask[~near], brute[~near])
+        assert 0 < int(mask.sum()) < mask.numel()
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_rule_counts_equal_the_masks(method):
+    """Sparsity counted on the rule path equals the zeros of the masks it hands observers."""
+    model, ctl, _ = controller("llama", method, "fused")
+    mlp, linear = [], []
+    observe(ctl, mlp, linear)
+    ids = random_ids(batch=1, seq=6, seed=5)
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+    del mlp[:], linear[:]
+    with ctl.counting() as stats, torch.no_grad():
+        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    if method == "cats":
+        assert sum(s.zeroed for s in stats.values()) == sum(int((~m).sum()) for m in mlp)
+        assert all(s.tokens == s.masked_tokens == 1 for s in stats.values())
+    else:
+        zeroed = sum(s.zeroed for s in ctl.linear_stats.values())
+        assert zeroed == sum(int((~m).sum()) for m in linear if m is not None) > 0
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_rule_agrees_with_mask(method):
+    """A sparsifier's rule is what its mask computes, on random inputs."""
+    from sparsebench.models.patching import LinearInput, MLPInput
+
+    model, ctl, _ = controller("llama", method, "dense")
+    sp = ctl.sparsifier
+    for site in ctl.sites:
+        x = torch.randn(1, 1, site.up.in_features)
+        if method == "cats":
+            inp = MLPInput(site, x)
+            rule = sp.mask_rule(inp)
+            assert rule == ThresholdRule("act", rule.threshold)
+            assert torch.equal(sp.mask(inp), inp.act.abs() > rule.threshold)
+        else:
+            for proj in ("q", "gate", "down"):
+                width = site.down.in_features if proj == "down" else site.up.in_features
+                inp = LinearInput(site, proj, torch.randn(1, 1, width))
+                rule = sp.input_mask_rule(inp)
+                mask = sp.input_mask(inp)
+                assert (rule is None) == (mask is None)
+                if rule is not None:
+                    assert torch.equal(mask, inp.x.abs() > rule.threshold)
+
+
+def test_rule_path_only_where_it_applies(monkeypatch):
+    """Multi-token calls, a plain (non-gated) MLP, a position the prefill policy keeps dense
+    and the dense backend all go through the sparsifier's mask."""
+    ids = random_ids(batch=1, seq=6, seed=5)
+    for arch, backend, policy in [("opt", "fused", PrefillPolicy()),
+                                  ("llama", "dense", PrefillPolicy()),
+                                  ("llama", "fused", PrefillPolicy("dense_prefix", dense_prefix=64))]:
+        model, ctl, _ = controller(arch, "cats", backend, prefill=policy)
+        calls = Calls(ctl.sparsifier, monkeypatch)
+        step(model, ids)
+        assert calls.n == 2 * len(ctl.sites), (arch, backend, policy)  # prefill and the decode step
