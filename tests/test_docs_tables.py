@@ -347,3 +347,25 @@ def test_readme_timings_block_states_every_step(tmp_path):
         assert f"`{s['command']}` {t // 60} min {t % 60:02d} s" in line
     assert "`pip install -e .` 2 min 05 s" in line and "`sparsebench` 1 min 00 s" in line
     assert "failed, exit 1" in line and "commit `0123456789`" in line and "2 CPU cores" in line
+
+
+def test_readme_timings_script_records_each_step(tmp_path, monkeypatch):
+    """experiments/checks/readme_timings.py on a fresh clone, its README commands swapped for
+    two trivial ones (the real ones take half an hour): one record with every step, its exit
+    code and time, that the README block renders; a failing step stops the run."""
+    import importlib.util
+    import json
+
+    from sparsebench.experiments.tables import REPO, readme_timings_block
+
+    spec = importlib.util.spec_from_file_location("readme_timings", REPO / "experiments/checks/readme_timings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "STEPS", [("test -f README.md", None), ("false", None), ("true", None)])
+    mod.main(["--out", str(tmp_path)])
+    record = json.loads((tmp_path / "readme-timings.json").read_text())
+    assert [s["command"] for s in record["steps"]] == ["test -f README.md", "false"]  # stopped at the failure
+    assert [s["returncode"] for s in record["steps"]] == [0, 1]
+    assert all(s["seconds"] >= 0 for s in record["steps"]) and len(record["commit"]) == 40
+    line = readme_timings_block(tmp_path / "readme-timings.json")
+    assert "`test -f README.md` 0 s" in line and "`false` 0 s (failed, exit 1)" in line
