@@ -378,15 +378,11 @@ class SparsityController:
         """Observers and counts for a call whose mask the kernel made (``kept``: the kept
         neuron indices). Kept neurons have |act| > t ≥ 0, so none of them is an exact zero."""
         inp.note_kernel_computed(rule.on)
-        width = site.up.weight.shape[0]
+        width = site.intermediate_size
         if self.mask_observer is not None:
             self.mask_observer(inp, self._mask_from(kept, width, inp.x))
         if self.collect_stats:
-            s = self.stats.setdefault(site.layer_idx, LayerStats())
-            s.tokens += 1
-            s.masked_tokens += 1
-            s.zeroed += width - kept.numel()
-            s.neurons += width
+            self._add_counts(site, tokens=1, masked=True, zeroed=width - kept.numel(), neurons=width)
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteActivation(self._non_finite_message(site, inp.x, kept))
         return out
@@ -439,12 +435,16 @@ class SparsityController:
         zero = inp.h == 0
         if mask is not None:
             zero = zero | ~mask
+        self._add_counts(site, tokens=zero.numel() // zero.shape[-1], masked=mask is not None,
+                         zeroed=int(zero.sum()), neurons=zero.numel())
+
+    def _add_counts(self, site: MLPSite, tokens: int, masked: bool, zeroed: int, neurons: int) -> None:
+        """Add one MLP call to its layer's counts (``masked``: a mask applied to its tokens)."""
         s = self.stats.setdefault(site.layer_idx, LayerStats())
-        n_tokens = zero.numel() // zero.shape[-1]
-        s.tokens += n_tokens
-        s.masked_tokens += n_tokens if mask is not None else 0
-        s.zeroed += int(zero.sum())
-        s.neurons += zero.numel()
+        s.tokens += tokens
+        s.masked_tokens += tokens if masked else 0
+        s.zeroed += zeroed
+        s.neurons += neurons
 
 
 class SparseMLP(nn.Module):
