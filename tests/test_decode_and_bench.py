@@ -176,6 +176,27 @@ def test_mask_replay_reproduces_the_recorded_run_and_restores_the_sparsifier():
     assert all(a is b for a, b in zip(seen, mlp))  # the recorded tensors themselves were used
 
 
+def test_replay_on_the_fused_rule_path_replays_only_the_masks_the_sparsifier_made():
+    """CATS on ``fused``: decode steps go through the in-kernel rule and make no mask, so a
+    recording holds the prefill's masks only, and replaying them reproduces the run (the
+    step_overhead evaluator's replay relies on this)."""
+    from sparsebench.evaluators.decode import recording_masks, replaying_masks
+
+    model = make_tiny("llama")
+    sp = SPARSIFIERS.get("cats")(OmegaConf.create({"name": "cats", "sparsity": 0.5}))
+    ctl = SparsityController(sp, BACKENDS.get("fused")(OmegaConf.create({"name": "fused", "threads": 1}))).attach(model)
+    sp.load_state(sp.calibrate(ctl, model, [random_ids(batch=2, seq=16, seed=9)]))
+    prompt = random_ids(batch=1, seq=6)
+    mlp, lin = [], []
+    with recording_masks(sp, mlp, lin):
+        tokens, _, _ = greedy_decode(model, prompt, 8)
+    n_layers = len(ctl.sites)
+    assert len(mlp) == n_layers and all(m.shape[-2] == prompt.shape[1] for m in mlp)  # the prefill's
+    with replaying_masks(sp, mlp, lin):
+        replayed, _, _ = greedy_decode(model, prompt, 8)
+    assert torch.equal(tokens, replayed)
+
+
 def test_churn_union_density_matches_brute_force():
     gen = torch.Generator().manual_seed(3)
     masks = torch.rand(4, 5, 30, generator=gen) < 0.2

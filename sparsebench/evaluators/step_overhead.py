@@ -14,6 +14,12 @@ model they can eat the whole saving. This evaluator measures them directly:
 3. reported per decode token: ``overhead/ms_per_token``, its share of the step
    (``overhead/fraction_of_step``) and of the MLP calls (``overhead/fraction_of_mlp``).
 
+A method whose mask is a rule the backend applies in its kernel (CATS, TEAL on ``fused``:
+``Sparsifier.mask_rule``) makes no mask on decode steps, so there is nothing to record or
+replay there: those steps run the rule path as the real decode does, and the rule's work is
+kernel time. Only the masks the sparsifier does make (the prefill's, other methods' decode
+steps) are recorded and replayed.
+
 The hooks' own cost (two clock reads and a closure call per module call) is counted as
 overhead, so the figure is an upper bound. Needs a backend that times its kernels (fused),
 so it runs on the CPU only (``device=cpu``); a CUDA model is refused.
