@@ -154,14 +154,20 @@ def test_bench_mlp_step_computes_the_masked_mlp():
     torch.testing.assert_close(y, ref[0], rtol=1e-5, atol=1e-6)
 
 
+def _calibrated_cats(arch: str, backend: str):
+    """A tiny model with CATS at 50% on ``backend``, calibrated on random ids."""
+    model = make_tiny(arch)
+    sp = SPARSIFIERS.get("cats")(OmegaConf.create({"name": "cats", "sparsity": 0.5}))
+    ctl = SparsityController(sp, BACKENDS.get(backend)(OmegaConf.create({"name": backend, "threads": 1}))).attach(model)
+    sp.load_state(sp.calibrate(ctl, model, [random_ids(batch=2, seq=16, seed=9)]))
+    return model, sp, ctl
+
+
 def test_mask_replay_reproduces_the_recorded_run_and_restores_the_sparsifier():
     from sparsebench.backends.dense import DenseBackend
     from sparsebench.evaluators.decode import recording_masks, replaying_masks
 
-    model = make_tiny("qwen2")
-    sp = SPARSIFIERS.get("cats")(OmegaConf.create({"name": "cats", "sparsity": 0.5}))
-    ctl = SparsityController(sp, BACKENDS.get("cached")(OmegaConf.create({"name": "cached", "threads": 1}))).attach(model)
-    sp.load_state(sp.calibrate(ctl, model, [random_ids(batch=2, seq=16, seed=9)]))
+    model, sp, ctl = _calibrated_cats("qwen2", "cached")
     prompt = random_ids(batch=1, seq=6)
     mlp, lin = [], []
     with recording_masks(sp, mlp, lin):
@@ -182,10 +188,7 @@ def test_replay_on_the_fused_rule_path_replays_only_the_masks_the_sparsifier_mad
     step_overhead evaluator's replay relies on this)."""
     from sparsebench.evaluators.decode import recording_masks, replaying_masks
 
-    model = make_tiny("llama")
-    sp = SPARSIFIERS.get("cats")(OmegaConf.create({"name": "cats", "sparsity": 0.5}))
-    ctl = SparsityController(sp, BACKENDS.get("fused")(OmegaConf.create({"name": "fused", "threads": 1}))).attach(model)
-    sp.load_state(sp.calibrate(ctl, model, [random_ids(batch=2, seq=16, seed=9)]))
+    model, sp, ctl = _calibrated_cats("llama", "fused")
     prompt = random_ids(batch=1, seq=6)
     mlp, lin = [], []
     with recording_masks(sp, mlp, lin):
