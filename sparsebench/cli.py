@@ -169,8 +169,9 @@ def check_attention_applies(cfg: DictConfig) -> None:
     attention = cfg.get("attention") or {}
     if attention.get("name", "none") == "none":
         return
-    evaluators = cfg.get("evaluator") or {}
-    ignoring = [e.name for e in (evaluators[k] for k in evaluators)
+    from .run import evaluator_configs
+
+    ignoring = [e.name for e in evaluator_configs(cfg)
                 if not getattr(EVALUATORS.get(e.name), "applies_attention", False)]
     if ignoring:
         raise ConfigError(f"attention={attention.name} is applied by the passkey, long_perplexity and long_decode "

@@ -11,10 +11,23 @@ from .core.errors import ConfigError
 
 
 def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The selected evaluators' configs. An entry without a ``name`` holds only settings that
+    an experiment YAML gave an evaluator the command line then left out (``experiment=decode_fused
+    evaluator=[sparsity]`` keeps the experiment's ``evaluator.decode.new_tokens``): not an
+    evaluator, so it is skipped (``unselected_evaluator_settings`` names them)."""
     evs = cfg.get("evaluator") or {}
-    if not isinstance(evs, DictConfig) or not evs:
+    selected = [evs[k] for k in evs if isinstance(evs[k], DictConfig) and "name" in evs[k]] if isinstance(evs, DictConfig) else []
+    if not selected:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=perplexity or evaluator=[sparsity,perplexity]")
-    return [evs[k] for k in evs]
+    return selected
+
+
+def unselected_evaluator_settings(cfg: DictConfig) -> list[str]:
+    """Keys under ``evaluator`` that configure an evaluator that is not selected."""
+    evs = cfg.get("evaluator") or {}
+    if not isinstance(evs, DictConfig):
+        return []
+    return [k for k in evs if not (isinstance(evs[k], DictConfig) and "name" in evs[k])]
 
 
 def prefill_policy(cfg: DictConfig):
@@ -44,6 +57,8 @@ def build_components(cfg: DictConfig):
     check_option("backend", cfg.backend)
     for e in evaluator_configs(cfg):
         check_option("evaluator", e, prefix=f"evaluator.{e.name}")
+    for key in unselected_evaluator_settings(cfg):
+        print(f"[sparsebench] evaluator.{key}: settings for an evaluator that is not selected, ignored")
     device = resolve_device(cfg.get("device", "auto"))
     resolve_dtype(cfg.model.get("dtype", "auto"), device)
     sparsifier = SPARSIFIERS.get(cfg.sparsifier.name)(cfg.sparsifier)

@@ -4,7 +4,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sparsebench.cli import config_groups
-from sparsebench.run import build_components, evaluator_configs
+from sparsebench.run import build_components, evaluator_configs, unselected_evaluator_settings
 
 GROUPS = config_groups()
 
@@ -49,3 +49,14 @@ def test_components_build(sparsifier):
 def test_evaluator_list_override():
     cfg = _compose(["evaluator=[perplexity,sparsity]"])
     assert sorted(cfg.evaluator) == ["perplexity", "sparsity"]
+
+
+def test_experiment_settings_for_an_evaluator_left_out_are_skipped(capsys):
+    """experiment=decode_fused configures evaluator.decode; selecting other evaluators on the
+    command line leaves that node without a name: skipped with a note, not a crash."""
+    cfg = _compose(["experiment=decode_fused", "evaluator=[sparsity]", "model=tiny-llama"])
+    assert [e.name for e in evaluator_configs(cfg)] == ["sparsity"]
+    assert unselected_evaluator_settings(cfg) == ["decode"]
+    _, _, evs = build_components(cfg)
+    assert [e.name for e in evs] == ["sparsity"]
+    assert "evaluator.decode: settings for an evaluator that is not selected" in capsys.readouterr().out
