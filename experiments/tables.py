@@ -265,7 +265,8 @@ def predictor_rows(results: list[dict]) -> list[dict]:
         oracle = oracles.get(_oracle_of(r))
         paired = (r.get("paired") or {}).get("perplexity") or {}
         rows.append({"model": model_name(r), "predictor": method(r), "oracle": _oracle_of(r)[1],
-                     "rank": sp.get("rank"), "sparsity": m.get("sparsity/mean"), "recall": m["mask_quality/recall"],
+                     "rank": sp.get("rank"), "sparsity": m.get("sparsity/mean"),
+                     "sparsity_requested": r["sparsifier"].get("sparsity"), "recall": m["mask_quality/recall"],
                      "min_layer_recall": m.get("mask_quality/min_layer_recall"),
                      "perplexity": m.get("perplexity"), "ppl_vs_dense": paired.get("ratio"),
                      "oracle_perplexity": oracle,
@@ -298,6 +299,7 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
     return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block(),
+                                                             "predictor-decode": best_predictor_decode_block(),
                                                              "calibration-memory": calibration_memory_block(),
                                                              "readme-timings": readme_timings_block()}
 
@@ -690,6 +692,52 @@ def predictor_block(root: Path = PREDICTORS) -> str:
     return _md_table(["model", "predictor", "imitates", "rank", "sparsity", "recall", "min layer recall",
                       "perplexity", "oracle perplexity", "gap to oracle", "ppl / dense", "cost (of MLP bytes)"],
                      out, f"`{PREDICTORS.relative_to(REPO)}/`")
+
+
+def best_predictor_decode_rows(predictor_results: list[dict], decode_results: list[dict]) -> list[dict]:
+    """Per model, the predictor with the lowest perplexity ratio to dense (``predictor_rows``),
+    beside the fused decode of the same sparsifier settings (same ``method`` label and
+    sparsity) when one is committed: what the best predictor buys end to end, and at what
+    perplexity. ``decode`` is None while that decode has not been run."""
+    best = {}
+    for x in predictor_rows(predictor_results):
+        if x["ppl_vs_dense"] is not None and (x["model"] not in best
+                                              or x["ppl_vs_dense"] < best[x["model"]]["ppl_vs_dense"]):
+            best[x["model"]] = x
+    decodes = {(model_name(r), method(r), r["sparsifier"].get("sparsity")): r["metrics"] for r in decode_results
+               if "decode/speedup_vs_hf" in r["metrics"] and ((r.get("config") or {}).get("backend") or {})
+               .get("weights", "model") == "model"}
+    rows = []
+    for model, x in sorted(best.items()):
+        ci = next((((r.get("paired") or {}).get("perplexity") or {}) for r in predictor_results
+                   if model_name(r) == model and method(r) == x["predictor"]
+                   and "mask_quality/recall" in r["metrics"]), {})
+        rows.append(x | {"ppl_ci": (ci.get("ci_low"), ci.get("ci_high")),
+                         "decode": decodes.get((model, x["predictor"], x["sparsity_requested"]))})
+    return rows
+
+
+def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DECODE_FUSED) -> str:
+    """``best_predictor_decode_rows`` from the committed predictor and fused-decode runs."""
+    ok = lambda rs: [r for r in rs if r.get("status") == "ok"]  # noqa: E731
+    rows = best_predictor_decode_rows(ok(load_results([root])) if root.exists() else [],
+                                      ok(load_results([decode_root])) if decode_root.exists() else [])
+    if not rows:
+        return "_No predictor results committed yet (`sparsebench -m experiment=predictor_quality`)._"
+    out = []
+    for x in rows:
+        lo, hi = x["ppl_ci"]
+        ppl = f"x{x['ppl_vs_dense']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+        d = x["decode"]
+        timed = (["—"] * 4 if d is None else
+                 [f"{d['decode/tokens_per_s_hf']:.1f} → {d['decode/tokens_per_s']:.1f}", f"{d['decode/speedup_vs_hf']:.2f}×",
+                  f"{d['decode/amdahl_limit']:.2f}×", f"{d['decode/fraction_of_limit']:.2f}"])
+        out.append([x["model"], x["predictor"], f"{x['sparsity_requested']:g}", f"{x['recall']:.3f}", ppl,
+                    "yes" if x["ppl_vs_dense"] <= 1.05 else "no", *timed])
+    return _md_table(["model", "best predictor", "sparsity", "recall", "ppl / dense on the plays [95% CI]",
+                      "≤ +5% perplexity",
+                      "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
+                     f"`{PREDICTORS.relative_to(REPO)}/` and `{DECODE_FUSED.relative_to(REPO)}/`")
 
 
 CALIBRATION_MEMORY = REPO / "experiments" / "results" / "calibration_memory"

@@ -369,3 +369,43 @@ def test_readme_timings_script_records_each_step(tmp_path, monkeypatch):
     assert all(s["seconds"] >= 0 for s in record["steps"]) and len(record["commit"]) == 40
     line = readme_timings_block(tmp_path / "readme-timings.json")
     assert "`test -f README.md` 0 s" in line and "`false` 0 s (failed, exit 1)" in line
+
+
+def _fake_run(model, name, sparsity=0.5, metrics=None, paired=None, **sparsifier):
+    return {"status": "ok", "model": {"id": f"org/{model}", "hidden_size": 8, "intermediate_size": 32,
+                                      "model_type": "llama"},
+            "sparsifier": {"name": name, "sparsity": sparsity},
+            "config": {"sparsifier": {"name": name, "sparsity": sparsity, **sparsifier}, "backend": {"name": "fused"}},
+            "metrics": metrics or {}, "paired": paired or {}}
+
+
+def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode():
+    """Per model, the predictor row with the smallest ppl/dense (brute force: min over the
+    runs) is joined to the fused decode of the same method label and sparsity, not another's."""
+    import random
+
+    from sparsebench.experiments.figures import method
+
+    rng = random.Random(0)
+    runs, ratios = [], {}
+    for model in ("m1", "m2"):
+        for rank in (0.1, 0.25):
+            ratio = rng.uniform(1.0, 3.0)
+            runs.append(_fake_run(model, "dejavu", rank=rank,
+                                  metrics={"mask_quality/recall": 0.7, "perplexity": 40 * ratio, "sparsity/mean": 0.5},
+                                  paired={"perplexity": {"ratio": ratio, "ci_low": ratio - 0.1, "ci_high": ratio + 0.1}}))
+            ratios[(model, method(runs[-1]))] = ratio
+    decode = [_fake_run(model, "dejavu", rank=rank,
+                        metrics={"decode/speedup_vs_hf": 1 + rank, "decode/tokens_per_s_hf": 10.0,
+                                 "decode/tokens_per_s": 10 * (1 + rank), "decode/amdahl_limit": 1.5,
+                                 "decode/fraction_of_limit": (1 + rank) / 1.5})
+              for model in ("m1", "m2") for rank in (0.1, 0.25)]
+    rows = tables.best_predictor_decode_rows(runs, decode)
+    assert [x["model"] for x in rows] == ["m1", "m2"]
+    for x in rows:
+        expected = min((k for k in ratios if k[0] == x["model"]), key=ratios.get)
+        assert x["predictor"] == expected[1] and x["ppl_vs_dense"] == ratios[expected]
+        rank = 0.25 if "rank=0.25" in x["predictor"] else 0.1
+        assert x["decode"]["decode/speedup_vs_hf"] == 1 + rank
+        assert x["ppl_ci"] == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1)
+    assert tables.best_predictor_decode_rows(runs, [])[0]["decode"] is None  # not timed yet: shown as —
