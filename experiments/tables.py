@@ -474,7 +474,8 @@ def backend_decode_block(root: Path = BACKENDS) -> str:
 def backend_mlp_step_cold_block(root: Path = BACKENDS) -> str:
     """Benchmark 2, weights cold (``mlp_step_cold.csv``): speedup over torch's dense fp32 step
     of fused fp32, fused bf16, cached and index_select per density, with the fused fp32
-    speedup as a fraction of 1/density, and the fused kernel's bf16 dense path."""
+    speedup as a fraction of 1/density, and the fused kernel's own dense path (every neuron)
+    on fp32 and on bf16 weights against the same torch step."""
     path = root / "mlp_step_cold.csv"
     if not path.exists():
         return "_No cold-weight MLP-step results committed yet (`sparsebench-bench mlp-step-cold`)._"
@@ -483,8 +484,9 @@ def backend_mlp_step_cold_block(root: Path = BACKENDS) -> str:
     by_row: dict = {}
     for x in data:
         key = (_shape(x), int(x["threads"]), int(x["layers"]))
-        v = by_row.setdefault(key, {"dense": [], "bf16_dense": [], "self": {}})
+        v = by_row.setdefault(key, {"dense": [], "fp32_dense": [], "bf16_dense": [], "self": {}})
         v["dense"].append(float(x["dense_ms"]))  # measured once per density: the median is shown
+        v["fp32_dense"].append(float(x["dense_ms"]) / float(x["fused_dense_ms"]))
         v["bf16_dense"].append(float(x["fused_bf16_dense_speedup"]))
         d = float(x["density"])
         v["self"][d] = float(x["fused_dense_ms"]) / float(x["fused_ms"]) * d
@@ -494,11 +496,12 @@ def backend_mlp_step_cold_block(root: Path = BACKENDS) -> str:
     rows = []
     for (shape, threads, layers), v in sorted(by_row.items(), key=lambda kv: (int(kv[0][0].split("×")[0]), kv[0][1])):
         rows.append([shape, str(threads), str(layers), f"{statistics.median(v['dense']):.3g}",
-                     *(v.get(d, "—") for d in levels), f"{statistics.median(v['bf16_dense']):.2f}×",
+                     *(v.get(d, "—") for d in levels), f"{statistics.median(v['fp32_dense']):.2f}×",
+                     f"{statistics.median(v['bf16_dense']):.2f}×",
                      " / ".join(f"{v['self'][d]:.2f}" if d in v["self"] else "—" for d in levels)])
     return _md_table(["MLP shape", "threads", "layer copies", "dense torch fp32 ms (median over densities)",
                       *(f"density {d:g}: fused (fraction of {1 / d:.3g}×) / fused bf16 / cached / index_select"
-                        for d in levels), "fused bf16 dense path",
+                        for d in levels), "fused fp32 dense path", "fused bf16 dense path",
                       "fused fp32 ÷ its own dense path, as a fraction of 1/density (" + " / ".join(f"{d:g}" for d in levels)
                       + ")"], rows, _rel(path))
 
@@ -514,7 +517,8 @@ def _accuracy_beside(comparison: list[dict]) -> dict:
 def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict] | None = None) -> str:
     """Benchmark 4 with the fused backend (results.json under ``decode_fused/``): tokens/s,
     Amdahl limit and fraction of it, token identity with replayed masks, the per-step
-    overhead outside the kernels, and the same masks' accuracy from the comparison."""
+    overhead outside the kernels, whether the kernel applied the sparsifier's mask rule
+    (runs older than that metric say so), and the same masks' accuracy from the comparison."""
     results = load_results([root]) if root.exists() else []
     if not results:
         return "_No fused decode results committed yet (`sparsebench -m experiment=decode_fused`)._"
@@ -544,10 +548,12 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                      f"{m['decode/fraction_of_limit']:.2f}", _yes_no(m["decode/identical"]),
                      "yes" if div < 0 else f"from token {div}",
                      f"{m['overhead/ms_per_token']:.2f} ({100 * m['overhead/fraction_of_step']:.1f}%)"
-                     if "overhead/ms_per_token" in m else "—", accuracy])
+                     if "overhead/ms_per_token" in m else "—",
+                     _yes_no(m["decode/mask_rule_in_kernel"]) if "decode/mask_rule_in_kernel" in m else "— (older run)",
+                     accuracy])
     return _md_table(["model", "method", "sparsity", "measured", "threads", "tok/s HF dense", "tok/s fused",
                       "speedup", "Amdahl limit", "fraction of limit", "identical (replayed masks)",
-                      "identical (free-running)", "overhead ms/token (share of step)",
+                      "identical (free-running)", "overhead ms/token (share of step)", "mask rule in kernel",
                       "Δ avg acc, points [95% CI] (comparison)"], rows, f"`{DECODE_FUSED.relative_to(REPO)}/`")
 
 

@@ -36,6 +36,8 @@ def test_decode_reproduces_dense_mask_tokens(tmp_path, backend):
     assert m["decode/amdahl_limit"] == pytest.approx(1 / (1 - m["decode/weight_bytes_saved_fraction"]))
     rows = r["per_layer"]
     assert all(row["latency/mlp_ms"] > 0 and row["latency/attn_ms"] > 0 for row in rows)
+    # only fused applies CATS's threshold inside its kernel
+    assert m.get("decode/mask_rule_in_kernel") == (1.0 if backend == "fused" else None)
     if backend == "cached":  # the cache copied fewer rows per token than it holds
         assert all(0 < row["decode/rows_copied_per_update"] < row["decode/active_rows"] for row in rows)
 

@@ -170,6 +170,9 @@ def test_cold_mlp_step_block_equals_the_benchmark_csv(tmp_path):
         assert cached == pytest.approx(float(x["cached_speedup"]), abs=0.006)
         assert naive == pytest.approx(float(x["index_select_speedup"]), abs=0.006)
         assert float(cell.split("(")[1].split(")")[0]) == pytest.approx(float(x["fused_fraction_of_limit"]), abs=0.006)
+        own = sorted(float(y["dense_ms"]) / float(y["fused_dense_ms"]) for y in csv_rows
+                     if (y["hidden"], y["threads"]) == (x["hidden"], x["threads"]))
+        assert _num(row["fused fp32 dense path"]) == pytest.approx(sum(own) / 2, abs=0.006)
 
 
 def test_decode_block_equals_the_csv():
@@ -308,6 +311,7 @@ def test_decode_fused_block_reads_back_its_runs(tmp_path):
         assert _num(row["fraction of limit"]) == pytest.approx(m["decode/fraction_of_limit"], abs=0.005)
         assert _num(row["overhead ms/token (share of step)"]) == pytest.approx(m["overhead/ms_per_token"], abs=0.005)
         assert row["identical (replayed masks)"] == "yes"
+        assert row["mask rule in kernel"] == ("yes" if m["decode/mask_rule_in_kernel"] == 1.0 else "no")
         assert row["Δ avg acc, points [95% CI] (comparison)"] == "—"
 
 

@@ -212,7 +212,7 @@ class FusedBackend(Backend):
         self.kernel = FusedKernel(1, simd=self.simd == "auto")  # fail at build time, not at the first token
         self._weights: dict = {}
         self._linear_weights: dict = {}
-        self.calls = {"kernel": 0, "dense": 0}
+        self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
     def _kernel(self) -> FusedKernel:
@@ -282,6 +282,7 @@ class FusedBackend(Backend):
         _, k = kern.mlp(w, x, None, mode=kernel().FROM_X, threshold=rule.threshold, out=out)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
+        self.calls["rule"] += 1
         return out.to(inp.x.dtype).reshape(inp.x.shape), kern.active_indices(w.inter, k)
 
     def linear_by_rule(self, inp, linear, rule):
@@ -295,6 +296,7 @@ class FusedBackend(Backend):
         _, k = kern.linear(wt, bias, x, None, threshold=rule.threshold, out=out)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
+        self.calls["rule"] += 1
         return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1]), kern.active_indices(wt.shape[0], k)
 
     @staticmethod

@@ -259,4 +259,6 @@ class Decode(Evaluator):
                 layers[i]["active"] / max(layers[i]["updates"], 1) if i in layers else 0.0 for i in range(n)]
         if "union_density" in stats:
             metrics["decode/union_density"] = stats["union_density"]
+        if "rule" in stats:  # whether the timed steps applied the sparsifier's mask rule in the kernel
+            metrics["decode/mask_rule_in_kernel"] = float(stats["rule"] > 0)
         return EvalResult(metrics=metrics, per_layer=per_layer)
