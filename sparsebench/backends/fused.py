@@ -110,6 +110,15 @@ class FusedMLPWeights:
         return self.up.shape[1]
 
 
+def _fp32_flat(x: torch.Tensor) -> torch.Tensor:
+    """One token's values as the contiguous fp32 vector the kernels read (no copy if it is one)."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -132,7 +141,7 @@ class FusedKernel:
     def mlp(self, w: FusedMLPWeights, x: torch.Tensor, mask: torch.Tensor | None, *, mode: int = 0,
             given: torch.Tensor | None = None, threshold: float | None = None,
             out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """y for one token ``x`` (fp32 [H], contiguous); ``mask`` bool [I] or None (dense, or
+        """y for one token ``x`` (H contiguous fp32 values, any shape); ``mask`` bool [I] or None (dense, or
         the in-kernel rule |act(gate)| > ``threshold``). Returns (y, active neurons)."""
         idx, h, act_all = self.scratch(w.inter)
         y = torch.empty(w.hidden) if out is None else out
@@ -271,33 +280,36 @@ class FusedBackend(Backend):
         self.calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(inp.x.shape)
 
+    # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
+    # skip conversions that would be no-ops on fp32 inputs: each costs microseconds of Python,
+    # which on a small model is a measurable share of the step (step_overhead evaluator).
     def mlp_by_rule(self, site, inp, rule):
-        if rule.on != "act" or site.kind != "gated" or inp.x.numel() != inp.x.shape[-1]:
+        x = inp.x
+        if rule.on != "act" or site.kind != "gated" or x.numel() != x.shape[-1]:
             return None
         w = self.mlp_weights(site)
         kern = self._kernel()
-        x = inp.x.reshape(w.hidden).float().contiguous()
-        out = torch.empty(w.hidden)
+        out = torch.empty(x.shape)
         t0 = time.perf_counter()
-        _, k = kern.mlp(w, x, None, mode=kernel().FROM_X, threshold=rule.threshold, out=out)
+        _, k = kern.mlp(w, _fp32_flat(x), None, mode=kernel().FROM_X, threshold=rule.threshold, out=out)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
-        return out.to(inp.x.dtype).reshape(inp.x.shape), kern.active_indices(w.inter, k)
+        return _as_dtype(out, x.dtype), kern.active_indices(w.inter, k)
 
     def linear_by_rule(self, inp, linear, rule):
-        if rule.on != "x" or inp.x.numel() != inp.x.shape[-1]:
+        x = inp.x
+        if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
         wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
         kern = self._kernel()
-        x = inp.x.reshape(-1).float().contiguous()
-        out = torch.empty(wt.shape[1])
+        out = torch.empty(*x.shape[:-1], wt.shape[1])
         t0 = time.perf_counter()
-        _, k = kern.linear(wt, bias, x, None, threshold=rule.threshold, out=out)
+        _, k = kern.linear(wt, bias, _fp32_flat(x), None, threshold=rule.threshold, out=out)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
-        return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1]), kern.active_indices(wt.shape[0], k)
+        return _as_dtype(out, x.dtype), kern.active_indices(wt.shape[0], k)
 
     @staticmethod
     def _given(w: FusedMLPWeights, inp):
