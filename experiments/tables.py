@@ -300,6 +300,7 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
     return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block(),
                                                              "predictor-decode": best_predictor_decode_block(),
+                                                             "cett-budget": cett_budget_block(),
                                                              "calibration-memory": calibration_memory_block(),
                                                              "readme-timings": readme_timings_block()}
 
@@ -744,6 +745,37 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
                       "≤ +5% perplexity",
                       "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
                      f"`{PREDICTORS.relative_to(REPO)}/` and `{DECODE_FUSED.relative_to(REPO)}/`")
+
+
+CETT_BUDGET = REPO / "experiments" / "results" / "fig1_cett_layer_sparsity"
+
+
+def _ratio_ci(paired: dict, key: str) -> str:
+    p = paired.get(key)
+    if not p:
+        return "—"
+    star = "*" if p["ci_low"] > 1 or p["ci_high"] < 1 else ""
+    return f"x{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]{star}"
+
+
+def cett_budget_block(root: Path = CETT_BUDGET) -> str:
+    """CETT at an error budget (figure 1's runs): the sparsity each layer ends up with (mean,
+    min, max over layers) and what it costs in perplexity on both held-out corpora."""
+    results = [r for r in load_results([root]) if r.get("status") == "ok"] if root.exists() else []
+    if not results:
+        return "_No CETT budget runs committed yet (`sparsebench -m experiment=fig1_cett_layer_sparsity`)._"
+    out = []
+    for r in sorted(results, key=model_name):
+        sp = [row["sparsity"] for row in r["per_layer"]]
+        paired, dense = r.get("paired") or {}, r.get("dense_metrics") or {}
+        out.append([model_name(r), f"{r['sparsifier']['budget']:g}", f"{sum(sp) / len(sp):.3f}",
+                    f"{min(sp):.3f} – {max(sp):.3f}",
+                    f"{dense['perplexity']:.2f}" if "perplexity" in dense else "—", _ratio_ci(paired, "perplexity"),
+                    f"{dense['perplexity/lambada']:.2f}" if "perplexity/lambada" in dense else "—",
+                    _ratio_ci(paired, "perplexity/lambada")])
+    return _md_table(["model", "budget", "mean layer sparsity", "min – max over layers", "dense ppl (plays)",
+                      "ppl ratio (plays) [95% CI]", "dense ppl (LAMBADA)", "ppl ratio (LAMBADA) [95% CI]"], out,
+                     f"`{CETT_BUDGET.relative_to(REPO)}/`")
 
 
 CALIBRATION_MEMORY = REPO / "experiments" / "results" / "calibration_memory"

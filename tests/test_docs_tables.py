@@ -413,3 +413,22 @@ def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode(
         assert x["decode"]["decode/speedup_vs_hf"] == 1 + rank
         assert x["ppl_ci"] == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1)
     assert tables.best_predictor_decode_rows(runs, [])[0]["decode"] is None  # not timed yet: shown as —
+
+
+def test_cett_budget_block_reads_back_every_committed_run():
+    """Each row's mean / min / max layer sparsity is the brute-force statistic of the run's
+    per-layer sparsities, and its perplexity ratios are the run's paired ones."""
+    from sparsebench.experiments.tables import CETT_BUDGET, cett_budget_block
+    from sparsebench.reporting.results import load_results
+
+    results = load_results([CETT_BUDGET])
+    assert results, "figure 1's runs are committed"
+    rows = _md_rows(cett_budget_block())
+    assert len(rows) == len(results)
+    for r in results:
+        (row,) = [x for x in rows if x["model"] == r["model"]["id"].rstrip("/").split("/")[-1]]
+        sp = [layer["sparsity"] for layer in r["per_layer"]]
+        assert _num(row["mean layer sparsity"]) == pytest.approx(sum(sp) / len(sp), abs=5e-4)
+        lo, hi = (float(v) for v in row["min – max over layers"].split(" – "))
+        assert (lo, hi) == (pytest.approx(min(sp), abs=5e-4), pytest.approx(max(sp), abs=5e-4))
+        assert _num(row["ppl ratio (plays) [95% CI]"].lstrip("x")) == pytest.approx(r["paired"]["perplexity"]["ratio"], abs=5e-4)

@@ -64,6 +64,8 @@ class DejaVu(Sparsifier):
         self.B: torch.Tensor | None = None  # [layers, d_ff, r]
         self._prev_x: torch.Tensor | None = None
         self._queued: list[torch.Tensor] = []
+        # per-call switches read once (a DictConfig lookup per decode step and layer adds up)
+        self._lookahead, self._oracle = bool(cfg.get("lookahead", False)), bool(cfg.get("oracle", False))
 
     @property
     def needs_calibration(self) -> bool:
@@ -146,13 +148,13 @@ class DejaVu(Sparsifier):
             m = self._queued.pop(0)
             return m.reshape(*inp.x.shape[:-1], -1)
         src = inp.x
-        if self.cfg.get("lookahead", False) and inp.layer_idx > 0 and self._prev_x is not None \
+        if self._lookahead and inp.layer_idx > 0 and self._prev_x is not None \
                 and self._prev_x.shape == inp.x.shape:
             src = self._prev_x
         self._prev_x = inp.x
         if self.sparsity == 0.0:
             return None
-        if self.cfg.get("oracle", False):
+        if self._oracle:
             return self.oracle_mask(inp)
         return self._select(self._scores(inp.layer_idx, src), inp.site.intermediate_size)
 
