@@ -78,10 +78,11 @@ class CATS(Sparsifier):
     def mask_rule(self, inp):
         if self.sparsity == 0.0:
             return None
-        # read back once per thresholds tensor, not per call (a device tensor would sync)
+        # rules built once per thresholds tensor, not per call (reading a device tensor would sync)
         if self._threshold_floats[0] is not self.thresholds:
-            self._threshold_floats = (self.thresholds, self.thresholds.float().tolist())
-        return ThresholdRule("act", self._threshold_floats[1][inp.layer_idx])
+            rules = [ThresholdRule("act", t) for t in self.thresholds.float().tolist()]
+            self._threshold_floats = (self.thresholds, rules)
+        return self._threshold_floats[1][inp.layer_idx]
 
     def describe(self):
         return {"threshold": self.thresholds.tolist()} if self.thresholds is not None else {}

@@ -73,6 +73,7 @@ from . import SPARSIFIERS
 from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, ThresholdRule, calibrate_layerwise
 
 PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+PROJ_INDEX = {p: i for i, p in enumerate(PROJ_NAMES)}
 # linears that read one tensor (one |x| table each)
 INPUTS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
 INPUT_OF = {p: g for g, ps in INPUTS.items() for p in ps}
@@ -298,7 +299,7 @@ class TEAL(Sparsifier):
         self.thresholds: torch.Tensor | None = None  # [layers, linears]
         self.levels: torch.Tensor | None = None  # [layers, linears] sparsity per linear
         self._last = (None, None, None)
-        self._rows = (None, [])  # (thresholds tensor, its rows as Python floats)
+        self._rows = (None, [], [])  # (thresholds tensor, its rows as Python floats, their rules)
 
     def validate(self):
         super().validate()
@@ -356,7 +357,7 @@ class TEAL(Sparsifier):
                 self.levels[i, k] = s
                 self.thresholds[i, k] = interp_threshold(table[INPUT_NAMES.index(INPUT_OF[p])], s)
         self._last = (None, None, None)
-        self._rows = (None, [])
+        self._rows = (None, [], [])
 
     @staticmethod
     def _tables(linear_values, gen) -> torch.Tensor:
@@ -395,18 +396,24 @@ class TEAL(Sparsifier):
     def load_state(self, state):
         self.thresholds, self.levels = state["thresholds"], state["levels"]
         self._last = (None, None, None)
-        self._rows = (None, [])
+        self._rows = (None, [], [])
 
     # ------------------------------------------------------------ inference
     def threshold(self, layer: int, proj: str) -> float:
         """One linear's threshold as a Python float. The table is read back once per
         thresholds tensor (and after each change), not per call: a per-call read of a
         device tensor would sync the device."""
-        src, rows = self._rows
+        return self._per_linear()[0][layer][PROJ_INDEX[proj]]
+
+    def _per_linear(self) -> tuple[list, list]:
+        """Per layer, each linear's threshold and its ``ThresholdRule`` (None: dense),
+        rebuilt only when the thresholds tensor changes."""
+        src, rows, rules = self._rows
         if src is not self.thresholds:
-            src, rows = self.thresholds, self.thresholds.tolist()
-            self._rows = (src, rows)
-        return rows[layer][PROJ_NAMES.index(proj)]
+            rows = self.thresholds.tolist()
+            rules = [[None if t < 0 else ThresholdRule("x", t) for t in row] for row in rows]
+            self._rows = (self.thresholds, rows, rules)
+        return rows, rules
 
     def input_mask(self, inp):
         t = self.threshold(inp.layer_idx, inp.proj)
@@ -419,8 +426,7 @@ class TEAL(Sparsifier):
         return mask
 
     def input_mask_rule(self, inp):
-        t = self.threshold(inp.layer_idx, inp.proj)
-        return None if t < 0 else ThresholdRule("x", t)
+        return self._per_linear()[1][inp.layer_idx][PROJ_INDEX[inp.proj]]
 
     def describe(self):
         if self.levels is None:
