@@ -16,7 +16,8 @@ def evaluator_configs(cfg: DictConfig) -> list[DictConfig]:
     evaluator=[sparsity]`` keeps the experiment's ``evaluator.decode.new_tokens``): not an
     evaluator, so it is skipped (``unselected_evaluator_settings`` names them)."""
     evs = cfg.get("evaluator") or {}
-    selected = [evs[k] for k in evs if isinstance(evs[k], DictConfig) and "name" in evs[k]] if isinstance(evs, DictConfig) else []
+    unselected = set(unselected_evaluator_settings(cfg))
+    selected = [evs[k] for k in evs if k not in unselected] if isinstance(evs, DictConfig) else []
     if not selected:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=perplexity or evaluator=[sparsity,perplexity]")
     return selected

@@ -141,8 +141,9 @@ class FusedKernel:
     def mlp(self, w: FusedMLPWeights, x: torch.Tensor, mask: torch.Tensor | None, *, mode: int = 0,
             given: torch.Tensor | None = None, threshold: float | None = None,
             out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """y for one token ``x`` (H contiguous fp32 values, any shape); ``mask`` bool [I] or None (dense, or
-        the in-kernel rule |act(gate)| > ``threshold``). Returns (y, active neurons)."""
+        """y for one token ``x`` (H contiguous fp32 values, any shape); ``mask`` bool [I] or
+        None (dense, or the in-kernel rule |act(gate)| > ``threshold``). Returns (y, active
+        neurons)."""
         idx, h, act_all = self.scratch(w.inter)
         y = torch.empty(w.hidden) if out is None else out
         k = self.ext.mlp_token(

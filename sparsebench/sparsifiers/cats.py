@@ -46,7 +46,7 @@ class CATS(Sparsifier):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.thresholds: torch.Tensor | None = None
-        self._threshold_floats: tuple = (None, [])
+        self._rules: tuple = (None, [])  # (thresholds tensor, one ThresholdRule per layer)
 
     def validate(self):
         super().validate()
@@ -79,10 +79,10 @@ class CATS(Sparsifier):
         if self.sparsity == 0.0:
             return None
         # rules built once per thresholds tensor, not per call (reading a device tensor would sync)
-        if self._threshold_floats[0] is not self.thresholds:
+        if self._rules[0] is not self.thresholds:
             rules = [ThresholdRule("act", t) for t in self.thresholds.float().tolist()]
-            self._threshold_floats = (self.thresholds, rules)
-        return self._threshold_floats[1][inp.layer_idx]
+            self._rules = (self.thresholds, rules)
+        return self._rules[1][inp.layer_idx]
 
     def describe(self):
         return {"threshold": self.thresholds.tolist()} if self.thresholds is not None else {}
