@@ -706,8 +706,9 @@ def best_predictor_decode_rows(predictor_results: list[dict], decode_results: li
     beside the fused decode of the same sparsifier settings (same ``method`` label and
     sparsity) when one is committed: what the best predictor buys end to end, and at what
     perplexity. ``decode`` is None while that decode has not been run."""
-    best = {}
+    best, compared = {}, {}
     for x in predictor_rows(predictor_results):
+        compared[x["model"]] = compared.get(x["model"], 0) + 1
         if x["ppl_vs_dense"] is not None and (x["model"] not in best
                                               or x["ppl_vs_dense"] < best[x["model"]]["ppl_vs_dense"]):
             best[x["model"]] = x
@@ -719,7 +720,7 @@ def best_predictor_decode_rows(predictor_results: list[dict], decode_results: li
         ci = next((((r.get("paired") or {}).get("perplexity") or {}) for r in predictor_results
                    if model_name(r) == model and method(r) == x["predictor"]
                    and "mask_quality/recall" in r["metrics"]), {})
-        rows.append(x | {"ppl_ci": (ci.get("ci_low"), ci.get("ci_high")),
+        rows.append(x | {"ppl_ci": (ci.get("ci_low"), ci.get("ci_high")), "compared": compared[model],
                          "decode": decodes.get((model, x["predictor"], x["sparsity_requested"]))})
     return rows
 
@@ -739,9 +740,11 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
         timed = (["—"] * 4 if d is None else
                  [f"{d['decode/tokens_per_s_hf']:.1f} → {d['decode/tokens_per_s']:.1f}", f"{d['decode/speedup_vs_hf']:.2f}×",
                   f"{d['decode/amdahl_limit']:.2f}×", f"{d['decode/fraction_of_limit']:.2f}"])
-        out.append([x["model"], x["predictor"], f"{x['sparsity_requested']:g}", f"{x['recall']:.3f}", ppl,
+        out.append([x["model"], x["predictor"], str(x["compared"]), f"{x['sparsity_requested']:g}",
+                    f"{x['recall']:.3f}", ppl,
                     "yes" if x["ppl_vs_dense"] <= 1.05 else "no", *timed])
-    return _md_table(["model", "best predictor", "sparsity", "recall", "ppl / dense on the plays [95% CI]",
+    return _md_table(["model", "best predictor", "of (runs committed)", "sparsity", "recall",
+                      "ppl / dense on the plays [95% CI]",
                       "≤ +5% perplexity",
                       "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
                      f"`{PREDICTORS.relative_to(REPO)}/` and `{DECODE_FUSED.relative_to(REPO)}/`")

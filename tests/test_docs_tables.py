@@ -411,7 +411,7 @@ def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode(
         assert x["predictor"] == expected[1] and x["ppl_vs_dense"] == ratios[expected]
         rank = 0.25 if "rank=0.25" in x["predictor"] else 0.1
         assert x["decode"]["decode/speedup_vs_hf"] == 1 + rank
-        assert x["ppl_ci"] == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1)
+        assert x["ppl_ci"] == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1) and x["compared"] == 2
     assert tables.best_predictor_decode_rows(runs, [])[0]["decode"] is None  # not timed yet: shown as —
 
 
