@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 from sparsebench.experiments.figures import TASKS, method, method_rows, model_name
+from sparsebench.reporting.comparison import format_paired
 from sparsebench.reporting.results import load_results
 from sparsebench.core.stats import critical_sparsity, format_delta
 
@@ -701,6 +702,11 @@ def predictor_block(root: Path = PREDICTORS) -> str:
                      out, f"`{PREDICTORS.relative_to(REPO)}/`")
 
 
+def _paired_cell(paired: dict, key: str) -> str:
+    """``format_paired`` of one paired result (Δ or ratio with CI and *), "—" when absent."""
+    return format_paired(paired[key]) if paired.get(key) else "—"
+
+
 def best_predictor_decode_rows(predictor_results: list[dict], decode_results: list[dict]) -> list[dict]:
     """Per model, the predictor with the lowest perplexity ratio to dense (``predictor_rows``),
     beside the fused decode of the same sparsifier settings (same ``method`` label and
@@ -717,10 +723,10 @@ def best_predictor_decode_rows(predictor_results: list[dict], decode_results: li
                .get("weights", "model") == "model"}
     rows = []
     for model, x in sorted(best.items()):
-        ci = next((((r.get("paired") or {}).get("perplexity") or {}) for r in predictor_results
-                   if model_name(r) == model and method(r) == x["predictor"]
-                   and "mask_quality/recall" in r["metrics"]), {})
-        rows.append(x | {"ppl_ci": (ci.get("ci_low"), ci.get("ci_high")), "compared": compared[model],
+        paired = next((r.get("paired") or {} for r in predictor_results
+                       if model_name(r) == model and method(r) == x["predictor"]
+                       and "mask_quality/recall" in r["metrics"]), {})
+        rows.append(x | {"ppl_paired": paired.get("perplexity"), "compared": compared[model],
                          "decode": decodes.get((model, x["predictor"], x["sparsity_requested"]))})
     return rows
 
@@ -734,8 +740,7 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
         return "_No predictor results committed yet (`sparsebench -m experiment=predictor_quality`)._"
     out = []
     for x in rows:
-        lo, hi = x["ppl_ci"]
-        ppl = f"x{x['ppl_vs_dense']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+        ppl = _paired_cell({"perplexity": x["ppl_paired"]}, "perplexity")
         d = x["decode"]
         timed = (["—"] * 4 if d is None else
                  [f"{d['decode/tokens_per_s_hf']:.1f} → {d['decode/tokens_per_s']:.1f}", f"{d['decode/speedup_vs_hf']:.2f}×",
@@ -753,14 +758,6 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
 CETT_BUDGET = REPO / "experiments" / "results" / "fig1_cett_layer_sparsity"
 
 
-def _ratio_ci(paired: dict, key: str) -> str:
-    p = paired.get(key)
-    if not p:
-        return "—"
-    star = "*" if p["ci_low"] > 1 or p["ci_high"] < 1 else ""
-    return f"x{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]{star}"
-
-
 def cett_budget_block(root: Path = CETT_BUDGET) -> str:
     """CETT at an error budget (figure 1's runs): the sparsity each layer ends up with (mean,
     min, max over layers) and what it costs in perplexity on both held-out corpora."""
@@ -773,9 +770,9 @@ def cett_budget_block(root: Path = CETT_BUDGET) -> str:
         paired, dense = r.get("paired") or {}, r.get("dense_metrics") or {}
         out.append([model_name(r), f"{r['sparsifier']['budget']:g}", f"{sum(sp) / len(sp):.3f}",
                     f"{min(sp):.3f} – {max(sp):.3f}",
-                    f"{dense['perplexity']:.2f}" if "perplexity" in dense else "—", _ratio_ci(paired, "perplexity"),
+                    f"{dense['perplexity']:.2f}" if "perplexity" in dense else "—", _paired_cell(paired, "perplexity"),
                     f"{dense['perplexity/lambada']:.2f}" if "perplexity/lambada" in dense else "—",
-                    _ratio_ci(paired, "perplexity/lambada")])
+                    _paired_cell(paired, "perplexity/lambada")])
     return _md_table(["model", "budget", "mean layer sparsity", "min – max over layers", "dense ppl (plays)",
                       "ppl ratio (plays) [95% CI]", "dense ppl (LAMBADA)", "ppl ratio (LAMBADA) [95% CI]"], out,
                      f"`{CETT_BUDGET.relative_to(REPO)}/`")

@@ -397,7 +397,8 @@ def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode(
             ratio = rng.uniform(1.0, 3.0)
             runs.append(_fake_run(model, "dejavu", rank=rank,
                                   metrics={"mask_quality/recall": 0.7, "perplexity": 40 * ratio, "sparsity/mean": 0.5},
-                                  paired={"perplexity": {"ratio": ratio, "ci_low": ratio - 0.1, "ci_high": ratio + 0.1}}))
+                                  paired={"perplexity": {"ratio": ratio, "ci_low": ratio - 0.1, "ci_high": ratio + 0.1,
+                                                         "significant": True}}))
             ratios[(model, method(runs[-1]))] = ratio
     decode = [_fake_run(model, "dejavu", rank=rank,
                         metrics={"decode/speedup_vs_hf": 1 + rank, "decode/tokens_per_s_hf": 10.0,
@@ -411,7 +412,8 @@ def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode(
         assert x["predictor"] == expected[1] and x["ppl_vs_dense"] == ratios[expected]
         rank = 0.25 if "rank=0.25" in x["predictor"] else 0.1
         assert x["decode"]["decode/speedup_vs_hf"] == 1 + rank
-        assert x["ppl_ci"] == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1) and x["compared"] == 2
+        p = x["ppl_paired"]
+        assert (p["ci_low"], p["ci_high"]) == (x["ppl_vs_dense"] - 0.1, x["ppl_vs_dense"] + 0.1) and x["compared"] == 2
     assert tables.best_predictor_decode_rows(runs, [])[0]["decode"] is None  # not timed yet: shown as —
 
 
