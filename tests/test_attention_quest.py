@@ -245,3 +245,44 @@ def test_preallocated_cache_decodes_exactly_as_dynamic_cache(arch):
     session.detach()
     assert any(isinstance(layer, PreallocatedLayer) for layer in preallocated_cache(model).layers)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_per_row_variants_equal_separate_continuations(arch):
+    """One prefill continued as a batch whose rows attend as dense, budget 8 and budget 24
+    equals continuing three copies of it one variant at a time: logits and key reads."""
+    import copy
+
+    from sparsebench.attention._kv_cache import preallocated_cache
+    from sparsebench.attention._runtime import attention_variant
+
+    model = tiny(arch)
+    ids = random_ids(batch=1, seq=60, seed=11)
+    session = AttentionSparsity(quest(budget=16, prefill="dense", min_pages=1)).attach(model)
+    variants = ["dense", 8, 24]
+    with torch.no_grad():
+        cache = preallocated_cache(model)
+        model(input_ids=ids[:, :45], past_key_values=cache, use_cache=True)
+        snap, saved = session.snapshot(), copy.deepcopy(cache)
+        separate, reads = [], []
+        for v in variants:
+            c = copy.deepcopy(saved)
+            session.restore(snap)
+            session.reset_stats()
+            with attention_variant(session, v):
+                separate.append(torch.cat([model(input_ids=ids[:, t:t + 1], past_key_values=c, use_cache=True).logits
+                                           for t in range(45, 60)], 1))
+            reads.append([(s.keys_attended, s.keys_allowed) for s in session.stats])
+        batch = copy.deepcopy(saved)
+        batch.batch_repeat_interleave(len(variants))
+        with session.per_row([lambda v=v: attention_variant(session, v) for v in variants], snap) as rows:
+            batched = torch.cat([model(input_ids=ids[:, t:t + 1].expand(len(variants), 1), past_key_values=batch,
+                                       use_cache=True).logits for t in range(45, 60)], 1)
+    assert session.rows is None
+    assert not torch.allclose(separate[0], separate[1])  # the budgets do change the output
+    for r in range(len(variants)):
+        torch.testing.assert_close(batched[r:r + 1], separate[r], rtol=1e-5, atol=1e-5)
+        assert [(s.keys_attended, s.keys_allowed) for s in rows[r].stats] == reads[r]
+    attended = [sum(a for a, _ in r) for r in reads]
+    assert attended[0] == 0 < attended[1] < attended[2] < sum(n for _, n in reads[1])  # dense: nothing recorded
+    session.detach()

@@ -96,6 +96,19 @@ def test_small_budget_reads_fewer_keys_and_reports_paired_statistics(tmp_path):
     assert 0 < m["long_perplexity/tiny/len=256/kv_read_fraction"] < 1
 
 
+@pytest.mark.parametrize("method", ["quest", "lightning_indexer"])
+def test_batched_variants_give_the_numbers_of_one_continuation_per_variant(tmp_path, method):
+    """evaluator.passkey.batch_variants continues one prefill as a batch with a row per
+    variant; the items and key reads are those of continuing a copy per variant."""
+    runs = [run_point([f"attention={method}", "attention.dense_layers=[]", "evaluator=[passkey]",
+                       "evaluator.passkey.budgets=[16,64]", f"evaluator.passkey.batch_variants={b}",
+                       *small("passkey")], tmp_path / str(b)) for b in (True, False)]
+    batched, looped = runs
+    assert batched["items"]["sparse"] == looped["items"]["sparse"]
+    reads = [{k: v for k, v in r["metrics"].items() if k.endswith("kv_read_fraction")} for r in runs]
+    assert reads[0] == reads[1] and 0 < reads[0]["passkey/budget=16/kv_read_fraction"] < 1
+
+
 def test_attention_none_reports_dense_only(tmp_path):
     res = run_point(["evaluator=[passkey]", *small("passkey")], tmp_path)
     assert set(res["metrics"]) == {"passkey/dense", "passkey/dense/ctx=200", "passkey/dense/ctx=400"}

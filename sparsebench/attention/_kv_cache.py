@@ -45,6 +45,15 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
         return self.keys, self.values
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each sequence ``repeats`` times in the batch (one prefill continued several ways),
+        the spare capacity kept so decode steps still append in place."""
+        if self._k is None:
+            return
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
     def reset(self) -> None:
         super().reset()
         self._k = self._v = None

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +280,16 @@ class LayerStats:
 
 
 @dataclass
+class RowVariant:
+    """One batch row of ``AttentionSparsity.per_row``: the context it attends in (made and
+    entered around each of its calls), its per-layer state and its statistics."""
+
+    enter: Callable[[], contextlib.AbstractContextManager]
+    states: dict
+    stats: list[LayerStats]
+
+
+@dataclass
 class _Handle:
     session: AttentionSparsity
     layer: int
@@ -304,11 +315,32 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
 
     handle = kwargs.pop(HANDLE_KWARG, None)
     if handle is not None:
-        out = handle.session.attend(handle, module, query, key, value, attention_mask, scaling)
+        session = handle.session
+        if session.rows is not None and query.shape[0] > 1 and session.method.applies(handle.layer, handle.layer_type):
+            outs = []
+            for r, q, k, v, mask, hidden in _rows(query, key, value, attention_mask, handle.hidden):
+                with session.as_row(r):
+                    out = session.attend(_Handle(session, handle.layer, handle.layer_type, hidden), module, q, k, v,
+                                         mask, scaling)
+                if out is None:
+                    out = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+                outs.append(out)
+            return torch.cat(outs, dim=0), None
+        out = session.attend(handle, module, query, key, value, attention_mask, scaling)
         if out is not None:
             return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _rows(query, key, value, attention_mask, hidden):
+    """Each batch row of one attention call as a batch of one (a mask or hidden state
+    shared by the batch is passed whole)."""
+    b = query.shape[0]
+    for r in range(b):
+        sl = slice(r, r + 1)
+        mask = attention_mask[sl] if attention_mask is not None and attention_mask.shape[0] == b else attention_mask
+        yield r, query[sl], key[sl], value[sl], mask, (hidden[sl] if hidden is not None else None)
 
 
 def register_attention_function() -> None:
@@ -331,6 +363,7 @@ class AttentionSparsity:
         self.calibration_info: dict | None = None  # a trained method's: computed or cached, tokens
         self.stats: list[LayerStats] = []
         self._states: dict[int, dict] = {}
+        self.rows: list[RowVariant] | None = None  # set by ``per_row``
         self._hooks: list = []
         self._model = None
         self._previous_impl = None
@@ -397,6 +430,33 @@ class AttentionSparsity:
 
     def reset_stats(self) -> None:
         self.stats = [LayerStats() for _ in self.stats]
+
+    @contextlib.contextmanager
+    def per_row(self, variants: list[Callable[[], contextlib.AbstractContextManager]], snapshot: dict):
+        """Inside, batch row r of every call attends as inside ``variants[r]()`` (a context
+        such as ``dense()`` or a budget, entered around each of the row's calls), with its own per-sequence state (a copy of
+        ``snapshot``) and its own statistics: one batched forward continues one prefilled
+        sequence several ways, reading the weights once for all of them. Yields the
+        ``RowVariant`` list (``.stats`` per row)."""
+        rows = [RowVariant(variant, copy.deepcopy(snapshot), [LayerStats() for _ in self.stats])
+                for variant in variants]
+        was = self.rows
+        self.rows = rows
+        try:
+            yield rows
+        finally:
+            self.rows = was
+
+    @contextlib.contextmanager
+    def as_row(self, r: int):
+        """This session as batch row r of ``per_row``: its variant, state and statistics."""
+        row = self.rows[r]
+        states, stats, self._states, self.stats = self._states, self.stats, row.states, row.stats
+        try:
+            with row.enter():
+                yield
+        finally:
+            self._states, self.stats = states, stats
 
     def layer_state(self, layer: int) -> dict:
         return self._states.setdefault(layer, {})

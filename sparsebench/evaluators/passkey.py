@@ -1,9 +1,12 @@
 """Passkey retrieval at long context, dense attention vs the run's attention method.
 
 Items come from ``sparsebench.data.passkey`` (seeded, generated locally). Each prompt is
-prefilled once; its KV cache (and the attention method's per-sequence state) is copied and
-continued once per variant: dense attention, then the method at each budget in ``budgets``
-(or at its configured budget). Every variant decodes the same question tokens and then
+prefilled once and continued once per variant: dense attention, then the method at each budget
+in ``budgets`` (or at its configured budget). With ``batch_variants`` (the default) the
+variants are the rows of one batch: the KV cache is repeated per row and each row attends as
+its variant with its own copy of the method's per-sequence state
+(``AttentionSparsity.per_row``), so a decode step reads the weights once for every variant;
+otherwise the cache and state are copied and continued one variant at a time. Every variant decodes the same question tokens and then
 ``answer_tokens`` greedy tokens; an item is correct when the first integer of the answer
 equals the key. A method that also sparsifies multi-token forwards (``prefill: sparse``)
 prefills once per variant instead.
@@ -34,18 +37,21 @@ def max_context(model) -> int:
 
 
 @torch.no_grad()
-def continue_greedy(model, cache, decode_ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Feed ``decode_ids`` one token at a time, then greedily generate ``new_tokens``
-    (each input made on the model's device; the answer comes back as Python ints)."""
+def continue_greedy(model, cache, decode_ids: torch.Tensor, new_tokens: int, rows: int = 1) -> list[list[int]]:
+    """Feed ``decode_ids`` one token at a time to each of the cache's ``rows`` sequences,
+    then greedily generate ``new_tokens`` per row (inputs made on the model's device; the
+    answers come back as Python ints, one list per row)."""
     device = model_device(model)
     logits = None
     for tok in decode_ids.tolist():
-        logits = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True).logits
-    out = []
+        logits = model(input_ids=torch.full((rows, 1), tok, device=device), past_key_values=cache,
+                       use_cache=True).logits
+    out = [[] for _ in range(rows)]
     for _ in range(new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True).logits
+        nxt = logits[:, -1].argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            out[r].append(t)
+        logits = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits
     return out
 
 
@@ -83,7 +89,11 @@ class Passkey(Evaluator):
             correct = {v: {c: [] for c in contexts} for v in variants}
             reads = {v: [0, 0] for v in variants}
             share_prefill = session is None or session.method.prefill == "dense"
+            batched = share_prefill and session is not None and bool(cfg.get("batch_variants", True))
             for item in items:
+                if batched:
+                    self._continue_batched(ctx, session, variants, item, correct, reads)
+                    continue
                 snapshot = None
                 for i, v in enumerate(variants):
                     if snapshot is None or not share_prefill:
@@ -101,7 +111,7 @@ class Passkey(Evaluator):
                     if session is not None:
                         session.reset_stats()
                     with attention_variant(session, v):
-                        answer = continue_greedy(ctx.model, cache, item.decode, int(cfg.answer_tokens))
+                        answer = continue_greedy(ctx.model, cache, item.decode, int(cfg.answer_tokens))[0]
                     correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
                     if session is not None:
                         reads[v][0] += sum(s.keys_attended for s in session.stats)
@@ -109,6 +119,23 @@ class Passkey(Evaluator):
             summary = session.method.summary() if session is not None else {}
             calib = session.calibration_info if session is not None else None
         return self._result(contexts, skipped, variants, correct, reads, summary, calib)
+
+    def _continue_batched(self, ctx, session, variants, item, correct, reads) -> None:
+        """One prefill, then every variant continued as one row of a batch: each decode step
+        reads the weights once for all variants; each row attends as its variant, with its
+        own copy of the prefill's attention state (``AttentionSparsity.per_row``)."""
+        device = model_device(ctx.model)
+        cache = preallocated_cache(ctx.model)
+        session.reset()
+        with attention_variant(session, "dense"):
+            ctx.model(input_ids=item.prefill[None].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(variants))
+        with session.per_row([lambda v=v: attention_variant(session, v) for v in variants], session.snapshot()) as rows:
+            answers = continue_greedy(ctx.model, cache, item.decode, int(self.cfg.answer_tokens), rows=len(variants))
+        for v, row, answer in zip(variants, rows, answers):
+            correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
+            reads[v][0] += sum(s.keys_attended for s in row.stats)
+            reads[v][1] += sum(s.keys_allowed for s in row.stats)
 
     def _result(self, contexts, skipped, variants, correct, reads, summary, calib) -> EvalResult:
         metrics, items, paired = {}, {}, {}
