@@ -49,3 +49,39 @@ def pairwise_markdown(rows: list[dict]) -> str:
                        + " | ".join(format_paired(x[k]) if k in x else "—" for k in ppl_keys) + " |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def versus_best_markdown(results: list[dict]) -> str:
+    """Per model: methods × sparsities, each cell the method's average accuracy minus that of
+    the most accurate method at the same sparsity, paired on the lm-eval documents both ran
+    (95% bootstrap CI, * = exact McNemar p < 0.05). Which gaps between methods are real and
+    which are noise. The best is picked on these same items, so its lead is, if anything,
+    flattered: a gap that is not significant here is not evidence of a difference."""
+    points: dict[str, dict[float, dict[str, tuple[float, dict]]]] = {}
+    for r in results:
+        sparse = (r.get("items") or {}).get("sparse")
+        acc = (r.get("paired") or {}).get("lm_eval/avg_acc")
+        if r["sparsifier"]["name"] == "none" or not sparse or not acc or r["sparsifier"].get("sparsity") is None:
+            continue
+        points.setdefault(model_name(r), {}).setdefault(r["sparsifier"]["sparsity"], {})[method(r)] = (acc["acc_b"], sparse)
+    out = []
+    for model, levels in sorted(points.items()):
+        shown = sorted(s for s, ms in levels.items() if len(ms) >= 2)
+        if not shown:
+            continue
+        best = {s: max(sorted(levels[s]), key=lambda m, s=s: levels[s][m][0]) for s in shown}
+        out += [f"| {model}: Δ avg acc vs the best method at the sparsity, points [95% CI] | "
+                + " | ".join(f"{s:g}" for s in shown) + " |", "|---" * (1 + len(shown)) + "|"]
+        for name in sorted({m for s in shown for m in levels[s]}):
+            cells = []
+            for s in shown:
+                if name not in levels[s]:
+                    cells.append("—")
+                elif name == best[s]:
+                    cells.append(f"**best** (acc {levels[s][name][0]:.3f})")
+                else:
+                    paired = compare_items(levels[s][best[s]][1], levels[s][name][1]).get("lm_eval/avg_acc")
+                    cells.append(format_paired(paired) if paired else "—")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()

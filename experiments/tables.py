@@ -292,11 +292,14 @@ def generated_blocks(results: list[dict]) -> dict[str, str]:
     """Every generated table by block name: the comparison tables from the committed
     comparison results (a one-line note saying how to make them while there are none) and
     the backend speed tables from the committed CSVs (``backend_blocks``)."""
+    from sparsebench.experiments.pairwise import versus_best_markdown
+
     rows = paired_rows(results)
     if rows:
         blocks = {"comparison-accuracy": paired_accuracy_markdown(rows),
                   "comparison-perplexity": paired_perplexity_markdown(rows),
-                  "comparison-status": comparison_status(rows)}
+                  "comparison-status": comparison_status(rows),
+                  "comparison-vs-best": versus_best_markdown(results)}
     else:
         blocks = dict.fromkeys(COMPARISON_BLOCKS, NO_COMPARISON)
     return blocks | backend_blocks() | attention_blocks() | {"predictor-quality": predictor_block(),
@@ -338,7 +341,7 @@ def comparison_status(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity", "comparison-status")
+COMPARISON_BLOCKS = ("comparison-accuracy", "comparison-perplexity", "comparison-status", "comparison-vs-best")
 NO_COMPARISON = ("_No committed comparison results yet: run `sparsebench -m experiment=fig4_accuracy_vs_sparsity "
                  "hydra.sweep.dir=experiments/results/comparison logger.mode=disabled threads=1` and commit the folder._")
 

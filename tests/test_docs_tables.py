@@ -434,3 +434,38 @@ def test_cett_budget_block_reads_back_every_committed_run():
         lo, hi = (float(v) for v in row["min – max over layers"].split(" – "))
         assert (lo, hi) == (pytest.approx(min(sp), abs=5e-4), pytest.approx(max(sp), abs=5e-4))
         assert _num(row["ppl ratio (plays) [95% CI]"].lstrip("x")) == pytest.approx(r["paired"]["perplexity"]["ratio"], abs=5e-4)
+
+
+def test_versus_best_picks_the_most_accurate_method_and_pairs_on_shared_documents():
+    """Three methods on random per-document outcomes (one ran fewer documents): the best is
+    the highest average accuracy, and each other cell is the Δ over the documents both ran,
+    task-averaged, with an exact McNemar star, checked by brute force."""
+    import random
+
+    from scipy.stats import binomtest
+
+    from sparsebench.experiments.pairwise import versus_best_markdown
+
+    rng = random.Random(3)
+    docs = list(range(60))
+    outcome = {name: {t: [int(rng.random() < p) for _ in docs] for t in TASKS}
+               for name, p in (("cats", 0.7), ("teal", 0.45), ("wina", 0.68))}
+
+    def run(name, n_docs):
+        items = {"lm_eval": {t: {"doc_id": docs[:n_docs], "acc": outcome[name][t][:n_docs]} for t in TASKS}}
+        avg = sum(sum(outcome[name][t][:n_docs]) / n_docs for t in TASKS) / len(TASKS)
+        return _fake_run("tiny", name, paired={"lm_eval/avg_acc": {"acc_b": avg}}) | {"items": {"sparse": items}}
+
+    runs = [run("cats", 60), run("teal", 60), run("wina", 40)]
+    rows = _md_rows(versus_best_markdown(runs))
+    cells = {r[next(iter(r))]: r["0.5"] for r in rows}
+    best = max(runs, key=lambda r: r["paired"]["lm_eval/avg_acc"]["acc_b"])["sparsifier"]["name"]
+    assert best == "cats" and cells["cats"].startswith("**best**")
+    for name, n in (("teal", 60), ("wina", 40)):
+        delta = sum(sum(outcome[name][t][:n]) - sum(outcome["cats"][t][:n]) for t in TASKS) / n / len(TASKS)
+        assert _num(cells[name]) == pytest.approx(100 * delta, abs=0.051)
+        # exact McNemar over the task-pooled discordant documents, as the table's star
+        pairs = [(outcome["cats"][t][d], outcome[name][t][d]) for t in TASKS for d in range(n)]
+        b, c = sum(x > y for x, y in pairs), sum(x < y for x, y in pairs)
+        p = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert cells[name].endswith("*") == (p < 0.05)
