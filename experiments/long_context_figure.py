@@ -69,7 +69,8 @@ def long_context_rows(r: dict) -> list[dict]:
             rows.append(base | {"kind": "passkey", "context": ctx, "budget": _budget(r, hit.group(2)), "value": acc,
                                 "dense": m.get(f"passkey/dense/ctx={ctx}"), "delta": p.get("delta"),
                                 "ci_low": p.get("ci_low"), "ci_high": p.get("ci_high"), "p": p.get("p_mcnemar"),
-                                "n": p.get("n"), "kv_read_fraction": m.get(f"passkey/{hit.group(1)}/kv_read_fraction")})
+                                "n": p.get("n"), "lost": p.get("n10"), "gained": p.get("n01"),
+                                "kv_read_fraction": m.get(f"passkey/{hit.group(1)}/kv_read_fraction")})
         hit = DECODE.match(key)
         if hit:
             ctx, name = int(hit.group(1)), hit.group(2)

@@ -679,9 +679,91 @@ def attention_perplexity_block(root: Path = LONG_CONTEXT) -> str:
                       "ratio [95% CI]", "K/V rows read"], out, f"`{LONG_CONTEXT.relative_to(REPO)}/`")
 
 
+WITHIN_POINTS = 0.02  # issue 18: a budget "keeps retrieval" when it loses at most 2 points
+
+
+def loss_upper_bound(lost: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper–Pearson upper bound on the fraction of prompts a method loses
+    (dense right, method wrong), from ``lost`` of ``n``: it bounds the accuracy drop."""
+    from scipy.stats import beta
+
+    return 1.0 if n == 0 else (1.0 if lost >= n else float(beta.ppf(confidence, lost + 1, n - lost)))
+
+
+def attention_budget_rows(rows: list[dict]) -> list[dict]:
+    """Per model, method, MLP and budget, passkey pooled over context lengths: prompts,
+    prompts lost and gained against dense attention, the accuracy change, the 95% upper
+    bound on the loss (``loss_upper_bound``), whether that bound is within 2 points, and the
+    decode speedup at the longest context timed for that budget."""
+    decode = {}
+    for x in rows:
+        if x["kind"] == "decode":
+            key = (x["model"], x["method"], x["mlp"], x["budget"])
+            if key not in decode or x["context"] > decode[key]["context"]:
+                decode[key] = x
+    pooled: dict = {}
+    for x in rows:
+        if x["kind"] != "passkey" or x["n"] is None or x["lost"] is None:
+            continue
+        p = pooled.setdefault((x["model"], x["method"], x["mlp"], x["budget"]), {"n": 0, "lost": 0, "gained": 0,
+                                                                                 "contexts": []})
+        p["n"] += x["n"]
+        p["lost"] += x["lost"]
+        p["gained"] += x["gained"]
+        p["contexts"].append(x["context"])
+    out = []
+    for key, p in sorted(pooled.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0)):
+        bound = loss_upper_bound(p["lost"], p["n"])
+        d = decode.get(key)
+        out.append(dict(zip(("model", "method", "mlp", "budget"), key)) | p | {
+            "delta": (p["gained"] - p["lost"]) / p["n"], "loss_bound": bound, "within": bound <= WITHIN_POINTS,
+            "decode_context": d["context"] if d else None, "speedup": d["value"] if d else None})
+    return out
+
+
+def attention_budget_block(root: Path = LONG_CONTEXT) -> str:
+    """``attention_budget_rows`` as a table, and per model the budgets (if any) whose loss is
+    bounded within 2 points, with their speedup at the longest context."""
+    rows = attention_budget_rows(_long_context_rows(root))
+    if not rows:
+        return NO_LONG_CONTEXT
+    table = _md_table(["model", "attention", "MLP", "budget", "prompts (contexts)", "lost / gained vs dense",
+                       "Δ acc, points", "loss bound (95%), points", "within 2 points", "decode speedup (context)"],
+                      [[x["model"], x["method"], x["mlp"], str(x["budget"]),
+                        f"{x['n']} ({', '.join(str(c) for c in sorted(x['contexts']))})",
+                        f"{x['lost']} / {x['gained']}", f"{100 * x['delta']:+.0f}", f"{100 * x['loss_bound']:.0f}",
+                        "yes" if x["within"] else "no",
+                        "—" if x["speedup"] is None else f"{x['speedup']:.2f}× ({x['decode_context']})"] for x in rows],
+                      f"`{LONG_CONTEXT.relative_to(REPO)}/`")
+    lines = []
+    for model in sorted({x["model"] for x in rows}):
+        ok = [x for x in rows if x["model"] == model and x["within"]]
+        if ok:
+            best = max(ok, key=lambda x: x["speedup"] or 0)
+            lines.append(f"- **{model}**: {best['method']} at budget {best['budget']} keeps passkey retrieval within "
+                         f"2 points of dense (95% bound); decode speedup "
+                         + ("not timed" if best["speedup"] is None else
+                            f"{best['speedup']:.2f}× at {best['decode_context']} tokens") + ".")
+        else:
+            n = max(x["n"] for x in rows if x["model"] == model)
+            lines.append(f"- **{model}**: no method and budget is shown to keep passkey retrieval within 2 points of "
+                         f"dense: even a budget that lost no prompt of {n} is bounded only at "
+                         f"{100 * loss_upper_bound(0, n):.0f} points (95%); bounding it at 2 points takes "
+                         f"≥ {min_prompts_for(WITHIN_POINTS)} prompts with none lost.")
+    return table + "\n\n" + "\n".join(lines)
+
+
+def min_prompts_for(bound: float, confidence: float = 0.95) -> int:
+    """Fewest prompts, none lost, whose ``loss_upper_bound`` is at most ``bound``."""
+    n = 1
+    while loss_upper_bound(0, n, confidence) > bound:
+        n += 1
+    return n
+
+
 def attention_blocks(root: Path = LONG_CONTEXT) -> dict[str, str]:
     return {"attention-passkey": attention_passkey_block(root), "attention-decode": attention_decode_block(root),
-            "attention-perplexity": attention_perplexity_block(root)}
+            "attention-perplexity": attention_perplexity_block(root), "attention-budget": attention_budget_block(root)}
 
 
 PREDICTORS = REPO / "experiments" / "results" / "predictors"

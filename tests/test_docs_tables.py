@@ -469,3 +469,37 @@ def test_versus_best_picks_the_most_accurate_method_and_pairs_on_shared_document
         b, c = sum(x > y for x, y in pairs), sum(x < y for x, y in pairs)
         p = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
         assert cells[name].endswith("*") == (p < 0.05)
+
+
+@pytest.mark.parametrize("lost,n", [(0, 5), (0, 20), (3, 20), (7, 40), (20, 20)])
+def test_loss_bound_is_the_exact_one_sided_binomial_bound(lost, n):
+    """The bound u solves P(X ≤ lost | n, u) = 0.05 (enumerated binomial sum), so a loss
+    rate above u would give this few losses less than 5% of the time."""
+    from math import comb
+
+    from sparsebench.experiments.tables import loss_upper_bound, min_prompts_for
+
+    u = loss_upper_bound(lost, n)
+    cdf = lambda q: sum(comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(lost + 1))  # noqa: E731
+    if lost == n:
+        assert u == 1.0
+    else:
+        assert cdf(u) == pytest.approx(0.05, abs=1e-9) and cdf(u + 1e-3) < 0.05 < cdf(u - 1e-3)
+    m = min_prompts_for(0.02)
+    assert loss_upper_bound(0, m) <= 0.02 < loss_upper_bound(0, m - 1)
+
+
+def test_budget_rows_pool_contexts_and_meet_the_longest_decode():
+    from sparsebench.experiments.tables import attention_budget_rows, loss_upper_bound
+
+    base = {"model": "m", "method": "quest", "mlp": "dense MLP"}
+    rows = [base | {"kind": "passkey", "context": c, "budget": b, "n": n, "lost": lost, "gained": g}
+            for c, b, n, lost, g in [(1024, 64, 10, 3, 1), (2048, 64, 10, 4, 0), (1024, 512, 10, 0, 0),
+                                     (2048, 512, 150, 0, 2)]]
+    rows += [base | {"kind": "decode", "context": c, "budget": b, "value": v}
+             for c, b, v in [(2048, 64, 1.1), (8192, 64, 1.4), (8192, 256, 1.3)]]
+    out = {x["budget"]: x for x in attention_budget_rows(rows)}
+    assert (out[64]["n"], out[64]["lost"], out[64]["gained"]) == (20, 7, 1)
+    assert out[64]["delta"] == pytest.approx(-6 / 20) and out[64]["loss_bound"] == loss_upper_bound(7, 20)
+    assert (out[64]["speedup"], out[64]["decode_context"]) == (1.4, 8192) and not out[64]["within"]
+    assert out[512]["n"] == 160 and out[512]["within"] and out[512]["speedup"] is None
