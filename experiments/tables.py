@@ -816,11 +816,14 @@ def best_predictor_decode_rows(predictor_results: list[dict], decode_results: li
     return rows
 
 
-def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DECODE_FUSED) -> str:
-    """``best_predictor_decode_rows`` from the committed predictor and fused-decode runs."""
+def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DECODE_FUSED,
+                                comparison: list[dict] | None = None) -> str:
+    """``best_predictor_decode_rows`` from the committed predictor and fused-decode runs, with
+    the same predictor's lm-eval accuracy from the comparison when it has that point."""
     ok = lambda rs: [r for r in rs if r.get("status") == "ok"]  # noqa: E731
     rows = best_predictor_decode_rows(ok(load_results([root])) if root.exists() else [],
                                       ok(load_results([decode_root])) if decode_root.exists() else [])
+    acc = _accuracy_beside(committed_results() if comparison is None else comparison)
     if not rows:
         return "_No predictor results committed yet (`sparsebench -m experiment=predictor_quality`)._"
     out = []
@@ -830,14 +833,17 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
         timed = (["—"] * 4 if d is None else
                  [f"{d['decode/tokens_per_s_hf']:.1f} → {d['decode/tokens_per_s']:.1f}", f"{d['decode/speedup_vs_hf']:.2f}×",
                   f"{d['decode/amdahl_limit']:.2f}×", f"{d['decode/fraction_of_limit']:.2f}"])
+        beside = acc.get((x["model"], x["predictor"], x["sparsity_requested"]))
         out.append([x["model"], x["predictor"], str(x["compared"]), f"{x['sparsity_requested']:g}",
                     f"{x['recall']:.3f}", ppl,
-                    "yes" if x["ppl_vs_dense"] <= 1.05 else "no", *timed])
+                    "yes" if x["ppl_vs_dense"] <= 1.05 else "no",
+                    "—" if beside is None else format_delta(beside["_paired_avg"]), *timed])
     return _md_table(["model", "best predictor", "of (runs committed)", "sparsity", "recall",
                       "ppl / dense on the plays [95% CI]",
-                      "≤ +5% perplexity",
+                      "≤ +5% perplexity", "Δ avg acc, points [95% CI] (comparison)",
                       "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
-                     f"`{PREDICTORS.relative_to(REPO)}/` and `{DECODE_FUSED.relative_to(REPO)}/`")
+                     f"`{PREDICTORS.relative_to(REPO)}/`, `{DECODE_FUSED.relative_to(REPO)}/` and "
+                     f"`{COMPARISON.relative_to(REPO)}/`")
 
 
 CETT_BUDGET = REPO / "experiments" / "results" / "fig1_cett_layer_sparsity"

@@ -417,6 +417,27 @@ def test_best_predictor_is_the_lowest_perplexity_ratio_and_meets_its_own_decode(
     assert tables.best_predictor_decode_rows(runs, [])[0]["decode"] is None  # not timed yet: shown as —
 
 
+def test_best_predictor_block_shows_the_comparison_accuracy_of_the_same_predictor(tmp_path):
+    """The accuracy column is the comparison point of the same method label and sparsity."""
+    import json
+
+    from sparsebench.core.stats import paired_accuracy_tasks
+
+    ppl = {"ratio": 1.5, "ci_low": 1.4, "ci_high": 1.6, "significant": True}
+    for model in ("m1", "m2"):
+        run = _fake_run(model, "dejavu", rank=0.25, metrics={"mask_quality/recall": 0.7, "perplexity": 60.0,
+                                                             "sparsity/mean": 0.5}, paired={"perplexity": ppl})
+        (tmp_path / "pred" / model).mkdir(parents=True)
+        (tmp_path / "pred" / model / "results.json").write_text(json.dumps(run))
+    acc = paired_accuracy_tasks({t: ([1, 1, 0, 1, 1, 0, 1, 1], [1, 0, 0, 1, 0, 0, 1, 1]) for t in TASKS})
+    per_task = acc.pop("tasks")
+    point = _fake_run("m1", "dejavu", rank=0.25, paired={"lm_eval/avg_acc": acc}
+                      | {f"lm_eval/{t}/acc": r for t, r in per_task.items()})
+    block = tables.best_predictor_decode_block(tmp_path / "pred", tmp_path / "none", comparison=[point])
+    cells = {r["model"]: r["Δ avg acc, points [95% CI] (comparison)"] for r in _md_rows(block)}
+    assert _num(cells["m1"]) == pytest.approx(100 * acc["delta"], abs=0.05) and cells["m2"] == "—"
+
+
 def test_cett_budget_block_reads_back_every_committed_run():
     """Each row's mean / min / max layer sparsity is the brute-force statistic of the run's
     per-layer sparsities, and its perplexity ratios are the run's paired ones."""
