@@ -434,10 +434,10 @@ class AttentionSparsity:
     @contextlib.contextmanager
     def per_row(self, variants: list[Callable[[], contextlib.AbstractContextManager]], snapshot: dict):
         """Inside, batch row r of every call attends as inside ``variants[r]()`` (a context
-        such as ``dense()`` or a budget, entered around each of the row's calls), with its own per-sequence state (a copy of
-        ``snapshot``) and its own statistics: one batched forward continues one prefilled
-        sequence several ways, reading the weights once for all of them. Yields the
-        ``RowVariant`` list (``.stats`` per row)."""
+        such as ``dense()`` or a budget, entered around each of the row's calls), with its
+        own per-sequence state (a copy of ``snapshot``) and its own statistics: one batched
+        forward continues one prefilled sequence several ways, reading the weights once for
+        all of them. Yields the ``RowVariant`` list (``.stats`` per row)."""
         rows = [RowVariant(variant, copy.deepcopy(snapshot), [LayerStats() for _ in self.stats])
                 for variant in variants]
         was = self.rows

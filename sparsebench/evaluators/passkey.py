@@ -6,9 +6,9 @@ in ``budgets`` (or at its configured budget). With ``batch_variants`` (the defau
 variants are the rows of one batch: the KV cache is repeated per row and each row attends as
 its variant with its own copy of the method's per-sequence state
 (``AttentionSparsity.per_row``), so a decode step reads the weights once for every variant;
-otherwise the cache and state are copied and continued one variant at a time. Every variant decodes the same question tokens and then
-``answer_tokens`` greedy tokens; an item is correct when the first integer of the answer
-equals the key. A method that also sparsifies multi-token forwards (``prefill: sparse``)
+otherwise the cache and state are copied and continued one variant at a time. Every variant
+decodes the same question tokens and then ``answer_tokens`` greedy tokens; an item is correct
+when the first integer of the answer equals the key. A method that also sparsifies multi-token forwards (``prefill: sparse``)
 prefills once per variant instead.
 
 The MLP sparsifier of the run is active in every variant, so the comparison isolates
