@@ -83,7 +83,6 @@ class Passkey(Evaluator):
                               f"context window ({limit} tokens)")
         items = passkey_items(ctx.tokenizer, contexts, int(cfg.per_context), int(cfg.seed), int(cfg.question_chars),
                               int(cfg.answer_tokens), _haystack(ctx, str(cfg.haystack)))
-        device = model_device(ctx.model)  # the items' ids are CPU tensors
         with attached_attention(ctx) as session:
             variants = attention_variants(session, cfg.budgets)
             correct = {v: {c: [] for c in contexts} for v in variants}
@@ -91,36 +90,41 @@ class Passkey(Evaluator):
             share_prefill = session is None or session.method.prefill == "dense"
             batched = share_prefill and session is not None and bool(cfg.get("batch_variants", True))
             for item in items:
-                if batched:
-                    self._continue_batched(ctx, session, variants, item, correct, reads)
-                    continue
-                snapshot = None
-                for i, v in enumerate(variants):
-                    if snapshot is None or not share_prefill:
-                        cache = preallocated_cache(ctx.model)
-                        if session is not None:
-                            session.reset()
-                        with attention_variant(session, v):
-                            ctx.model(input_ids=item.prefill[None].to(device), past_key_values=cache, use_cache=True,
-                                      logits_to_keep=1)
-                        if share_prefill and i < len(variants) - 1:
-                            snapshot = (copy.deepcopy(cache), session.snapshot() if session else None)
-                    else:
-                        cache = copy.deepcopy(snapshot[0]) if i < len(variants) - 1 else snapshot[0]
-                        session.restore(snapshot[1])
-                    if session is not None:
-                        session.reset_stats()
-                    with attention_variant(session, v):
-                        answer = continue_greedy(ctx.model, cache, item.decode, int(cfg.answer_tokens))[0]
+                continue_variants = self._continue_batched if batched else self._continue_each
+                for v, answer, stats in continue_variants(ctx, session, variants, item, share_prefill):
                     correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
-                    if session is not None:
-                        reads[v][0] += sum(s.keys_attended for s in session.stats)
-                        reads[v][1] += sum(s.keys_allowed for s in session.stats)
+                    reads[v][0] += sum(s.keys_attended for s in stats)
+                    reads[v][1] += sum(s.keys_allowed for s in stats)
             summary = session.method.summary() if session is not None else {}
             calib = session.calibration_info if session is not None else None
         return self._result(contexts, skipped, variants, correct, reads, summary, calib)
 
-    def _continue_batched(self, ctx, session, variants, item, correct, reads) -> None:
+    def _continue_each(self, ctx, session, variants, item, share_prefill):
+        """Each variant continued on its own, one after another. The prefill is shared (copied
+        from a snapshot) unless the method also sparsifies it. Yields (variant, answer ids,
+        attention statistics of the continuation), each consumed before the next variant runs."""
+        device = model_device(ctx.model)  # the items' ids are CPU tensors
+        snapshot = None
+        for i, v in enumerate(variants):
+            if snapshot is None or not share_prefill:
+                cache = preallocated_cache(ctx.model)
+                if session is not None:
+                    session.reset()
+                with attention_variant(session, v):
+                    ctx.model(input_ids=item.prefill[None].to(device), past_key_values=cache, use_cache=True,
+                              logits_to_keep=1)
+                if share_prefill and i < len(variants) - 1:
+                    snapshot = (copy.deepcopy(cache), session.snapshot() if session else None)
+            else:
+                cache = copy.deepcopy(snapshot[0]) if i < len(variants) - 1 else snapshot[0]
+                session.restore(snapshot[1])
+            if session is not None:
+                session.reset_stats()
+            with attention_variant(session, v):
+                answer = continue_greedy(ctx.model, cache, item.decode, int(self.cfg.answer_tokens))[0]
+            yield v, answer, (session.stats if session is not None else [])
+
+    def _continue_batched(self, ctx, session, variants, item, share_prefill):
         """One prefill, then every variant continued as one row of a batch: each decode step
         reads the weights once for all variants; each row attends as its variant, with its
         own copy of the prefill's attention state (``AttentionSparsity.per_row``)."""
@@ -133,9 +137,7 @@ class Passkey(Evaluator):
         with session.per_row([lambda v=v: attention_variant(session, v) for v in variants], session.snapshot()) as rows:
             answers = continue_greedy(ctx.model, cache, item.decode, int(self.cfg.answer_tokens), rows=len(variants))
         for v, row, answer in zip(variants, rows, answers):
-            correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
-            reads[v][0] += sum(s.keys_attended for s in row.stats)
-            reads[v][1] += sum(s.keys_allowed for s in row.stats)
+            yield v, answer, row.stats
 
     def _result(self, contexts, skipped, variants, correct, reads, summary, calib) -> EvalResult:
         metrics, items, paired = {}, {}, {}
