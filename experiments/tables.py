@@ -838,12 +838,27 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
                     f"{x['recall']:.3f}", ppl,
                     "yes" if x["ppl_vs_dense"] <= 1.05 else "no",
                     "—" if beside is None else format_delta(beside["_paired_avg"]), *timed])
-    return _md_table(["model", "best predictor", "of (runs committed)", "sparsity", "recall",
-                      "ppl / dense on the plays [95% CI]",
-                      "≤ +5% perplexity", "Δ avg acc, points [95% CI] (comparison)",
-                      "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
-                     f"`{PREDICTORS.relative_to(REPO)}/`, `{DECODE_FUSED.relative_to(REPO)}/` and "
-                     f"`{COMPARISON.relative_to(REPO)}/`")
+    table = _md_table(["model", "best predictor", "of (runs committed)", "sparsity", "recall",
+                       "ppl / dense on the plays [95% CI]",
+                       "≤ +5% perplexity", "Δ avg acc, points [95% CI] (comparison)",
+                       "decode tok/s HF → fused", "speedup", "Amdahl limit", "fraction of limit"], out,
+                      f"`{PREDICTORS.relative_to(REPO)}/`, `{DECODE_FUSED.relative_to(REPO)}/` and "
+                      f"`{COMPARISON.relative_to(REPO)}/`")
+    return table + "\n\n" + predictor_verdict(rows)
+
+
+def predictor_verdict(rows: list[dict], limit: float = 1.05) -> str:
+    """The plain answer to "does any predictor reach ≤ +5% perplexity at 50%?", per model,
+    from the best predictor of each (``best_predictor_decode_rows``)."""
+    reached = [x for x in rows if x["ppl_vs_dense"] <= limit]
+    closest = ", ".join(f"{x['model']} {x['predictor']} ×{x['ppl_vs_dense']:.3f} at {x['sparsity_requested']:g}"
+                        for x in rows)
+    if not reached:
+        return (f"**No predictor reaches ≤ +{100 * (limit - 1):.0f}% perplexity** on any model: "
+                f"the best of each ({closest}) stays above it.")
+    return (f"**Within +{100 * (limit - 1):.0f}% perplexity**: "
+            + ", ".join(f"{x['model']} ({x['predictor']})" for x in reached)
+            + f"; the best of each: {closest}.")
 
 
 CETT_BUDGET = REPO / "experiments" / "results" / "fig1_cett_layer_sparsity"

@@ -438,6 +438,25 @@ def test_best_predictor_block_shows_the_comparison_accuracy_of_the_same_predicto
     assert _num(cells["m1"]) == pytest.approx(100 * acc["delta"], abs=0.05) and cells["m2"] == "—"
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_predictor_verdict_names_exactly_the_models_within_five_percent(seed):
+    """The plain statement under the table: "no predictor" exactly when every model's best
+    ratio is above 1.05, otherwise the models whose best is within it, and no others."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"model": f"m{i}", "predictor": "dejavu", "sparsity_requested": 0.5,
+             "ppl_vs_dense": rng.choice([1.01, 1.05, 1.0501, 1.4])} for i in range(3)]
+    text = tables.predictor_verdict(rows)
+    within = {x["model"] for x in rows if x["ppl_vs_dense"] <= 1.05}
+    assert text.startswith("**No predictor") == (not within)
+    if within:
+        named = text.split(";")[0]
+        assert {m for m in ("m0", "m1", "m2") if m in named} == within
+    for x in rows:  # every model's best is quoted with its ratio
+        assert f"{x['model']} dejavu ×{x['ppl_vs_dense']:.3f}" in text
+
+
 def test_cett_budget_block_reads_back_every_committed_run():
     """Each row's mean / min / max layer sparsity is the brute-force statistic of the run's
     per-layer sparsities, and its perplexity ratios are the run's paired ones."""
