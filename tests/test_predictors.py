@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import make_tiny, random_ids
+from conftest import assert_dense_at_sparsity_zero, make_tiny, random_ids
 from test_backends import assert_close, backend
 from test_sparsifiers import check_mlp_calls, exact_topk
 from sparsebench.backends.dense import DenseBackend
@@ -377,14 +377,7 @@ def test_whole_model_logits_match_across_backends(arch, name, cfg):
 @pytest.mark.parametrize("name", ["svd_predictor", "dejavu_target"])
 @pytest.mark.parametrize("arch", GATED)
 def test_sparsity_zero_is_the_dense_model(name, arch):
-    ref = make_tiny(arch)
-    ids = random_ids(seed=9)
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-    model, _, _ = build(name, arch, sparsity=0.0)
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_dense_at_sparsity_zero(build, name, arch)
 
 
 def test_mask_quality_evaluator_reports_recall_against_the_oracle(monkeypatch):

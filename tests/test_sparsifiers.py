@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ARCHS, make_tiny, random_ids
+from conftest import ARCHS, assert_dense_at_sparsity_zero, make_tiny, random_ids
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.sparsity import linear_input_sparsity
@@ -91,14 +91,7 @@ def check_mlp_calls(model, ctl, reference_mask, ids=None):
 
 @pytest.mark.parametrize("name,arch", [(n, a) for n in METHODS for a in ARCHS if (n, a) != ("chess", "opt")])
 def test_sparsity_zero_is_the_dense_model(name, arch):
-    ref = make_tiny(arch)
-    ids = random_ids(seed=9)
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-    model, _, _ = build(name, arch, sparsity=0.0)
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_dense_at_sparsity_zero(build, name, arch)
 
 
 def test_every_method_has_a_config_and_validates_sparsity():
