@@ -18,7 +18,7 @@ import scipy.stats
 import torch
 from omegaconf import OmegaConf
 
-from conftest import make_tiny, random_ids
+from conftest import make_tiny, random_ids, run_and_intercept
 from sparsebench.backends import BACKENDS
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.core.errors import ConfigError
@@ -44,24 +44,6 @@ def build(name, arch="llama", backend=None, state=None, **cfg):
     if state is not None:
         sp.load_state(state)
     return model, sp, ctl, state
-
-
-def intercept(model, kind):
-    calls, hooks = [], []
-    for mod in model.modules():
-        if isinstance(mod, kind):
-            hooks.append(mod.register_forward_hook(lambda m, i, o: calls.append((m, i[0].detach(), o.detach()))))
-    return calls, hooks
-
-
-@torch.no_grad()
-def run_and_intercept(model, kind, ids):
-    calls, hooks = intercept(model, kind)
-    model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    assert calls
-    return calls
 
 
 def assert_rel_close(got, want, rel):

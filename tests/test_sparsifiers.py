@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ARCHS, assert_dense_at_sparsity_zero, make_tiny, random_ids
+from conftest import ARCHS, assert_dense_at_sparsity_zero, make_tiny, random_ids, run_and_intercept
 from sparsebench.backends.dense import DenseBackend
 from sparsebench.core.errors import ConfigError
 from sparsebench.evaluators.sparsity import linear_input_sparsity
@@ -43,15 +43,6 @@ def build(name, arch="llama", **cfg):
     return model, sp, ctl
 
 
-def intercept(model, kinds=(SparseMLP, SparseLinear)):
-    """Record (module, input, output) of every patched MLP / linear call."""
-    calls, hooks = [], []
-    for mod in model.modules():
-        if isinstance(mod, kinds):
-            hooks.append(mod.register_forward_hook(lambda m, i, o: calls.append((m, i[0].detach(), o.detach()))))
-    return calls, hooks
-
-
 def mlp_parts(site, x):
     """(pre-activation, activation, h) of a site's MLP, straight from the weights."""
     pre = site.activation_input.linear(x) if isinstance(site.activation_input, SparseLinear) else site.activation_input(x)
@@ -73,13 +64,7 @@ def exact_topk(scores, keep):
 
 @torch.no_grad()
 def check_mlp_calls(model, ctl, reference_mask, ids=None):
-    ids = random_ids(seed=7) if ids is None else ids
-    calls, hooks = intercept(model, (SparseMLP,))
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    assert calls
+    calls = run_and_intercept(model, SparseMLP, random_ids(seed=7) if ids is None else ids)
     for mod, x, out in calls:
         pre, act, h = mlp_parts(mod.site, x)
         m = reference_mask(mod.site, x, pre, act, h)
@@ -228,13 +213,7 @@ def test_dejavu_predictor_learns_a_relu_model():
 
 @torch.no_grad()
 def check_linear_calls(model, reference_mask, extra=None, ids=None):
-    ids = random_ids(seed=8) if ids is None else ids
-    calls, hooks = intercept(model, (SparseLinear,))
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    assert calls
+    calls = run_and_intercept(model, SparseLinear, random_ids(seed=8) if ids is None else ids)
     for mod, x, out in calls:
         m = reference_mask(mod, x)
         want = mod.linear(x * m)
