@@ -854,9 +854,9 @@ def predictor_verdict(rows: list[dict], limit: float = 1.05) -> str:
     closest = ", ".join(f"{x['model']} {x['predictor']} ×{x['ppl_vs_dense']:.3f} at {x['sparsity_requested']:g}"
                         for x in rows)
     if not reached:
-        return (f"**No predictor reaches ≤ +{100 * (limit - 1):.0f}% perplexity** on any model: "
+        return (f"**No predictor reaches ≤ +{100 * (limit - 1):.0f}% perplexity on the plays** on any model: "
                 f"the best of each ({closest}) stays above it.")
-    return (f"**Within +{100 * (limit - 1):.0f}% perplexity**: "
+    return (f"**Within +{100 * (limit - 1):.0f}% perplexity on the plays**: "
             + ", ".join(f"{x['model']} ({x['predictor']})" for x in reached)
             + f"; the best of each: {closest}.")
 
