@@ -33,19 +33,12 @@ def random_ids(vocab=320, batch=2, seq=24, seed=0):
     return torch.randint(3, vocab, (batch, seq), generator=gen)
 
 
-def intercept(model, kinds):
-    """Hooks recording (module, input, output) of every call of a module of ``kinds``."""
-    calls, hooks = [], []
-    for mod in model.modules():
-        if isinstance(mod, kinds):
-            hooks.append(mod.register_forward_hook(lambda m, i, o: calls.append((m, i[0].detach(), o.detach()))))
-    return calls, hooks
-
-
 @torch.no_grad()
 def run_and_intercept(model, kinds, ids):
     """(module, input, output) of every call of a module of ``kinds`` in one forward over ``ids``."""
-    calls, hooks = intercept(model, kinds)
+    calls = []
+    hooks = [mod.register_forward_hook(lambda m, i, o: calls.append((m, i[0].detach(), o.detach())))
+             for mod in model.modules() if isinstance(mod, kinds)]
     model(input_ids=ids)
     for h in hooks:
         h.remove()
