@@ -134,6 +134,11 @@ def test_step_overhead_evaluator(tmp_path):
     assert m["overhead/ms_per_token"] == pytest.approx(m["overhead/mlp_ms_per_token"] - m["overhead/kernel_ms_per_token"],
                                                        rel=0.5)
     assert 0 < m["overhead/fraction_of_mlp"] < 1
+    # the hooks' own cost is subtracted for the net figure, never added
+    assert m["overhead/hooks_ms_per_token"] >= 0
+    assert m["overhead/net_ms_per_token"] == pytest.approx(
+        max(0.0, m["overhead/ms_per_token"] - m["overhead/hooks_ms_per_token"]), abs=1e-9)
+    assert m["overhead/net_fraction_of_step"] == pytest.approx(m["overhead/net_ms_per_token"] / m["overhead/step_ms"])
     proc = sparsebench(["sparsifier=cats", "backend=index_select", "evaluator=step_overhead", "threads=1", *TINY,
                         "hydra.run.dir=run2"], tmp_path)
     assert proc.returncode != 0 and "backend=fused" in proc.stderr
