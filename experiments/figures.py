@@ -283,54 +283,85 @@ def paired_avg_acc(r: dict) -> dict | None:
     return (r.get("paired") or {}).get("lm_eval/avg_acc")
 
 
+# matplotlib's ten colours, then ten darker ones (tab20b/tab20c's first shades), dashed
+METHOD_COLOURS = tuple(f"C{i}" for i in range(10)) + (
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363")
+LINESTYLES = ("-", "--", ":")
+
+
+def _method_style(i: int) -> dict:
+    """Colour, line style and marker of the i-th method: no two of the first 20 share a
+    colour, and the 11th on are dashed as well (then dotted past 20)."""
+    return {"color": METHOD_COLOURS[i % len(METHOD_COLOURS)], "ls": LINESTYLES[(i // 10) % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)], "markersize": 5}
+
+
 def _versus_sparsity(results, panels, title, log_when_exploding):
-    """One row of panels per (metric key, y label) present, one column per model."""
+    """One row of panels per (metric key, y label) present, one column per model; one
+    legend for the whole figure, below the panels, so no mark is hidden under it."""
     plt = _plt()
     panels = [(k, y) for k, y in panels if any(k in r["metrics"] for r in results)] or panels[:1]
     by_model = _by_model([r for r in results if any(k in r["metrics"] for k, _ in panels)])
     ncol = max(len(by_model), 1)
-    fig, axes = plt.subplots(len(panels), ncol, figsize=(6.4 * ncol, 4.2 * len(panels)), squeeze=False)
-    rows = []
-    # one colour and marker per method across every panel
+    # one colour, line style and marker per method across every panel
     everyone = sorted({method(r) for r in results} - {"none"})
+    legend_rows = math.ceil((len(everyone) + 1) / 6)
+    fig, axes = plt.subplots(len(panels), ncol, squeeze=False, layout="constrained",
+                             figsize=(6.4 * ncol, 4.2 * len(panels) + 0.25 * legend_rows))
+    rows = []
     for axrow, (key, ylabel) in zip(axes, panels):
         for ax, (model, rs) in zip(axrow, by_model.items()):
             rows += _panel(ax, [r for r in rs if key in r["metrics"]], model, key, everyone, log_when_exploding)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{title}: {model}")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    order = [METHOD_LABELS.get(m, m) for m in everyone if METHOD_LABELS.get(m, m) in handles] + ["dense"]
+    fig.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
+               loc="outside lower center", ncol=6, fontsize=8, frameon=False)
     return fig, rows
 
 
 def _panel(ax, rs, model, key, everyone, log_when_exploding) -> list[dict]:
     rows = []
     dense = dense_value(rs, key)
+    # methods sharing a sparsity are drawn side by side (x offset by method), so their
+    # bars do not cover one another; the CSV keeps the requested sparsity
+    dodge = min(0.006, 0.09 / max(len(everyone), 1))
     for name in sorted({method(r) for r in rs} - {"none"}):
         i = everyone.index(name)
+        style = _method_style(i)
+        offset = (i - (len(everyone) - 1) / 2) * dodge
         pts = sorted(((r["sparsifier"]["sparsity"], r["metrics"].get("sparsity/mean"), r["metrics"][key],
                        paired_avg_acc(r) if key == "lm_eval/avg_acc" else None)
                       for r in rs if method(r) == name and r["sparsifier"].get("sparsity") is not None),
                      key=lambda p: p[0])
         if not pts:
             continue
-        xs, ys = [p[0] for p in pts], [p[2] for p in pts]
+        xs, ys = [p[0] + offset for p in pts], [p[2] for p in pts]
         if all(p[3] is not None for p in pts):
             # the 95% paired CI of Δ vs dense, drawn around the sparse accuracy; filled
             # markers: significantly different from dense (McNemar p < 0.05)
             err = [[p[3]["delta"] - p[3]["ci_low"] for p in pts], [p[3]["ci_high"] - p[3]["delta"] for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, capsize=2, color=f"C{i}", label=METHOD_LABELS.get(name, name),
-                        marker="none", ls="-")
+            ax.errorbar(xs, ys, yerr=err, capsize=2, color=style["color"], ls=style["ls"], marker="none", lw=1.2,
+                        elinewidth=0.9)
             for x, y, p in zip(xs, ys, pts):
-                ax.plot([x], [y], color=f"C{i}", markerfacecolor=f"C{i}" if p[3]["significant"] else "white",
-                        **_style(i))
+                ax.plot([x], [y], ls="none", markerfacecolor=style["color"] if p[3]["significant"] else "white",
+                        **{k: v for k, v in style.items() if k != "ls"})
+            ax.plot([], [], label=METHOD_LABELS.get(name, name), **style)  # the legend entry: line and marker
         else:
-            ax.plot(xs, ys, color=f"C{i}", label=METHOD_LABELS.get(name, name), **_style(i))
+            ax.plot(xs, ys, label=METHOD_LABELS.get(name, name), **style)
         rows += [{"model": model, "metric": key, "method": name, "requested_sparsity": s, "measured_sparsity": ms,
                   "value": v, **({"delta": pr["delta"], "delta_ci_low": pr["ci_low"], "delta_ci_high": pr["ci_high"],
                                   "p_mcnemar": pr["p_mcnemar"], "significant": pr["significant"]} if pr else {}),
                   "dense": dense}
                  for s, ms, v, pr in pts]
     if dense is not None:
-        ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.3g})")
+        ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
+        ax.annotate(f"dense {dense:.3g}", (1, dense), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7)
     values = [row["value"] for row in rows]
     if log_when_exploding and dense and values and max(values) > 3 * dense:
         from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
@@ -340,11 +371,12 @@ def _panel(ax, rs, model, key, everyone, log_when_exploding) -> list[dict]:
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
-    xs = [row["requested_sparsity"] for row in rows]
-    ax.set_xlim(-0.02, max(xs + [0.6]) + 0.05)
-    ax.set_xlabel("requested sparsity (fraction skipped)")
+    xs = sorted({row["requested_sparsity"] for row in rows})
+    if xs:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlim(min(xs) - 0.08, max(xs) + 0.08)
+    ax.set_xlabel("requested sparsity (fraction skipped; methods side by side)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
     return rows
 
 
@@ -352,7 +384,8 @@ def _panel(ax, rs, model, key, everyone, log_when_exploding) -> list[dict]:
         "Average zero-shot accuracy over ARC-E, BoolQ, HellaSwag, PIQA and WinoGrande (lm-eval, the sparse "
         "path active on every scored token) vs requested sparsity; dashed: the dense model; bars: the 95% "
         "paired-bootstrap CI of the difference to dense on the same items; filled markers: significantly "
-        "different from dense (exact McNemar p < 0.05), hollow: not.")
+        "different from dense (exact McNemar p < 0.05), hollow: not; methods at one sparsity are drawn side "
+        "by side.")
 def accuracy_vs_sparsity(results):
     return _versus_sparsity(results, [("lm_eval/avg_acc", "average accuracy (5 tasks)")], "Accuracy vs sparsity", False)
 

@@ -48,7 +48,8 @@ def draw(results: list[dict], out: Path, names: list[str] | None = None) -> dict
             print(f"[sparsebench-plot] {name}: no runs with the metrics it needs; skipped", file=sys.stderr)
             continue
         paths = {"png": out / f"{name}.png", "pdf": out / f"{name}.pdf", "csv": out / f"{name}.csv"}
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a figure that chose its own layout keeps it
+            fig.tight_layout()
         fig.savefig(paths["png"], dpi=150)
         fig.savefig(paths["pdf"])
         import matplotlib.pyplot as plt
