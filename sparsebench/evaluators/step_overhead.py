@@ -24,8 +24,9 @@ The hooks' own cost (two clock reads and a closure call per module call) is coun
 ``overhead/ms_per_token``, so that figure is an upper bound. The same decode timed without
 hooks gives that cost (``overhead/hooks_ms_per_token``: instrumented minus plain step, medians
 of alternating runs); ``overhead/net_ms_per_token`` and ``overhead/net_fraction_of_step`` are the
-overhead with it subtracted — the estimate of what an uninstrumented step spends outside kernels. Needs a backend that times its kernels (fused),
-so it runs on the CPU only (``device=cpu``); a CUDA model is refused.
+overhead with it subtracted — the estimate of what an uninstrumented step spends outside
+kernels. Needs a backend that times its kernels (fused), so it runs on the CPU only
+(``device=cpu``); a CUDA model is refused.
 """
 from __future__ import annotations
 
