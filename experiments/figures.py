@@ -292,8 +292,8 @@ LINESTYLES = ("-", "--", ":")
 def _method_style(i: int) -> dict:
     """Colour, line style and marker of the i-th method: no two of the first 20 share a
     colour, and the 11th on are dashed as well (then dotted past 20)."""
-    return {"color": METHOD_COLOURS[i % len(METHOD_COLOURS)], "ls": LINESTYLES[(i // 10) % len(LINESTYLES)],
-            "marker": MARKERS[i % len(MARKERS)], "markersize": 5}
+    return {**_style(i), "color": METHOD_COLOURS[i % len(METHOD_COLOURS)],
+            "ls": LINESTYLES[(i // 10) % len(LINESTYLES)]}
 
 
 def _versus_sparsity(results, panels, title, log_when_exploding):
@@ -318,8 +318,8 @@ def _versus_sparsity(results, panels, title, log_when_exploding):
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    order = [METHOD_LABELS.get(m, m) for m in everyone if METHOD_LABELS.get(m, m) in handles] + ["dense"]
-    fig.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
+    order = [k for k in [*(METHOD_LABELS.get(m, m) for m in everyone), "dense"] if k in handles]
+    fig.legend([handles[k] for k in order], order,
                loc="outside lower center", ncol=6, fontsize=8, frameon=False)
     return fig, rows
 
