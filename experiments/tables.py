@@ -519,6 +519,14 @@ def _accuracy_beside(comparison: list[dict]) -> dict:
     return {(x["model"], x["method"], x["sparsity"]): x for x in paired_rows(comparison)}
 
 
+def _timed_on(r: dict) -> str:
+    """The day a run was timed and its CPU where recorded: hosts differ between days, so
+    tokens/s compare within a row (same-run ratios), not across days."""
+    day = ((r.get("run") or {}).get("started_at") or "")[:10] or "—"
+    cpu = (r.get("machine") or {}).get("cpu_model")
+    return f"{day} ({cpu})" if cpu else day
+
+
 def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict] | None = None) -> str:
     """Benchmark 4 with the fused backend (results.json under ``decode_fused/``): tokens/s,
     Amdahl limit and fraction of it, token identity with replayed masks, the per-step
@@ -547,7 +555,7 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
         accuracy = "—" if beside is None else format_delta(beside["_paired_avg"])
         div = int(m["decode/first_divergence"])
         rows.append([model_name(r), method(r), setting, f"{m.get('sparsity/mean', float('nan')):.3f}"
-                     if "sparsity/mean" in m else "—", str(int(m["decode/threads"])),
+                     if "sparsity/mean" in m else "—", str(int(m["decode/threads"])), _timed_on(r),
                      f"{m['decode/tokens_per_s_hf']:.1f}", f"{m['decode/tokens_per_s']:.1f}",
                      f"{m['decode/speedup_vs_hf']:.2f}×", f"{m['decode/amdahl_limit']:.2f}×",
                      f"{m['decode/fraction_of_limit']:.2f}", _yes_no(m["decode/identical"]),
@@ -558,7 +566,7 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                      if "overhead/net_ms_per_token" in m else "— (older run)",
                      _yes_no(m["decode/mask_rule_in_kernel"]) if "decode/mask_rule_in_kernel" in m else "— (older run)",
                      accuracy])
-    return _md_table(["model", "method", "sparsity", "measured", "threads", "tok/s HF dense", "tok/s fused",
+    return _md_table(["model", "method", "sparsity", "measured", "threads", "timed (CPU)", "tok/s HF dense", "tok/s fused",
                       "speedup", "Amdahl limit", "fraction of limit", "identical (replayed masks)",
                       "identical (free-running)", "overhead ms/token (share of step)",
                       "overhead without the timing hooks' cost", "mask rule in kernel",
@@ -642,7 +650,7 @@ def attention_passkey_block(root: Path = LONG_CONTEXT) -> str:
     out = []
     for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["context"], x["budget"] or 0)):
         star = "*" if x["p"] is not None and x["p"] < 0.05 else ""
-        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), str(x["budget"]), f"{x['dense']:.2f}",
+        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), x["budget_label"], f"{x['dense']:.2f}",
                     f"{x['value']:.2f}", f"{_pts(x['delta'])} [{_pts(x['ci_low'])}, {_pts(x['ci_high'])}]{star}",
                     str(x["n"]), f"{x['kv_read_fraction']:.3f}" if x["kv_read_fraction"] is not None else "—"])
     return _md_table(["model", "attention", "MLP", "context", "budget", "dense acc", "acc",
@@ -658,7 +666,7 @@ def attention_decode_block(root: Path = LONG_CONTEXT) -> str:
         return NO_LONG_CONTEXT
     out = []
     for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["context"], x["budget"] or 0)):
-        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), str(x["budget"]), f"{x['dense']:.1f}",
+        out.append([x["model"], x["method"], x["mlp"], str(x["context"]), x["budget_label"], f"{x['dense']:.1f}",
                     f"{x['tokens_per_s']:.1f}", f"{x['value']:.2f}", f"{x['bytes_limit']:.2f}",
                     f"{x['kv_bytes'] / 2**20:.1f} / {x['dense_kv_bytes'] / 2**20:.1f}", f"{x['agreement']:.2f}"])
     return _md_table(["model", "attention", "MLP", "context", "budget", "dense tok/s", "tok/s", "speedup",
@@ -674,7 +682,7 @@ def attention_perplexity_block(root: Path = LONG_CONTEXT) -> str:
     out = []
     for x in sorted(rows, key=lambda x: (x["model"], x["method"], x["mlp"], x["corpus"], x["context"])):
         sig = "*" if x["ci_low"] is not None and (x["ci_low"] > 1 or x["ci_high"] < 1) else ""
-        out.append([x["model"], x["method"], x["mlp"], x["corpus"], str(x["context"]), str(x["budget"]),
+        out.append([x["model"], x["method"], x["mlp"], x["corpus"], str(x["context"]), x["budget_label"],
                     f"{x['dense']:.2f}", f"{x['value']:.2f}",
                     f"x{x['ratio']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]{sig}",
                     f"{x['kv_read_fraction']:.3f}"])
@@ -701,24 +709,24 @@ def attention_budget_rows(rows: list[dict]) -> list[dict]:
     decode = {}
     for x in rows:
         if x["kind"] == "decode":
-            key = (x["model"], x["method"], x["mlp"], x["budget"])
+            key = (x["model"], x["method"], x["mlp"], x["budget_label"])
             if key not in decode or x["context"] > decode[key]["context"]:
                 decode[key] = x
     pooled: dict = {}
     for x in rows:
         if x["kind"] != "passkey" or x["n"] is None or x["lost"] is None:
             continue
-        p = pooled.setdefault((x["model"], x["method"], x["mlp"], x["budget"]), {"n": 0, "lost": 0, "gained": 0,
-                                                                                 "contexts": []})
+        p = pooled.setdefault((x["model"], x["method"], x["mlp"], x["budget_label"]),
+                              {"n": 0, "lost": 0, "gained": 0, "contexts": [], "budget": x["budget"]})
         p["n"] += x["n"]
         p["lost"] += x["lost"]
         p["gained"] += x["gained"]
         p["contexts"].append(x["context"])
     out = []
-    for key, p in sorted(pooled.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0)):
+    for key, p in sorted(pooled.items(), key=lambda kv: (*kv[0][:3], kv[1]["budget"] or 0, kv[0][3])):
         bound = loss_upper_bound(p["lost"], p["n"])
         d = decode.get(key)
-        out.append(dict(zip(("model", "method", "mlp", "budget"), key)) | p | {
+        out.append(dict(zip(("model", "method", "mlp", "budget_label"), key)) | p | {
             "delta": (p["gained"] - p["lost"]) / p["n"], "loss_bound": bound, "within": bound <= WITHIN_POINTS,
             "decode_context": d["context"] if d else None, "speedup": d["value"] if d else None})
     return out
@@ -732,7 +740,7 @@ def attention_budget_block(root: Path = LONG_CONTEXT) -> str:
         return NO_LONG_CONTEXT
     table = _md_table(["model", "attention", "MLP", "budget", "prompts (contexts)", "lost / gained vs dense",
                        "Δ acc, points", "loss bound (95%), points", "within 2 points", "decode speedup (context)"],
-                      [[x["model"], x["method"], x["mlp"], str(x["budget"]),
+                      [[x["model"], x["method"], x["mlp"], x["budget_label"],
                         f"{x['n']} ({', '.join(str(c) for c in sorted(x['contexts']))})",
                         f"{x['lost']} / {x['gained']}", f"{100 * x['delta']:+.0f}", f"{100 * x['loss_bound']:.0f}",
                         "yes" if x["within"] else "no",
@@ -743,7 +751,7 @@ def attention_budget_block(root: Path = LONG_CONTEXT) -> str:
         ok = [x for x in rows if x["model"] == model and x["within"]]
         if ok:
             best = max(ok, key=lambda x: x["speedup"] or 0)
-            lines.append(f"- **{model}**: {best['method']} at budget {best['budget']} keeps passkey retrieval within "
+            lines.append(f"- **{model}**: {best['method']} at budget {best['budget_label']} keeps passkey retrieval within "
                          f"2 points of dense (95% bound); decode speedup "
                          + ("not timed" if best["speedup"] is None else
                             f"{best['speedup']:.2f}× at {best['decode_context']} tokens") + ".")

@@ -535,12 +535,20 @@ def test_budget_rows_pool_contexts_and_meet_the_longest_decode():
     from sparsebench.experiments.tables import attention_budget_rows, loss_upper_bound
 
     base = {"model": "m", "method": "quest", "mlp": "dense MLP"}
-    rows = [base | {"kind": "passkey", "context": c, "budget": b, "n": n, "lost": lost, "gained": g}
+    rows = [base | {"kind": "passkey", "context": c, "budget": b, "budget_label": str(b), "n": n, "lost": lost,
+                    "gained": g}
             for c, b, n, lost, g in [(1024, 64, 10, 3, 1), (2048, 64, 10, 4, 0), (1024, 512, 10, 0, 0),
                                      (2048, 512, 150, 0, 2)]]
-    rows += [base | {"kind": "decode", "context": c, "budget": b, "value": v}
+    rows += [base | {"kind": "decode", "context": c, "budget": b, "budget_label": str(b), "value": v}
              for c, b, v in [(2048, 64, 1.1), (8192, 64, 1.4), (8192, 256, 1.3)]]
-    out = {x["budget"]: x for x in attention_budget_rows(rows)}
+    # a method without a token budget (head sparsity) pools under its own setting
+    heads = {"model": "m", "method": "head_sparsity", "mlp": "dense MLP", "budget": None,
+             "budget_label": "0.5 of heads"}
+    rows += [heads | {"kind": "passkey", "context": c, "n": 5, "lost": 1, "gained": 0} for c in (1024, 2048)]
+    pooled = attention_budget_rows(rows)
+    out = {x["budget"]: x for x in pooled if x["method"] == "quest"}
+    assert [x["budget_label"] for x in pooled] == ["0.5 of heads", "64", "512"]
+    assert (pooled[0]["n"], pooled[0]["lost"], pooled[0]["speedup"]) == (10, 2, None)
     assert (out[64]["n"], out[64]["lost"], out[64]["gained"]) == (20, 7, 1)
     assert out[64]["delta"] == pytest.approx(-6 / 20) and out[64]["loss_bound"] == loss_upper_bound(7, 20)
     assert (out[64]["speedup"], out[64]["decode_context"]) == (1.4, 8192) and not out[64]["within"]
