@@ -33,10 +33,10 @@ MARKERS = ("o", "s", "^", "D")
 def _tokens(x: dict) -> float | None:
     """The x of a figure mark: the token budget, or for a method without one (head
     sparsity) the K/V rows its decode steps read per query on average, fraction × context;
-    that needs the fraction of this context alone, which a run over one context gives."""
+    that needs the fraction of this context alone (recorded per context, or a run over one)."""
     if x["budget"] is not None:
         return float(x["budget"])
-    if x.get("single_context") and x.get("kv_read_fraction") is not None:
+    if x.get("kv_read_of_context") and x.get("kv_read_fraction") is not None:
         return x["kv_read_fraction"] * x["context"]
     return None
 
@@ -98,8 +98,11 @@ def long_context_rows(r: dict) -> list[dict]:
                                 "dense": m.get(f"passkey/dense/ctx={ctx}"), "delta": p.get("delta"),
                                 "ci_low": p.get("ci_low"), "ci_high": p.get("ci_high"), "p": p.get("p_mcnemar"),
                                 "n": p.get("n"), "lost": p.get("n10"), "gained": p.get("n01"),
-                                "kv_read_fraction": m.get(f"passkey/{hit.group(1)}/kv_read_fraction"),
-                                "single_context": len(passkey_contexts) == 1})
+                                # per context where the run recorded it, else pooled over its contexts
+                                "kv_read_fraction": m.get(f"passkey/{hit.group(1)}/ctx={ctx}/kv_read_fraction",
+                                                          m.get(f"passkey/{hit.group(1)}/kv_read_fraction")),
+                                "kv_read_of_context": f"passkey/{hit.group(1)}/ctx={ctx}/kv_read_fraction" in m
+                                or len(passkey_contexts) == 1})
         hit = DECODE.match(key)
         if hit:
             ctx, name = int(hit.group(1)), hit.group(2)

@@ -88,6 +88,9 @@ def test_small_budget_reads_fewer_keys_and_reports_paired_statistics(tmp_path):
                      *small("passkey", "long_perplexity")], tmp_path)
     m = res["metrics"]
     assert m["passkey/budget=16/kv_read_fraction"] < m["passkey/budget=64/kv_read_fraction"] < 1
+    # per context too: a fixed budget is a smaller share of a longer context, the pooled share between
+    short, long = (m[f"passkey/budget=16/ctx={c}/kv_read_fraction"] for c in (200, 400))
+    assert 0 < long < m["passkey/budget=16/kv_read_fraction"] < short < 1
     paired = res["data"]["passkey"]["paired_vs_dense"]
     assert {"budget=16", "budget=64", "budget=16/ctx=200"} <= set(paired)
     assert "ci_low" in paired["budget=16"] or "ci" in json.dumps(paired["budget=16"])

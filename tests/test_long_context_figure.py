@@ -34,7 +34,15 @@ def test_budgeted_and_head_rows():
     assert (h["method"], h["budget"], h["budget_label"]) == ("head_sparsity", None, "0.25 of heads")
     assert _tokens(h) == pytest.approx(0.75 * 2048)
     # a fraction pooled over several contexts gives no per-context position
-    assert _tokens(h | {"single_context": False}) is None
+    assert _tokens(h | {"kv_read_of_context": False}) is None
+    # a run over several contexts that records the fraction per context places each
+    heads2 = _result({"name": "head_sparsity", "heads": 0.5}, [1024, 2048],
+                     {"passkey/dense/ctx=1024": 1.0, "passkey/method/ctx=1024": 1.0,
+                      "passkey/method/ctx=1024/kv_read_fraction": 0.5, "passkey/dense/ctx=2048": 1.0,
+                      "passkey/method/ctx=2048": 1.0, "passkey/method/ctx=2048/kv_read_fraction": 0.25,
+                      "passkey/method/kv_read_fraction": 0.3},
+                     {"method/ctx=1024": _paired(0.0), "method/ctx=2048": _paired(0.0)})
+    assert sorted(_tokens(x) for x in long_context_rows(heads2)) == [512.0, 512.0]
     fig, plotted = figure([quest, heads])
     assert sorted((x["method"], x["context"], x["tokens"]) for x in plotted if x["kind"] == "passkey") == \
         [("head_sparsity", 2048, pytest.approx(1536.0)), ("quest", 1024, 64.0), ("quest", 2048, 64.0)]

@@ -63,6 +63,10 @@ def _haystack(ctx, kind: str) -> str | None:
     raise ConfigError(f"evaluator.passkey.haystack={kind!r} must be filler or heldout")
 
 
+def _fraction(attended: int, allowed: int) -> float:
+    return attended / allowed if allowed else 1.0
+
+
 def variant_name(budget) -> str:
     return "dense" if budget == "dense" else ("method" if budget is None else f"budget={budget}")
 
@@ -86,15 +90,15 @@ class Passkey(Evaluator):
         with attached_attention(ctx) as session:
             variants = attention_variants(session, cfg.budgets)
             correct = {v: {c: [] for c in contexts} for v in variants}
-            reads = {v: [0, 0] for v in variants}
+            reads = {v: {c: [0, 0] for c in contexts} for v in variants}  # K/V rows attended, allowed
             share_prefill = session is None or session.method.prefill == "dense"
             batched = share_prefill and session is not None and bool(cfg.get("batch_variants", True))
             for item in items:
                 continue_variants = self._continue_batched if batched else self._continue_each
                 for v, answer, stats in continue_variants(ctx, session, variants, item, share_prefill):
                     correct[v][item.context].append(int(answer_key(ctx.tokenizer.decode(answer)) == item.key))
-                    reads[v][0] += sum(s.keys_attended for s in stats)
-                    reads[v][1] += sum(s.keys_allowed for s in stats)
+                    reads[v][item.context][0] += sum(s.keys_attended for s in stats)
+                    reads[v][item.context][1] += sum(s.keys_allowed for s in stats)
             summary = session.method.summary() if session is not None else {}
             calib = session.calibration_info if session is not None else None
         return self._result(contexts, skipped, variants, correct, reads, summary, calib)
@@ -151,9 +155,11 @@ class Passkey(Evaluator):
                 items[f"passkey/{name}/ctx={c}"] = acc
                 if v != "dense":
                     paired[f"{name}/ctx={c}"] = paired_accuracy(correct["dense"][c], acc)
+                    metrics[f"passkey/{name}/ctx={c}/kv_read_fraction"] = _fraction(*reads[v][c])
             metrics[f"passkey/{name}"] = sum(every) / len(every)
             if v != "dense":
-                metrics[f"passkey/{name}/kv_read_fraction"] = reads[v][0] / reads[v][1] if reads[v][1] else 1.0
+                metrics[f"passkey/{name}/kv_read_fraction"] = _fraction(sum(reads[v][c][0] for c in contexts),
+                                                                        sum(reads[v][c][1] for c in contexts))
                 dense_all = [x for c in contexts for x in correct["dense"][c]]
                 paired[name] = paired_accuracy(dense_all, every)
         info = {"passkey": {"contexts": contexts, "skipped_contexts": skipped, "per_context": int(self.cfg.per_context),
