@@ -758,7 +758,7 @@ def attention_budget_block(root: Path = LONG_CONTEXT) -> str:
         else:
             n = max(x["n"] for x in rows if x["model"] == model)
             lines.append(f"- **{model}**: no method and budget is shown to keep passkey retrieval within 2 points of "
-                         f"dense: even a budget that lost no prompt of {n} is bounded only at "
+                         f"dense: losing none of {n} prompts would bound the drop only at "
                          f"{100 * loss_upper_bound(0, n):.0f} points (95%); bounding it at 2 points takes "
                          f"≥ {min_prompts_for(WITHIN_POINTS)} prompts with none lost.")
     return table + "\n\n" + "\n".join(lines)
