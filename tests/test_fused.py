@@ -174,7 +174,7 @@ def test_backend_dense_path_through_kernel_and_refusals():
         with pytest.raises(ConfigError):
             BACKENDS.get("fused")(OmegaConf.create({"name": "fused", **bad}))
     site.act = torch.nn.Tanh()  # an activation the kernel does not compute
-    fused._weights.clear()
+    fused.forget_weights()
     with pytest.raises(ConfigError, match="activation"):
         fused.mlp(site, MLPInput(site, x), torch.ones(1, 1, site.intermediate_size, dtype=torch.bool))
 

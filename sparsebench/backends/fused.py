@@ -172,6 +172,28 @@ class FusedKernel:
         return y, k
 
 
+class _Plan:
+    """A kernel call prepared once per layer (and projection): the weights in kernel layout,
+    every pointer argument that does not change between tokens, and the source weights it
+    was built from. A decode step on a small model is dominated by Python per call, so the
+    call re-checks only that the source tensors are the same objects, at the same address
+    and version (a replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
+
+    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out")
+
+    def __init__(self, sources: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
+        self.sources = sources
+        self.ptrs = tuple(None if t is None else t.data_ptr() for t in sources)
+        self.versions = tuple(None if t is None else t._version for t in sources)
+        self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
+
+    def fresh(self, *sources) -> bool:
+        for t, s, ptr, ver in zip(sources, self.sources, self.ptrs, self.versions):
+            if t is not s or (t is not None and (t._version != ver or t.data_ptr() != ptr)):
+                return False
+        return True
+
+
 def fused_weights(gate, up, down, *, gate_bias=None, up_bias=None, down_bias=None, act=None, up_act=None,
                   dtype: torch.dtype | None = None, source: tuple = ()) -> FusedMLPWeights:
     """Kernel layout from nn.Linear-style weights (gate/up [I, H], down [H, I]). Tensors already
@@ -222,6 +244,7 @@ class FusedBackend(Backend):
         self.kernel = FusedKernel(1, simd=self.simd == "auto")  # fail at build time, not at the first token
         self._weights: dict = {}
         self._linear_weights: dict = {}
+        self._plans: dict = {}  # (layer, proj or "mlp") → _Plan: the single-token fast path
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
@@ -256,6 +279,62 @@ class FusedBackend(Backend):
         self._weights[site.layer_idx] = w
         return w
 
+    def forget_weights(self) -> None:
+        """Drop every prepared weight layout and call plan (rebuilt at the next call)."""
+        self._weights.clear()
+        self._linear_weights.clear()
+        self._plans.clear()
+
+    def _mlp_plan(self, site) -> _Plan:
+        gate = site.gate.weight if site.kind == "gated" else None
+        up, down = site.up.weight, site.down.weight
+        plan = self._plans.get(site.layer_idx)
+        if plan is not None and plan.fresh(gate, up, down):
+            return plan
+        w = self.mlp_weights(site)
+        idx, h, act_all = self.kernel.scratch(w.inter)
+        head = (w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
+                _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated))
+        tail = (w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr())
+        plan = _Plan((gate, up, down), w, (head, tail), idx, w.inter, w.hidden)
+        self._plans[site.layer_idx] = plan
+        return plan
+
+    def _linear_plan(self, linear, key) -> _Plan:
+        weight = linear.weight
+        plan = self._plans.get(key)
+        if plan is not None and plan.fresh(weight):
+            return plan
+        wt, bias = self.linear_weight(linear, key)
+        n_in, n_out = wt.shape
+        idx, coef, _ = self.kernel.scratch(n_in)
+        args = (n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias))
+        plan = _Plan((weight,), (wt, bias), (args, (idx.data_ptr(), coef.data_ptr())), idx, n_in, n_out)
+        self._plans[key] = plan
+        return plan
+
+    def _mlp_token(self, plan: _Plan, x: torch.Tensor, mode: int, given, mask, threshold, out) -> int:
+        """The MLP kernel on one token through a plan (``x``, ``given``, ``mask`` contiguous
+        and flat; ``threshold`` None or the in-kernel rule's)."""
+        head, tail = plan.args
+        t0 = time.perf_counter()
+        k = self.kernel.ext.mlp_token(x.data_ptr(), *head, mode, _ptr(given), _ptr(mask), int(threshold is not None),
+                                      0.0 if threshold is None else threshold, *tail, out.data_ptr(),
+                                      self.threads or torch.get_num_threads(), self.kernel.simd)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        return k
+
+    def _linear_token(self, plan: _Plan, x: torch.Tensor, mask, threshold, out) -> int:
+        args, (idx_ptr, coef_ptr) = plan.args
+        t0 = time.perf_counter()
+        k = self.kernel.ext.linear_token(x.data_ptr(), *args, _ptr(mask), int(threshold is not None),
+                                         0.0 if threshold is None else threshold, idx_ptr, coef_ptr, out.data_ptr(),
+                                         self.threads or torch.get_num_threads(), self.kernel.simd)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        return k
+
     # ------------------------------------------------------------------ MLP
     def mlp(self, site, inp, mask):
         tokens = inp.x.numel() // inp.x.shape[-1]
@@ -266,6 +345,8 @@ class FusedBackend(Backend):
         if not one_token_rows and self.prefill == "dense_mask":
             self.calls["dense"] += 1
             return site.down(inp.h * mask.to(inp.h.dtype))
+        if tokens == 1 and (mask is None or mask.numel() == site.intermediate_size):
+            return self._mlp_one(site, inp, mask)
         w = self.mlp_weights(site)
         kern = self._kernel()
         x2 = inp.x.reshape(-1, w.hidden).float().contiguous()
@@ -284,33 +365,35 @@ class FusedBackend(Backend):
     # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
     # skip conversions that would be no-ops on fp32 inputs: each costs microseconds of Python,
     # which on a small model is a measurable share of the step (step_overhead evaluator).
+    def _mlp_one(self, site, inp, mask):
+        """One token through the kernel with its plan (the decode step of a masked MLP)."""
+        plan = self._mlp_plan(site)
+        x = inp.x
+        mode, given = self._given(plan.weights, inp)
+        out = torch.empty(x.shape)
+        self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(),
+                        None, out)
+        return _as_dtype(out, x.dtype)
+
     def mlp_by_rule(self, site, inp, rule):
         x = inp.x
         if rule.on != "act" or site.kind != "gated" or x.numel() != x.shape[-1]:
             return None
-        w = self.mlp_weights(site)
-        kern = self._kernel()
+        plan = self._mlp_plan(site)
         out = torch.empty(x.shape)
-        t0 = time.perf_counter()
-        _, k = kern.mlp(w, _fp32_flat(x), None, mode=kernel().FROM_X, threshold=rule.threshold, out=out)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
+        k = self._mlp_token(plan, _fp32_flat(x), self.kernel.ext.FROM_X, None, None, rule.threshold, out)
         self.calls["rule"] += 1
-        return _as_dtype(out, x.dtype), kern.active_indices(w.inter, k)
+        return _as_dtype(out, x.dtype), plan.idx[:k]
 
     def linear_by_rule(self, inp, linear, rule):
         x = inp.x
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
-        wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
-        kern = self._kernel()
-        out = torch.empty(*x.shape[:-1], wt.shape[1])
-        t0 = time.perf_counter()
-        _, k = kern.linear(wt, bias, _fp32_flat(x), None, threshold=rule.threshold, out=out)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
+        plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
+        out = torch.empty(*x.shape[:-1], plan.n_out)
+        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self.calls["rule"] += 1
-        return _as_dtype(out, x.dtype), kern.active_indices(wt.shape[0], k)
+        return _as_dtype(out, x.dtype), plan.idx[:k]
 
     @staticmethod
     def _given(w: FusedMLPWeights, inp):
@@ -344,6 +427,11 @@ class FusedBackend(Backend):
         if not one_token_rows and self.prefill == "dense_mask":
             self.calls["dense"] += 1
             return linear(inp.x * mask.to(inp.x.dtype))
+        if tokens == 1 and mask.numel() == inp.x.shape[-1]:
+            plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
+            out = torch.empty(*inp.x.shape[:-1], plan.n_out)
+            self._linear_token(plan, _fp32_flat(inp.x), mask.reshape(-1).contiguous(), None, out)
+            return _as_dtype(out, inp.x.dtype)
         wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
         kern = self._kernel()
         x2, m2 = flat_rows(inp.x, mask)
