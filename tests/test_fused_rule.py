@@ -166,3 +166,28 @@ def test_rule_path_only_where_it_applies(monkeypatch):
         calls = Calls(ctl.sparsifier, monkeypatch)
         step(model, ids)
         assert calls.n == 2 * len(ctl.sites), (arch, backend, policy)  # prefill and the decode step
+
+
+def test_plans_follow_weights_changed_in_place():
+    """The single-token path prepares each layer's kernel call once; a weight modified in
+    place (as WINA's transform does) or replaced must be picked up, checked against the
+    threshold applied in torch."""
+    from sparsebench.models.patching import LinearInput, SparseLinear
+
+    model, ctl, _ = controller("llama", "teal", "fused")
+    lin = next(m for m in model.modules() if isinstance(m, SparseLinear) and m.proj == "q")
+    x = torch.randn(1, 1, lin.linear.in_features)
+    inp = LinearInput(lin.site, lin.proj, x)
+    rule = ctl.sparsifier.input_mask_rule(inp)
+
+    def reference():
+        return torch.nn.functional.linear(x * (x.abs() > rule.threshold), lin.linear.weight, lin.linear.bias)
+
+    with torch.no_grad():
+        for change in (lambda w: w.mul_(3.0), lambda w: setattr(lin.linear, "weight", torch.nn.Parameter(-w))):
+            out, kept = ctl.backend.linear_by_rule(inp, lin.linear, rule)
+            assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(kept.long(), (x.reshape(-1).abs() > rule.threshold).nonzero().reshape(-1))
+            change(lin.linear.weight)
+        out, _ = ctl.backend.linear_by_rule(inp, lin.linear, rule)
+        assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)

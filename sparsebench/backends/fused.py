@@ -244,7 +244,7 @@ class FusedBackend(Backend):
         self.kernel = FusedKernel(1, simd=self.simd == "auto")  # fail at build time, not at the first token
         self._weights: dict = {}
         self._linear_weights: dict = {}
-        self._plans: dict = {}  # (layer, proj or "mlp") → _Plan: the single-token fast path
+        self._plans: dict = {}  # layer (MLP) or (layer, proj) (masked linear) → _Plan: the single-token path
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
@@ -362,9 +362,6 @@ class FusedBackend(Backend):
         self.calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(inp.x.shape)
 
-    # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
-    # skip conversions that would be no-ops on fp32 inputs: each costs microseconds of Python,
-    # which on a small model is a measurable share of the step (step_overhead evaluator).
     def _mlp_one(self, site, inp, mask):
         """One token through the kernel with its plan (the decode step of a masked MLP)."""
         plan = self._mlp_plan(site)
@@ -375,6 +372,9 @@ class FusedBackend(Backend):
                         None, out)
         return _as_dtype(out, x.dtype)
 
+    # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
+    # skip conversions that would be no-ops on fp32 inputs: each costs microseconds of Python,
+    # which on a small model is a measurable share of the step (step_overhead evaluator).
     def mlp_by_rule(self, site, inp, rule):
         x = inp.x
         if rule.on != "act" or site.kind != "gated" or x.numel() != x.shape[-1]:
