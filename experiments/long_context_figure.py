@@ -93,8 +93,9 @@ def long_context_rows(r: dict) -> list[dict]:
         if hit and hit.group(1) != "dense":
             ctx = int(hit.group(3))
             p = paired.get(f"{hit.group(1)}/ctx={ctx}") or {}
-            rows.append(base | {"kind": "passkey", "context": ctx, "budget": _budget(r, hit.group(2)),
-                                "budget_label": budget_label(r, _budget(r, hit.group(2))), "value": acc,
+            budget = _budget(r, hit.group(2))
+            rows.append(base | {"kind": "passkey", "context": ctx, "budget": budget,
+                                "budget_label": budget_label(r, budget), "value": acc,
                                 "dense": m.get(f"passkey/dense/ctx={ctx}"), "delta": p.get("delta"),
                                 "ci_low": p.get("ci_low"), "ci_high": p.get("ci_high"), "p": p.get("p_mcnemar"),
                                 "n": p.get("n"), "lost": p.get("n10"), "gained": p.get("n01"),
@@ -107,8 +108,9 @@ def long_context_rows(r: dict) -> list[dict]:
         if hit:
             ctx, name = int(hit.group(1)), hit.group(2)
             pre = f"long_decode/ctx={ctx}"
-            rows.append(base | {"kind": "decode", "context": ctx, "budget": _budget(r, hit.group(3)),
-                                "budget_label": budget_label(r, _budget(r, hit.group(3))),
+            budget = _budget(r, hit.group(3))
+            rows.append(base | {"kind": "decode", "context": ctx, "budget": budget,
+                                "budget_label": budget_label(r, budget),
                                 "value": acc, "tokens_per_s": m.get(f"{pre}/{name}/tokens_per_s"),
                                 "dense": m.get(f"{pre}/dense/tokens_per_s"),
                                 "bytes_limit": m.get(f"{pre}/{name}/bytes_limit_speedup"),
