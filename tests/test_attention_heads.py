@@ -180,6 +180,44 @@ def test_teacher_forced_equals_token_by_token_decode(arch, unit):
     torch.testing.assert_close(decoded, forced, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("q_heads,kv_heads,batch", [(9, 3, 1), (4, 4, 2), (8, 2, 3)])
+def test_headwise_decode_equals_masked_attention(q_heads, kv_heads, batch):
+    """The decode path that reads only the running groups' K/V equals dense attention over
+    every key with the dropped heads zeroed (a whole dropped group included)."""
+    from sparsebench.attention.base import headwise_attention, masked_attention
+
+    gen = torch.Generator().manual_seed(q_heads * 10 + batch)
+    n, d = 37, 16
+    q = torch.randn(batch, q_heads, 1, d, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, n, d, generator=gen) for _ in range(2))
+    heads = torch.rand(batch, 1, q_heads, generator=gen) < 0.5
+    heads[0, 0, : q_heads // kv_heads] = False  # one KV group with no head running
+    keep = torch.ones(batch, q_heads, 1, n, dtype=torch.bool)
+    ref = masked_attention(q, k, v, keep, 0.3) * heads[..., None]
+    torch.testing.assert_close(headwise_attention(q, k, v, heads, 0.3), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,unit", [("llama", "query"), ("qwen2", "kv")])
+def test_unrecorded_decode_steps_equal_teacher_forcing(arch, unit, monkeypatch):
+    """Without statistics a decode step takes the head-wise path; it equals the recorded run."""
+    from transformers import DynamicCache
+
+    from sparsebench.attention import base
+
+    calls = []
+    headwise = base.headwise_attention
+    monkeypatch.setattr(base, "headwise_attention", lambda *a: calls.append(1) or headwise(*a))
+    model, method, _, _ = calibrated(arch, unit, heads=0.5)
+    ids = ids_for(1, 20, seed=11)
+    with AttentionSparsity(method, record_stats=False).attach(model):
+        with torch.no_grad():
+            forced = model(ids).logits
+            cache = DynamicCache(config=model.config)
+            steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), forced, atol=1e-4, rtol=0)
+    assert len(calls) == 2 * ids.shape[1]  # both layers, every one-query step
+
+
 def test_training_is_deterministic_and_beats_random_heads():
     model, method, session, state = calibrated("llama", label_heads=0.5)
     session.detach()

@@ -319,3 +319,30 @@ def test_config_schema_and_calibration_key():
     model = build_tiny_model("llama", num_layers=1, num_heads=4)
     method.load_state(method.calibrate(model, AttentionSparsity(method), [ids_for(3, seq=8)]))
     assert method.selection_bytes(100, 2, 16, 2) == (100 * 32 + 164 * 64 + 64) * 2
+
+
+def test_indexer_keys_append_in_place_as_cat():
+    """Appending keys step by step equals concatenating them, writes into one buffer until it is
+    full (then doubles), and a deep-copied state (a session snapshot) keeps its own buffer."""
+    import copy
+
+    from sparsebench.attention.lightning_indexer import append_in_place
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, t, 8, generator=gen) for t in (200, *([1] * 100), 40)]
+    state, start, ptrs = {}, 0, set()
+    for i, new in enumerate(chunks):
+        state["index_keys"] = append_in_place(state, start, new)
+        start += new.shape[1]
+        assert torch.equal(state["index_keys"], torch.cat(chunks[:i + 1], dim=1))
+        ptrs.add(state["index_keys_buf"].data_ptr())
+        if i == 50:
+            snap = copy.deepcopy(state)
+    assert len(ptrs) == 2 and state["index_keys_buf"].shape[1] == 512  # 256, then doubled once
+    # the copy continues on its own buffer and leaves the original untouched
+    before = state["index_keys"].clone()
+    assert snap["index_keys"].shape[1] == 250  # 200 + 50 single steps
+    snap["index_keys"] = append_in_place(snap, 250, torch.zeros(2, 1, 8))
+    assert snap["index_keys"].data_ptr() == snap["index_keys_buf"].data_ptr() != state["index_keys_buf"].data_ptr()
+    assert torch.equal(state["index_keys"], before)
+    assert torch.equal(snap["index_keys"][:, :250], before[:, :250]) and not snap["index_keys"][:, 250].any()

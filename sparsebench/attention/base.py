@@ -254,6 +254,24 @@ def gathered_attention(query, key, value, index, scaling) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
+def headwise_attention(query, key, value, heads, scaling) -> torch.Tensor:
+    """One-query attention of the heads ``heads`` keeps ([batch, 1, q_heads]; the others
+    output zero) that reads the K/V rows of a KV group only when one of its query heads runs.
+    ``masked_attention`` with every key allowed, times ``heads``, is its reference: that
+    path expands K/V to every query head, a copy of the whole cache per step."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    run = heads[:, 0].view(b, hkv, g)
+    out = query.new_zeros(b, 1, hq, d)
+    for i, j in run.any(-1).nonzero().tolist():  # (batch row, KV group) pairs with a head to run
+        rows = slice(j * g, (j + 1) * g)
+        o = F.scaled_dot_product_attention(query[i:i + 1, rows], key[i:i + 1, j:j + 1],
+                                           value[i:i + 1, j:j + 1], scale=scaling, enable_gqa=g > 1)
+        out[i, 0, rows] = o[0, :, 0] * run[i, j, :, None].to(o.dtype)
+    return out
+
+
 def index_to_keep(index: torch.Tensor, n_keys: int) -> torch.Tensor:
     """[batch, h, k] indices (-1 pads) as a bool [batch, h, 1, n_keys] mask."""
     keep = torch.zeros(*index.shape[:2], n_keys + 1, dtype=torch.bool, device=index.device)
@@ -482,10 +500,12 @@ class AttentionSparsity:
         if sel is None:
             return None
         softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
-        if q_len == 1 and sel.index is not None and sel.heads is None and not softcap and not self.record_stats \
-                and attention_mask is None:
-            # the decode fast path: a method returns indices only when it drops keys
-            return gathered_attention(query, key, value, sel.index, scaling)
+        if q_len == 1 and not softcap and not self.record_stats and attention_mask is None:
+            if sel.index is not None and sel.heads is None:
+                # the decode fast path: a method returns indices only when it drops keys
+                return gathered_attention(query, key, value, sel.index, scaling)
+            if sel.heads is not None and sel.index is None and (sel.keep is None or sel.keep.shape[-1] == 1):
+                return headwise_attention(query, key, value, sel.heads, scaling)
         allowed = call.allowed
         keep = sel.keep if sel.keep is not None or sel.index is None else index_to_keep(sel.index, n)
         full_keep = allowed if keep is None else expand_heads(keep, hq) & allowed

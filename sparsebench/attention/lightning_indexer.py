@@ -80,6 +80,25 @@ def rope(x: torch.Tensor, positions: torch.Tensor, rope_dim: int, theta: float) 
     return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
 
 
+def append_in_place(state: dict, start: int, new: torch.Tensor) -> torch.Tensor:
+    """The indexer keys of positions [0, start) in ``state`` followed by ``new`` [b, t, d_I], as
+    a view of a buffer in ``state`` grown by doubling: a decode step writes its one key in place,
+    as the KV cache does, instead of copying every cached key (a cost the method does not have).
+    A state copied by ``copy.deepcopy`` (the session's snapshots) keeps the view on its buffer."""
+    buf, keys = state.get("index_keys_buf"), state.get("index_keys")
+    end = start + new.shape[1]
+    reusable = (buf is not None and keys is not None and keys.data_ptr() == buf.data_ptr()
+                and buf.shape[0] == new.shape[0] and buf.dtype == new.dtype and end <= buf.shape[1])
+    if not reusable:
+        cap = max(end, 2 * (buf.shape[1] if buf is not None else 0), 256)
+        grown = new.new_empty(new.shape[0], cap, new.shape[2])
+        if start:
+            grown[:, :start] = keys[:, :start]
+        buf = state["index_keys_buf"] = grown
+    buf[:, start:end] = new
+    return buf[:, :end]
+
+
 def index_keys(w: dict, hidden: torch.Tensor, positions: torch.Tensor, rope_dim: int, theta: float) -> torch.Tensor:
     """Indexer keys [b, T, d_I] of hidden [b, T, D] at cache positions [T]."""
     k = F.linear(hidden.float(), w["wk"])
@@ -241,7 +260,7 @@ class LightningIndexer(AttentionMethod):
                                "cached tokens; attach the session before the prefill, and restore() its snapshot "
                                "together with the KV cache")
         new = index_keys(w, call.hidden, call.positions, self.rope_dim, self.rope_theta)
-        state["index_keys"] = new if start == 0 else torch.cat([keys[:, :start], new], dim=1)
+        state["index_keys"] = append_in_place(state, start, new)
 
     def _scores(self, call: AttentionCall) -> torch.Tensor:
         """I [b, q_len, n_keys] of this call's queries over every cached key; -inf where the
