@@ -346,3 +346,21 @@ def test_indexer_keys_append_in_place_as_cat():
     assert snap["index_keys"].data_ptr() == snap["index_keys_buf"].data_ptr() != state["index_keys_buf"].data_ptr()
     assert torch.equal(state["index_keys"], before)
     assert torch.equal(snap["index_keys"][:, :250], before[:, :250]) and not snap["index_keys"][:, 250].any()
+
+
+def test_top_keys_is_the_rank_rule_with_ties_and_forbidden_keys():
+    """The linear-time top-k equals the sort-based rank rule (ties to the later key, forbidden
+    keys never chosen, -1 padding) on small integer scores, where ties are everywhere."""
+    from sparsebench.attention.lightning_indexer import rank_keys, top_keys
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n, k = (int(v) for v in torch.randint(1, 40, (2,), generator=gen))
+        scores = torch.randint(-2, 3, (3, n), generator=gen).float()
+        scores[torch.rand(3, n, generator=gen) < 0.3] = float("-inf")
+        ranks = rank_keys(scores)
+        expected = []
+        for row, rank in zip(scores, ranks):
+            chosen = [i for i in range(n) if rank[i] < k and row[i] > float("-inf")]
+            expected.append(chosen + [-1] * (min(k, n) - len(chosen)))
+        assert torch.equal(top_keys(scores, k), torch.tensor(expected))

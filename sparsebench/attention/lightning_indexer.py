@@ -119,9 +119,12 @@ def index_queries(w: dict, hidden: torch.Tensor, positions: torch.Tensor, rope_d
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """I [b, T, n] = sum_j weights[..., j] * ReLU(q[..., j, :] . k); one head at a time, so
-    at most one [b, T, n] product is alive besides the sum."""
+    """I [b, T, n] = sum_j weights[..., j] * ReLU(q[..., j, :] . k). One query (a decode step):
+    all heads in one product; several (training, prefill): one head at a time, so at most one
+    [b, T, n] product is alive besides the sum."""
     kt = keys.transpose(-1, -2)
+    if q.shape[-3] == 1:  # [b, 1, H, d] @ [b, 1, d, n] -> [b, 1, H, n]
+        return (weights[..., None, :] @ torch.matmul(q, kt[:, None]).relu()).squeeze(-2)
     out = None
     for j in range(q.shape[-2]):
         term = torch.matmul(q[..., j, :], kt).relu() * weights[..., j, None]
@@ -141,13 +144,21 @@ def rank_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def top_keys(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best keys of scores [..., n] (rule of ``rank_keys``) as ascending indices,
-    -1 (at the end) where fewer than k keys are allowed (score -inf)."""
+    """The k best keys of scores [..., n] (rule of ``rank_keys``: ties to the later key) as
+    ascending indices, -1 (at the end) where fewer than k keys are allowed (score -inf).
+    Linear in n, no sort: every key above the k-th best score, then the latest keys equal
+    to it until there are k."""
     n = scores.shape[-1]
-    order = n - 1 - scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :k]
-    valid = scores.gather(-1, order) > float("-inf")
-    order = torch.where(valid, order, n).sort(-1).values
-    return torch.where(order < n, order, -1)
+    k = min(k, n)
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # the k-th best score of each row
+    above = scores > kth
+    tied = (scores == kth) & (kth > float("-inf"))
+    tied_from_end = tied.flip(-1).cumsum(-1).flip(-1)  # tied keys at or after each position
+    keep = above | (tied & (tied_from_end <= k - above.sum(-1, keepdim=True)))
+    slot = torch.where(keep, keep.cumsum(-1) - 1, k)  # each kept key's place among the kept
+    out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.long, device=scores.device)
+    out.scatter_(-1, slot, torch.arange(n, device=scores.device).expand_as(slot))
+    return out[..., :k]
 
 
 def attention_target(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
