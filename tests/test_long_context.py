@@ -112,6 +112,21 @@ def test_batched_variants_give_the_numbers_of_one_continuation_per_variant(tmp_p
     assert reads[0] == reads[1] and 0 < reads[0]["passkey/budget=16/kv_read_fraction"] < 1
 
 
+def test_mlp_sparsifier_composes_with_attention_sparsity(tmp_path):
+    """``sparsifier=cats attention=quest``: both are installed at once. The dense-attention
+    baseline of the run keeps the MLP sparse (so it differs from an all-dense run), and the
+    attention method still reads fewer keys than it."""
+    evals = ["evaluator=[long_perplexity]", *small("long_perplexity")]
+    quest = ["attention=quest", "attention.dense_layers=[]", "attention.budget=32", "attention.page_size=8"]
+    composed = run_point(["sparsifier=cats", "sparsifier.sparsity=0.5", *quest, *evals], tmp_path / "both")
+    alone = run_point([*quest, *evals], tmp_path / "attention")
+    key = "long_perplexity/tiny/len=256"
+    mc, ma = composed["metrics"], alone["metrics"]
+    assert mc[f"{key}/dense"] != ma[f"{key}/dense"]  # the MLP masks act in the baseline too
+    assert mc[key] != mc[f"{key}/dense"] and 0 < mc[f"{key}/kv_read_fraction"] < 1
+    assert composed["config"]["sparsifier"]["name"] == "cats" and composed["config"]["attention"]["name"] == "quest"
+
+
 def test_attention_none_reports_dense_only(tmp_path):
     res = run_point(["evaluator=[passkey]", *small("passkey")], tmp_path)
     assert set(res["metrics"]) == {"passkey/dense", "passkey/dense/ctx=200", "passkey/dense/ctx=400"}
