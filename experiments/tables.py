@@ -89,19 +89,33 @@ def churn_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def decode_limits(m: dict) -> dict:
+    """The two decode ceilings of a run: ``bytes`` (dense over sparse weight bytes) and
+    ``amdahl`` (Amdahl's law on the measured dense step), each with the run's fraction of it.
+    Runs older than the measured limit stored the bytes ratio as ``decode/amdahl_limit``:
+    their ``amdahl`` is None."""
+    if "decode/bytes_limit" in m:
+        return {"bytes": m["decode/bytes_limit"], "fraction_of_bytes": m["decode/fraction_of_bytes_limit"],
+                "amdahl": m["decode/amdahl_limit"], "fraction": m["decode/fraction_of_limit"]}
+    return {"bytes": m["decode/amdahl_limit"], "fraction_of_bytes": m["decode/fraction_of_limit"],
+            "amdahl": None, "fraction": None}
+
+
 def decode_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         m = r["metrics"]
         if "decode/tokens_per_s" not in m:
             continue
+        lim = decode_limits(m)
         rows.append({"model": model_name(r), "method": method(r),
                      "sparsity": r["sparsifier"].get("sparsity"), "backend": r["backend"],
                      "threads": m["decode/threads"], "tok_s_hf": m["decode/tokens_per_s_hf"],
                      "tok_s_dense_mask": m["decode/tokens_per_s_dense_mask"], "tok_s": m["decode/tokens_per_s"],
                      "speedup": m["decode/speedup_vs_hf"], "mlp_byte_share": m["decode/mlp_byte_share"],
-                     "bytes_saved": m["decode/weight_bytes_saved_fraction"], "amdahl_limit": m["decode/amdahl_limit"],
-                     "fraction_of_limit": m["decode/fraction_of_limit"], "identical": m["decode/identical"],
+                     "bytes_saved": m["decode/weight_bytes_saved_fraction"], "bytes_limit": lim["bytes"],
+                     "fraction_of_bytes_limit": lim["fraction_of_bytes"], "amdahl_limit": lim["amdahl"],
+                     "fraction_of_limit": lim["fraction"], "identical": m["decode/identical"],
                      "identical_free_running": m["decode/identical_free_running"],
                      "first_divergence": m["decode/first_divergence"]})
     return rows
@@ -470,9 +484,10 @@ def backend_decode_block(root: Path = BACKENDS) -> str:
                      f"{float(x['speedup']):.2f}×", f"{float(x['mlp_byte_share']):.2f}",
                      f"{float(x['bytes_saved']):.3f}", f"{float(x['amdahl_limit']):.2f}×",
                      f"{float(x['fraction_of_limit']):.2f}", _yes_no(x["identical"]), free])
+    # decode.csv predates the measured Amdahl limit: its amdahl_limit column is the bytes ratio
     return _md_table(["model", "method", "sparsity", "backend", "threads", "tok/s HF dense", "tok/s dense mask",
-                      "tok/s", "speedup vs HF", "MLP byte share", "weight bytes saved", "Amdahl limit",
-                      "fraction of limit", "identical tokens (replayed masks)", "identical tokens (free-running)"],
+                      "tok/s", "speedup vs HF", "MLP byte share", "weight bytes saved", "bytes limit",
+                      "fraction of bytes limit", "identical tokens (replayed masks)", "identical tokens (free-running)"],
                      rows, _rel(path))
 
 
@@ -554,11 +569,13 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
         beside = acc.get((model_name(r), method(r), sp)) if budget is None and weights == "model" else None
         accuracy = "—" if beside is None else format_delta(beside["_paired_avg"])
         div = int(m["decode/first_divergence"])
+        lim = decode_limits(m)
         rows.append([model_name(r), method(r), setting, f"{m.get('sparsity/mean', float('nan')):.3f}"
                      if "sparsity/mean" in m else "—", str(int(m["decode/threads"])), _timed_on(r),
                      f"{m['decode/tokens_per_s_hf']:.1f}", f"{m['decode/tokens_per_s']:.1f}",
-                     f"{m['decode/speedup_vs_hf']:.2f}×", f"{m['decode/amdahl_limit']:.2f}×",
-                     f"{m['decode/fraction_of_limit']:.2f}", _yes_no(m["decode/identical"]),
+                     f"{m['decode/speedup_vs_hf']:.2f}×", f"{lim['bytes']:.2f}× ({lim['fraction_of_bytes']:.2f})",
+                     "— (older run)" if lim["amdahl"] is None else f"{lim['amdahl']:.2f}×",
+                     "—" if lim["fraction"] is None else f"{lim['fraction']:.2f}", _yes_no(m["decode/identical"]),
                      "yes" if div < 0 else f"from token {div}",
                      f"{m['overhead/ms_per_token']:.2f} ({100 * m['overhead/fraction_of_step']:.1f}%)"
                      if "overhead/ms_per_token" in m else "—",
@@ -567,7 +584,8 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                      _yes_no(m["decode/mask_rule_in_kernel"]) if "decode/mask_rule_in_kernel" in m else "— (older run)",
                      accuracy])
     return _md_table(["model", "method", "sparsity", "measured", "threads", "timed (CPU)", "tok/s HF dense", "tok/s fused",
-                      "speedup", "Amdahl limit", "fraction of limit", "identical (replayed masks)",
+                      "speedup", "bytes limit (fraction of it)", "Amdahl limit", "fraction of limit",
+                      "identical (replayed masks)",
                       "identical (free-running)", "overhead ms/token (share of step)",
                       "overhead without the timing hooks' cost", "mask rule in kernel",
                       "Δ avg acc, points [95% CI] (comparison)"], rows, f"`{DECODE_FUSED.relative_to(REPO)}/`")
@@ -841,9 +859,11 @@ def best_predictor_decode_block(root: Path = PREDICTORS, decode_root: Path = DEC
     for x in rows:
         ppl = _paired_cell({"perplexity": x["ppl_paired"]}, "perplexity")
         d = x["decode"]
+        lim = None if d is None else decode_limits(d)
         timed = (["—"] * 4 if d is None else
                  [f"{d['decode/tokens_per_s_hf']:.1f} → {d['decode/tokens_per_s']:.1f}", f"{d['decode/speedup_vs_hf']:.2f}×",
-                  f"{d['decode/amdahl_limit']:.2f}×", f"{d['decode/fraction_of_limit']:.2f}"])
+                  *((f"{lim['amdahl']:.2f}×", f"{lim['fraction']:.2f}") if lim["amdahl"] is not None else
+                    (f"{lim['bytes']:.2f}× (bytes)", f"{lim['fraction_of_bytes']:.2f} (bytes)"))])
         beside = acc.get((x["model"], x["predictor"], x["sparsity_requested"]))
         out.append([x["model"], x["predictor"], str(x["compared"]), f"{x['sparsity_requested']:g}",
                     f"{x['recall']:.3f}", ppl,

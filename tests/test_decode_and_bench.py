@@ -33,7 +33,10 @@ def test_decode_reproduces_dense_mask_tokens(tmp_path, backend):
         assert m[key] > 0
     # CATS computes the gate densely: the limit counts only up and down as saved
     assert 0 < m["decode/weight_bytes_saved_fraction"] < m["decode/mlp_byte_share"] * 2 / 3
-    assert m["decode/amdahl_limit"] == pytest.approx(1 / (1 - m["decode/weight_bytes_saved_fraction"]))
+    assert m["decode/bytes_limit"] == pytest.approx(1 / (1 - m["decode/weight_bytes_saved_fraction"]))
+    # the measured limit: the decoder linears are part of the dense step, and the masks save some of their time
+    assert 0 < m["decode/linear_time_share"] < 1 and m["decode/amdahl_limit"] > 1
+    assert m["decode/fraction_of_limit"] == pytest.approx(m["decode/speedup_vs_hf"] / m["decode/amdahl_limit"])
     rows = r["per_layer"]
     assert all(row["latency/mlp_ms"] > 0 and row["latency/attn_ms"] > 0 for row in rows)
     # only fused applies CATS's threshold inside its kernel
@@ -248,8 +251,32 @@ def test_amdahl_limit_charges_a_predictors_own_reads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert m["decode/predictor_bytes_fraction"] > 0
-    assert m["decode/amdahl_limit"] == pytest.approx(
+    assert m["decode/bytes_limit"] == pytest.approx(
         1 / (1 - m["decode/weight_bytes_saved_fraction"] + m["decode/predictor_bytes_fraction"]))
+
+
+def test_amdahl_limit_is_amdahls_law_on_the_measured_step():
+    """Brute force: rebuild the sparse step component by component (every linear at its
+    dense time × the fraction of its bytes still read, the predictor's bytes at the mean
+    time per byte, the rest unchanged) and compare the ratio with ``amdahl_limit``."""
+    from sparsebench.evaluators.decode import amdahl_limit
+
+    gen = torch.Generator().manual_seed(3)
+    keys = [(layer, p) for layer in range(4) for p in ("q", "k", "v", "o", "gate", "up", "down")]
+    linear_s = {k: float(t) for k, t in zip(keys, torch.rand(len(keys), generator=gen) * 1e-3)}
+    linear_bytes = {k: float(b) for k, b in zip(keys, torch.randint(1000, 5000, (len(keys),), generator=gen))}
+    masked = keys[::3]
+    saved = {k: linear_bytes[k] * float(f) for k, f in zip(masked, torch.rand(len(masked), generator=gen))}
+    rest_s, predictor = 0.02, 7000.0
+    step = rest_s + sum(linear_s.values())
+    per_byte = sum(linear_s.values()) / sum(linear_bytes.values())
+    sparse_step = rest_s + predictor * per_byte
+    for k in keys:
+        sparse_step += linear_s[k] * (1 - saved.get(k, 0.0) / linear_bytes[k])
+    assert amdahl_limit(step, linear_s, linear_bytes, saved, predictor) == pytest.approx(step / sparse_step)
+    # every linear fully skipped, no predictor: 1 / (1 - p), p the linears' share of the step
+    everything = amdahl_limit(step, linear_s, linear_bytes, dict(linear_bytes), 0.0)
+    assert everything == pytest.approx(1 / (1 - sum(linear_s.values()) / step))
 
 
 def test_predictor_read_bytes_counts_every_predictor_weight():

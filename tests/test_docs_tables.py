@@ -183,7 +183,7 @@ def test_decode_block_equals_the_csv():
         (row,) = [r for r in rows if (r["model"], r["method"], r["backend"]) == (x["model"], x["method"], x["backend"])]
         assert _num(row["tok/s"]) == pytest.approx(float(x["tok_s"]), abs=0.05)
         assert _num(row["tok/s HF dense"]) == pytest.approx(float(x["tok_s_hf"]), abs=0.05)
-        assert _num(row["Amdahl limit"]) == pytest.approx(float(x["amdahl_limit"]), abs=0.005)
+        assert _num(row["bytes limit"]) == pytest.approx(float(x["amdahl_limit"]), abs=0.005)
         assert row["identical tokens (replayed masks)"] == ("yes" if float(x["identical"]) == 1 else "no")
 
 
@@ -309,6 +309,7 @@ def test_decode_fused_block_reads_back_its_runs(tmp_path):
         assert _num(row["tok/s fused"]) == pytest.approx(m["decode/tokens_per_s"], abs=0.05)
         assert _num(row["Amdahl limit"]) == pytest.approx(m["decode/amdahl_limit"], abs=0.005)
         assert _num(row["fraction of limit"]) == pytest.approx(m["decode/fraction_of_limit"], abs=0.005)
+        assert _num(row["bytes limit (fraction of it)"]) == pytest.approx(m["decode/bytes_limit"], abs=0.005)
         assert _num(row["overhead ms/token (share of step)"]) == pytest.approx(m["overhead/ms_per_token"], abs=0.005)
         assert _num(row["overhead without the timing hooks' cost"]) == pytest.approx(m["overhead/net_ms_per_token"],
                                                                                    abs=0.005)

@@ -2,7 +2,9 @@
 
 For one prompt from the held-out text (``batch_size`` of them for batched decoding), the
 model generates exactly ``new_tokens`` tokens greedily (argmax, no early stop), one
-KV-cached forward per token. Three runs, each timed ``repeats`` times after ``warmup``:
+KV-cached forward per token. Three runs, timed in turn ``repeats`` times after ``warmup``
+(interleaved, so a drift in the machine's speed moves all three alike;
+``decode/speedup_vs_hf`` is the median of the per-repeat ratios):
 
 1. the configured backend with the sparsifier's masks (what the run is about);
 2. the ``dense`` mask-multiply backend: once with the masks the sparse run produced,
@@ -13,12 +15,22 @@ KV-cached forward per token. Three runs, each timed ``repeats`` times after ``wa
    from there on — a property of the method's sensitivity, not a backend error);
 3. the unpatched transformers model (``decode/tokens_per_s_hf``), the speedup baseline.
 
-Only the decode steps are timed (the prefill is reported apart). The Amdahl limit is
-computed from the bytes of weights each decode token must read: all linears plus the
-LM head for dense; for the sparse run, the MLP (or masked linears) scaled by the density
-measured during this decode, with the projections the method evaluates densely to find
-its mask (CATS's gate, CETT's gate and up) counted in full, plus the weights of a learned
-predictor (Deja Vu's low-rank A and B, the SVD predictors), which every token reads.
+Only the decode steps are timed (the prefill is reported apart). Two ceilings:
+
+- ``decode/bytes_limit``: the ratio of weight bytes a decode token reads, dense over
+  sparse — all linears plus the LM head for dense; for the sparse run, the MLP (or masked
+  linears) scaled by the density measured during this decode, with the projections the
+  method evaluates densely to find its mask (CATS's gate, CETT's gate and up) counted in
+  full, plus the weights of a learned predictor (Deja Vu's low-rank A and B, the SVD
+  predictors), which every token reads. It is the speedup only if the whole step were
+  weight reads; on a small model attention, norms and dispatch are a large share of it.
+- ``decode/amdahl_limit``: Amdahl's law on the measured dense step. One more unpatched
+  decode, with hooks around every decoder linear, gives each linear's time per step; a
+  masked linear's saved time is its dense time × the fraction of its bytes skipped (the
+  same byte counts as above), a predictor's reads are charged at the dense linears' mean
+  time per byte, and everything else keeps its measured time. ``decode/fraction_of_limit``
+  is the speedup over this limit; ``decode/linear_time_share`` is the decoder linears'
+  share of the dense step.
 """
 from __future__ import annotations
 
@@ -85,22 +97,71 @@ def weight_bytes(model, controller) -> dict[str, float]:
     return {"total": float(total), "mlp": float(mlp)}
 
 
-def sparse_read_bytes(controller, computed: str | None) -> float:
-    """Weight bytes the sparse run reads per token that the dense run reads in full,
-    given the densities measured while decoding (controller.stats / linear_stats)."""
-    saved = 0.0
+def sparse_saved_bytes(controller, computed: str | None) -> dict[tuple[int, str], float]:
+    """Per masked linear (layer, projection): the weight bytes the sparse run skips per
+    token, given the densities measured while decoding (controller.stats / linear_stats),
+    net of what it reads densely for that linear (R-Sparse's low-rank factors)."""
+    saved: dict[tuple[int, str], float] = collections.defaultdict(float)
     for site in controller.sites:
         st = controller.stats.get(site.layer_idx)
         if st is not None and st.masked_tokens and controller.sparsifier.sparsity_unit == "mlp_neurons":
-            projs = projections_to_compute(site.kind, computed or "x") + ("down",)
-            saved += sum(_linear_bytes(site.projection(p)) for p in projs) * st.sparsity
+            for p in projections_to_compute(site.kind, computed or "x") + ("down",):
+                saved[(site.layer_idx, p)] += _linear_bytes(site.projection(p)) * st.sparsity
     for (layer, proj), st in controller.linear_stats.items():
-        site = controller.sites[layer]
-        lin = site.projection(proj)
-        lin_bytes = _linear_bytes(getattr(lin, "linear", lin))
+        lin = controller.sites[layer].projection(proj)
         es = lin.weight.element_size()
-        saved += lin_bytes * st.sparsity - es * controller.sparsifier.dense_cost(layer, proj)
-    return saved
+        saved[(layer, proj)] += _linear_bytes(getattr(lin, "linear", lin)) * st.sparsity \
+            - es * controller.sparsifier.dense_cost(layer, proj)
+    return dict(saved)
+
+
+def sparse_read_bytes(controller, computed: str | None) -> float:
+    """Weight bytes the sparse run reads per token that the dense run reads in full."""
+    return sum(sparse_saved_bytes(controller, computed).values())
+
+
+def decoder_linears(controller) -> dict[tuple[int, str], nn.Module]:
+    """The model's own nn.Linear of every (layer, projection) a sparsifier may mask."""
+    out = {}
+    for site in controller.sites:
+        for p in ("q", "k", "v", "o", "gate", "up", "down"):
+            if p in site.slots:
+                lin = site.projection(p)
+                out[(site.layer_idx, p)] = getattr(lin, "linear", lin)
+    return out
+
+
+class LinearClock:
+    """Wall time inside each of a set of modules, per module, on single-token calls."""
+
+    def __init__(self, modules: dict, device=None):
+        self.seconds = dict.fromkeys(modules, 0.0)
+        self.clock, self._t0, self._handles = timer(device), None, []
+        for key, m in modules.items():
+            self._handles.append(m.register_forward_pre_hook(self._start))
+            self._handles.append(m.register_forward_hook(lambda *_, key=key: self._stop(key)))
+
+    def _start(self, _module, args):
+        self._t0 = self.clock() if args[0].numel() == args[0].shape[-1] else None
+
+    def _stop(self, key):
+        if self._t0 is not None:
+            self.seconds[key] += self.clock() - self._t0
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def amdahl_limit(step_s: float, linear_s: dict, linear_bytes: dict, saved: dict, predictor_bytes: float) -> float:
+    """Amdahl's law on the measured dense step: the speedup if every byte the masks skip
+    cost nothing and everything else (attention, norms, the LM head, dispatch, the linears
+    the method does not touch) took the time it took in the dense step. A linear's saved
+    time is its dense time × the fraction of its bytes skipped; a predictor's own reads
+    are charged at the dense linears' mean time per byte."""
+    saved_s = sum(linear_s[k] * b / linear_bytes[k] for k, b in saved.items() if linear_bytes.get(k))
+    per_byte = sum(linear_s.values()) / max(sum(linear_bytes.values()), 1.0)
+    return step_s / (step_s - saved_s + predictor_bytes * per_byte)
 
 
 # Predictor tensors a sparsifier reads every decode token, for those that do not report
@@ -165,22 +226,49 @@ class Decode(Evaluator):
 
             raise ConfigError(f"evaluator.decode.new_tokens={n_new} must be at least 2")
 
-        def timed(label):
-            for _ in range(int(cfg.warmup)):
-                controller.backend.reset()
-                greedy_decode(ctx.model, prompt, min(n_new, 8))
-            runs = []
-            for _ in range(int(cfg.repeats)):
-                controller.backend.reset()
-                runs.append(greedy_decode(ctx.model, prompt, n_new))
-            decode_s = statistics.median(r[2] for r in runs)
-            prefill_s = statistics.median(r[1] for r in runs)
-            toks = runs[-1][0]
-            if any(not torch.equal(r[0], toks) for r in runs):
-                raise RuntimeError(f"decode ({label}) is not deterministic across repeats")
-            return toks, prompt.shape[0] * (n_new - 1) / decode_s, prefill_s
+        from ..backends.dense import DenseBackend
 
-        tokens, tps, prefill_s = timed("sparse")
+        sparse_backend, mask_backend = controller.backend, DenseBackend()
+
+        @contextlib.contextmanager
+        def on_dense_mask():
+            controller.backend = mask_backend
+            try:
+                yield
+            finally:
+                controller.backend = sparse_backend
+
+        # the configured backend, the dense-mask backend, the unpatched model
+        modes = {"sparse": contextlib.nullcontext, "dense mask": on_dense_mask, "hf": controller.unpatched}
+
+        def decode(mode, n):
+            with modes[mode]():
+                if mode != "hf":  # the unpatched model leaves the backend (and its counts) alone
+                    controller.backend.reset()
+                return greedy_decode(ctx.model, prompt, n)
+
+        # Interleaved: every repeat times the three in turn, so a drift of the machine's speed
+        # over the minutes this takes moves all three alike; speedups are medians of the
+        # per-repeat (same-minute) ratios.
+        for mode in modes:
+            for _ in range(int(cfg.warmup)):
+                decode(mode, min(n_new, 8))
+        runs = {mode: [] for mode in modes}
+        for _ in range(int(cfg.repeats)):
+            for mode in modes:
+                runs[mode].append(decode(mode, n_new))
+        for mode, rs in runs.items():
+            if any(not torch.equal(r[0], rs[-1][0]) for r in rs):
+                raise RuntimeError(f"decode ({mode}) is not deterministic across repeats")
+        steps = n_new - 1
+
+        def tokens_per_s(mode):
+            return prompt.shape[0] * steps / statistics.median(r[2] for r in runs[mode])
+
+        tokens, ref_tokens, hf_tokens = (runs[m][-1][0] for m in modes)
+        tps, tps_mask, tps_hf = (tokens_per_s(m) for m in modes)
+        prefill_s, prefill_hf = (statistics.median(r[1] for r in runs[m]) for m in ("sparse", "hf"))
+        speedup = statistics.median(h[2] / s[2] for s, h in zip(runs["sparse"], runs["hf"]))
         stats = controller.backend.stats()
         # Densities and what the sparsifier computes densely, from one more (untimed) pass:
         # counting reads h, which must not happen inside the timed runs.
@@ -197,33 +285,34 @@ class Decode(Evaluator):
         controller.mask_observer, controller.linear_mask_observer = on_mlp, lambda _, mask: linear_masks.append(mask)
         try:
             with controller.counting():
-                controller.backend.reset()
-                greedy_decode(ctx.model, prompt, n_new)
+                decode("sparse", n_new)
         finally:
             controller.mask_observer, controller.linear_mask_observer = observers
-        sparse_bytes = sparse_read_bytes(controller, computed[0] if computed else None)
-
-        from ..backends.dense import DenseBackend
-
-        backend, controller.backend = controller.backend, DenseBackend()
-        try:
-            ref_tokens, tps_mask, _ = timed("dense mask")
-            # The same masks on the dense backend: isolates the backend from threshold flips
-            # caused by float summation order upstream.
-            with replaying_masks(controller.sparsifier, mlp_masks, linear_masks):
-                replay_tokens, _, _ = greedy_decode(ctx.model, prompt, n_new)
-        finally:
-            controller.backend = backend
+        saved = sparse_saved_bytes(controller, computed[0] if computed else None)
+        sparse_bytes = sum(saved.values())
+        # The same masks on the dense backend: isolates the backend from threshold flips
+        # caused by float summation order upstream.
+        with on_dense_mask(), replaying_masks(controller.sparsifier, mlp_masks, linear_masks):
+            replay_tokens, _, _ = greedy_decode(ctx.model, prompt, n_new)
+        linears = decoder_linears(controller)
         with controller.unpatched():
-            hf_tokens, tps_hf, prefill_hf = timed("hf")
+            # one more dense decode, instrumented: each linear's share of the step (untimed)
+            clock = LinearClock(linears, model_device(ctx.model))
+            try:
+                greedy_decode(ctx.model, prompt, n_new)
+            finally:
+                clock.remove()
+        linear_s = {k: v / steps for k, v in clock.seconds.items()}
+        linear_bytes = {k: float(_linear_bytes(m)) for k, m in linears.items()}
 
         same = tokens == ref_tokens
         first_diff = int((~same).any(0).nonzero()[0]) if not bool(same.all()) else -1
         wb = weight_bytes(ctx.model, controller)
         share = wb["mlp"] / wb["total"]
         predictor = predictor_read_bytes(controller.sparsifier)
-        limit = wb["total"] / (wb["total"] - sparse_bytes + predictor)
-        speedup = tps / tps_hf
+        bytes_limit = wb["total"] / (wb["total"] - sparse_bytes + predictor)
+        step_hf = prompt.shape[0] / tps_hf  # seconds per decode step of the unpatched model
+        limit = amdahl_limit(step_hf, linear_s, linear_bytes, saved, predictor)
         metrics = {
             "decode/tokens_per_s": tps,
             "decode/tokens_per_s_dense_mask": tps_mask,
@@ -243,6 +332,11 @@ class Decode(Evaluator):
             "decode/weight_bytes_saved_fraction": sparse_bytes / wb["total"],
             # a predictor's own weights, read every token (Deja Vu, SVD predictors), against the limit
             "decode/predictor_bytes_fraction": predictor / wb["total"],
+            # the step as if it were nothing but weight reads: total / remaining bytes
+            "decode/bytes_limit": bytes_limit,
+            "decode/fraction_of_bytes_limit": speedup / bytes_limit,
+            # share of the dense step spent in the decoder's linears (measured, hooks on)
+            "decode/linear_time_share": sum(linear_s.values()) / step_hf,
             "decode/amdahl_limit": limit,
             "decode/fraction_of_limit": speedup / limit,
             # the share of the attainable gain realised: (speedup - 1) / (limit - 1)
