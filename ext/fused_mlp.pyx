@@ -383,6 +383,40 @@ cdef extern from * nogil:
             }
         }
         return k;
+    }
+
+    /* Up to SB_MAX_GROUP input-sparse linears that read the same input x (q/k/v, gate/up), each
+     * with its own threshold: y_g = sum over j with |x_j| > thresholds[g] of x_j * wts[g][j]
+     * (+ biases[g]). One fork/join for the group; thread t owns the same column slice of each
+     * member as sb_linear_token would give it, so every output equals that call's bit for bit.
+     * idxs[g]/coefs[g] are scratch [n_in]; on return ks[g] channels are active, idxs[g][0:ks[g]]. */
+    #define SB_MAX_GROUP 3
+    static void sb_linear_group_token(const float* x, int64_t n_in, int G, const int64_t* n_outs,
+                                      const void* const* wts, int dtype, const float* const* biases,
+                                      const float* thresholds, int32_t* const* idxs, float* const* coefs,
+                                      int64_t* ks, float* const* ys, int threads, int simd) {
+        int64_t work = 0;
+        simd = simd && sb_have_avx2();
+        if (threads < 1) threads = 1;
+        for (int g = 0; g < G; g++) {
+            int64_t k = 0;
+            for (int64_t j = 0; j < n_in; j++)
+                if (fabsf(x[j]) > thresholds[g]) { idxs[g][k] = (int32_t)j; coefs[g][k++] = x[j]; }
+            ks[g] = k;
+            work += k * n_outs[g];
+        }
+        #pragma omp parallel num_threads(threads) if(threads > 1 && work >= SB_MIN_PARALLEL_WORK)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            for (int g = 0; g < G; g++) {
+                int64_t c0, c1;
+                sb_slice(n_outs[g], t, nt, &c0, &c1);
+                if (c1 <= c0) continue;
+                if (biases[g]) memcpy(ys[g] + c0, biases[g] + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(ys[g] + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, ys[g], wts[g], dtype, n_outs[g], idxs[g], coefs[g], ks[g], c0, c1);
+            }
+        }
     }    """
     int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
                          const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
@@ -392,6 +426,10 @@ cdef extern from * nogil:
     int64_t sb_linear_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
                             const float* bias, const uint8_t* mask, int use_threshold, float threshold,
                             int32_t* idx, float* coef, float* y, int threads, int simd)
+    void sb_linear_group_token(const float* x, int64_t n_in, int G, const int64_t* n_outs,
+                               const void* const* wts, int dtype, const float* const* biases,
+                               const float* thresholds, int32_t* const* idxs, float* const* coefs,
+                               int64_t* ks, float* const* ys, int threads, int simd)
     int sb_have_avx2()
 
 DTYPE_F32 = 0
@@ -434,3 +472,34 @@ def linear_token(int64_t x, int64_t n_in, int64_t n_out, int64_t wt, int dtype, 
                             threshold, <int32_t*> <uintptr_t> idx, <float*> <uintptr_t> coef,
                             <float*> <uintptr_t> y, threads, simd)
     return k
+
+
+def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, int threads, int simd):
+    """Input-sparse linears sharing one input ``x`` in one call (see ``sb_linear_group_token``):
+    ``members`` holds, per linear (at most 3), ``(wt, n_out, bias, threshold, idx, coef, y)``
+    with pointers as integers. Returns the active-channel count of each, in order."""
+    cdef int G = len(members)
+    cdef int64_t n_outs[3]
+    cdef const void* wts[3]
+    cdef const float* biases[3]
+    cdef float thresholds[3]
+    cdef int32_t* idxs[3]
+    cdef float* coefs[3]
+    cdef int64_t ks[3]
+    cdef float* ys[3]
+    cdef int g
+    if G < 1 or G > 3:
+        raise ValueError(f"linear_group_token takes 1 to 3 linears, not {G}")
+    for g in range(G):
+        wt, n_out, bias, threshold, idx, coef, y = members[g]
+        wts[g] = <const void*> <uintptr_t> <int64_t> wt
+        n_outs[g] = n_out
+        biases[g] = <const float*> <uintptr_t> <int64_t> bias
+        thresholds[g] = threshold
+        idxs[g] = <int32_t*> <uintptr_t> <int64_t> idx
+        coefs[g] = <float*> <uintptr_t> <int64_t> coef
+        ys[g] = <float*> <uintptr_t> <int64_t> y
+    with nogil:
+        sb_linear_group_token(<const float*> <uintptr_t> x, n_in, G, n_outs, wts, dtype, biases, thresholds,
+                              idxs, coefs, ks, ys, threads, simd)
+    return tuple(ks[g] for g in range(G))

@@ -219,6 +219,15 @@ def fused_weights(gate, up, down, *, gate_bias=None, up_bias=None, down_bias=Non
         dtype_code=KERNEL_DTYPES[dtype], source=source)
 
 
+# Linears that read one input tensor in a decoder layer: the first one's call computes the group.
+SHARED_INPUT = {"q": ("q", "k", "v"), "gate": ("gate", "up")}
+
+
+def _unwrapped(module):
+    """The nn.Linear behind a masked-linear wrapper (patching.SparseLinear keeps it as ``.linear``)."""
+    return getattr(module, "linear", module)
+
+
 @BACKENDS.register("fused")
 class FusedBackend(Backend):
     device_types = ("cpu",)  # a Cython/OpenMP kernel on host memory
@@ -245,6 +254,10 @@ class FusedBackend(Backend):
         self._weights: dict = {}
         self._linear_weights: dict = {}
         self._plans: dict = {}  # layer (MLP) or (layer, proj) (masked linear) → _Plan: the single-token path
+        # q/k/v and gate/up with in-kernel rules: one kernel call per group (``_group_by_rule``)
+        self.group_linears = bool(get("group_linears", True))
+        self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
+        self._thresholds_seen: dict = {}  # (layer, proj) → the threshold of its last rule call
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
@@ -284,6 +297,7 @@ class FusedBackend(Backend):
         self._weights.clear()
         self._linear_weights.clear()
         self._plans.clear()
+        self._stash.clear()
 
     def _mlp_plan(self, site) -> _Plan:
         gate = site.gate.weight if site.kind == "gated" else None
@@ -389,11 +403,73 @@ class FusedBackend(Backend):
         x = inp.x
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
-        plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
+        key = (inp.layer_idx, inp.proj)
+        self._thresholds_seen[key] = rule.threshold
+        done = self._stash.pop(key, None)
+        if done is not None:  # computed with its group: valid for this very input and threshold only
+            src, version, threshold, out, kept = done
+            if src is x and version == x._version and threshold == rule.threshold:
+                self.calls["rule"] += 1
+                return out, kept
+        group = SHARED_INPUT.get(inp.proj)
+        if group is not None and self.group_linears:
+            done = self._group_by_rule(inp, rule, group)
+            if done is not None:
+                return done
+        plan = self._linear_plan(linear, key)
         out = torch.empty(*x.shape[:-1], plan.n_out)
         k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self.calls["rule"] += 1
         return _as_dtype(out, x.dtype), plan.idx[:k]
+
+    def _group_by_rule(self, inp, rule, group: tuple[str, ...]):
+        """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)
+        computes the others too, in one kernel call, with the thresholds they had on the
+        previous token; their results wait in ``_stash`` and are served only to a call with
+        the same input tensor (same version) and the same threshold — otherwise that call
+        computes its own. None: a member's threshold is not known yet (first token)."""
+        layer, x = inp.layer_idx, inp.x
+        thresholds = [rule.threshold]
+        for proj in group[1:]:
+            t = self._thresholds_seen.get((layer, proj))
+            if t is None:
+                return None
+            thresholds.append(t)
+        plan = self._group_plan(inp.site, layer, group)
+        outs = [torch.empty(*x.shape[:-1], n) for n in plan.n_out]
+        members = tuple(head + (t, idx_ptr, coef_ptr, out.data_ptr())
+                        for (head, idx_ptr, coef_ptr), t, out in zip(plan.args, thresholds, outs))
+        n_in, dtype = plan.width
+        t0 = time.perf_counter()
+        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, members,
+                                                 self.threads or torch.get_num_threads(), self.kernel.simd)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        self.calls["rule"] += 1
+        version = x._version
+        for proj, t, out, idx, k in zip(group[1:], thresholds[1:], outs[1:], plan.idx[1:], ks[1:]):
+            self._stash[(layer, proj)] = (x, version, t, _as_dtype(out, x.dtype), idx[:k])
+        return _as_dtype(outs[0], x.dtype), plan.idx[0][:ks[0]]
+
+    def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
+        linears = [_unwrapped(site.projection(p)) for p in group]
+        weights = tuple(lin.weight for lin in linears)
+        plan = self._plans.get((layer, group))
+        if plan is not None and plan.fresh(*weights):
+            return plan
+        heads, idxs, n_outs = [], [], []
+        for proj, lin in zip(group, linears):
+            wt, bias = self.linear_weight(lin, (layer, proj))
+            n_in, n_out = wt.shape
+            # own scratch per member: each one's kept indices outlive the call
+            idx, coef = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in)
+            heads.append(((wt.data_ptr(), n_out, _ptr(bias)), idx.data_ptr(), coef.data_ptr()))
+            idxs.append((idx, coef))
+            n_outs.append(n_out)
+        dtype = KERNEL_DTYPES[self.linear_weight(linears[0], (layer, group[0]))[0].dtype]
+        plan = _Plan(weights, idxs, tuple(heads), [i for i, _ in idxs], (n_in, dtype), n_outs)
+        self._plans[(layer, group)] = plan
+        return plan
 
     @staticmethod
     def _given(w: FusedMLPWeights, inp):
