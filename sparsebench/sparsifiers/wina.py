@@ -77,7 +77,7 @@ import torch
 
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier
+from .base import Sparsifier, TopKRule, topk_mask
 from .teal import (
     LINEARS_OF,
     PROJ_NAMES,
@@ -89,14 +89,6 @@ from .teal import (
 )
 
 PROJECTIONS = PROJ_NAMES
-
-
-def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of the ``keep`` largest entries along the last dimension."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if keep > 0:
-        mask.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
-    return mask
 
 
 @SPARSIFIERS.register("wina")
@@ -220,6 +212,18 @@ class WINA(Sparsifier):
             return None
         keep = int(round((1.0 - s) * inp.x.shape[-1]))
         return topk_mask(self.score(inp), keep)
+
+    def input_mask_rule(self, inp):
+        """The top-k of the score as a rule a kernel applies in place (fp32 inputs: the kernel
+        scores in float32, as ``score`` does then); None during the greedy's trials (a
+        threshold on the score) and for dense linears."""
+        if self._search is not None or inp.x.dtype != torch.float32:
+            return None
+        s = self.level(inp.layer_idx, inp.proj)
+        if s <= 0.0:
+            return None
+        c = self.column_norms(inp)
+        return TopKRule(int(round((1.0 - s) * inp.x.shape[-1])), None if c is None else c.float().contiguous())
 
     def describe(self):
         if self.levels is None:
