@@ -108,6 +108,7 @@ class WINA(Sparsifier):
         self.levels: torch.Tensor | None = None  # [layers, linears] (greedy allocation)
         self._level_rows = (None, [])  # (levels tensor, its rows as Python floats)
         self._search: dict[tuple[int, str], float] | None = None  # thresholds while the greedy runs
+        self._rules: dict = {}  # (layer, proj) → (levels tensor, its TopKRule; False: dense)
 
     @property
     def allocation(self) -> str:
@@ -126,7 +127,7 @@ class WINA(Sparsifier):
         validate_greedy(self.cfg, self.sparsity, self.allocation, self.ALLOCATIONS, units=False)
 
     def attach(self, controller, model):
-        self._norms, self._search = {}, None
+        self._norms, self._search, self._rules = {}, None, {}
         if self.cfg.get("orthogonalize", False):
             orthogonalize(controller.sites)
 
@@ -219,11 +220,15 @@ class WINA(Sparsifier):
         threshold on the score) and for dense linears."""
         if self._search is not None or inp.x.dtype != torch.float32:
             return None
-        s = self.level(inp.layer_idx, inp.proj)
-        if s <= 0.0:
-            return None
-        c = self.column_norms(inp)
-        return TopKRule(int(round((1.0 - s) * inp.x.shape[-1])), None if c is None else c.float().contiguous())
+        key = (inp.layer_idx, inp.proj)
+        levels, rule = self._rules.get(key, (None, None))
+        if levels is not self.levels or rule is None:  # made once per linear and levels tensor
+            s = self.level(inp.layer_idx, inp.proj)
+            c = self.column_norms(inp)
+            rule = False if s <= 0.0 else TopKRule(int(round((1.0 - s) * inp.x.shape[-1])),
+                                                   None if c is None else c.float().contiguous())
+            self._rules[key] = (self.levels, rule)
+        return rule or None
 
     def describe(self):
         if self.levels is None:
