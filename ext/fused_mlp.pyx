@@ -242,6 +242,9 @@ cdef extern from * nogil:
         for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 0);
     }
 
+    #define SB_RULE_ACT 1
+    #define SB_RULE_H 2
+
     /* weights read by one call (elements) below which it runs on one thread */
     #define SB_MIN_PARALLEL_WORK 32768
 
@@ -274,45 +277,65 @@ cdef extern from * nogil:
      *   mode        SB_FROM_X / SB_GIVEN_ACT / SB_GIVEN_H (what `given` holds, per neuron, width I)
      *   gated       1: h = act(gate x + bg) * up_act(up x + bu);  0 (OPT): h = act(up x + bu)
      *   mask        [I] bytes (1 = active); NULL: every neuron, or the threshold rule below
-     *   use_threshold (mask NULL, gated, SB_FROM_X): active = |act(gate x + bg)| > threshold, with the
-     *               gate computed for every neuron in-kernel (CATS fused)
+     *   rule        (mask NULL, SB_FROM_X) the mask made in-kernel: SB_RULE_ACT (gated): active =
+     *               |act(gate x + bg)| > threshold, the gate computed for every neuron (CATS fused);
+     *               SB_RULE_H: active = |h_j| >= thresholds[j], gate and up computed for every neuron
+     *               (CETT fused); 0: none
      *   idx, h      scratch [I] int32 / float; on return idx[0:k] are the active neurons and h[0:k] their h
      *   act_all     scratch [I] float, used by the threshold rule only
      */
     static int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
                                 const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
                                 const float* down_bias, int gated, int mode, const float* given, const uint8_t* mask,
-                                int use_threshold, float threshold, int act, float act_param, int up_act,
-                                int32_t* idx, float* h, float* act_all, float* y, int threads, int simd) {
+                                int rule, float threshold, const float* thresholds, int act, float act_param,
+                                int up_act, int32_t* idx, float* h, float* act_all, float* y, int threads, int simd) {
         int64_t k = 0;
         simd = simd && sb_have_avx2();
         if (threads < 1) threads = 1;
         if (mask) {
             k = sb_compact(mask, I, idx);
-        } else if (!use_threshold) {
+        } else if (!rule) {
             for (int64_t j = 0; j < I; j++) idx[j] = (int32_t)j;
             k = I;
         }
         int64_t shared_k = k;
         /* a fork/join costs microseconds: small calls (tiny models, very sparse layers) stay serial */
-        const int parallel = threads > 1 && (use_threshold ? I : k) * H >= SB_MIN_PARALLEL_WORK;
+        const int parallel = threads > 1 && (rule && !mask ? I : k) * H >= SB_MIN_PARALLEL_WORK;
+        if (mask) rule = 0;
         #pragma omp parallel num_threads(threads) if(parallel)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            if (use_threshold && !mask) {
-                /* CATS fused: the gate of every neuron, then the rule, then the rest for the survivors */
+            if (rule) {
+                /* CATS fused: the gate of every neuron, then the rule, then up and down for the survivors;
+                 * CETT fused: h of every neuron, then the rule, then down for the survivors */
                 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < I; j++) {
-                    float g;
-                    sb_dot2(simd, sb_row(gate, dtype, j, H, 0), NULL, dtype, x, H, &g, NULL);
-                    if (gate_bias) g += gate_bias[j];
-                    act_all[j] = sb_act(act, g, act_param);
+                    float g = 0.0f, u = 0.0f;
+                    if (rule == SB_RULE_H && gated) {
+                        sb_dot2(simd, sb_row(gate, dtype, j, H, 0), sb_row(up, dtype, j, H, 0), dtype, x, H, &g, &u);
+                        if (gate_bias) g += gate_bias[j];
+                        if (up_bias) u += up_bias[j];
+                        act_all[j] = sb_act(act, g, act_param) * sb_act(up_act, u, 0.0f);
+                    } else if (rule == SB_RULE_H) {
+                        sb_dot2(simd, sb_row(up, dtype, j, H, 0), NULL, dtype, x, H, &u, NULL);
+                        if (up_bias) u += up_bias[j];
+                        act_all[j] = sb_act(act, u, act_param);
+                    } else {
+                        sb_dot2(simd, sb_row(gate, dtype, j, H, 0), NULL, dtype, x, H, &g, NULL);
+                        if (gate_bias) g += gate_bias[j];
+                        act_all[j] = sb_act(act, g, act_param);
+                    }
                 }
                 #pragma omp single
                 {
                     int64_t n = 0;
-                    for (int64_t j = 0; j < I; j++)
-                        if (fabsf(act_all[j]) > threshold) idx[n++] = (int32_t)j;
+                    if (rule == SB_RULE_H) {
+                        for (int64_t j = 0; j < I; j++)
+                            if (fabsf(act_all[j]) >= thresholds[j]) idx[n++] = (int32_t)j;
+                    } else {
+                        for (int64_t j = 0; j < I; j++)
+                            if (fabsf(act_all[j]) > threshold) idx[n++] = (int32_t)j;
+                    }
                     shared_k = n;
                 }
             }
@@ -321,17 +344,17 @@ cdef extern from * nogil:
             for (int64_t p = 0; p < kk; p++) {
                 const int64_t j = idx[p];
                 float g = 0.0f, u = 0.0f, a;
-                if (p + 1 < kk && mode != SB_GIVEN_H) {
+                if (p + 1 < kk && mode != SB_GIVEN_H && rule != SB_RULE_H) {
                     const int64_t row_bytes = H * (dtype == SB_F32 ? 4 : 2);
                     sb_prefetch_row(sb_row(up, dtype, idx[p + 1], H, 0), row_bytes);
-                    if (gated && mode == SB_FROM_X && !use_threshold)
+                    if (gated && mode == SB_FROM_X && !rule)
                         sb_prefetch_row(sb_row(gate, dtype, idx[p + 1], H, 0), row_bytes);
                 }
-                if (mode == SB_GIVEN_H) {
-                    h[p] = given[j];
+                if (mode == SB_GIVEN_H || rule == SB_RULE_H) {
+                    h[p] = rule == SB_RULE_H ? act_all[j] : given[j];
                     continue;
                 }
-                if (gated && mode == SB_FROM_X && !use_threshold) {
+                if (gated && mode == SB_FROM_X && !rule) {
                     sb_dot2(simd, sb_row(gate, dtype, j, H, 0), sb_row(up, dtype, j, H, 0), dtype, x, H, &g, &u);
                     if (gate_bias) g += gate_bias[j];
                     a = sb_act(act, g, act_param);
@@ -342,7 +365,7 @@ cdef extern from * nogil:
                         h[p] = sb_act(act, u, act_param);
                         continue;
                     }
-                    a = use_threshold ? act_all[j] : given[j];
+                    a = rule ? act_all[j] : given[j];
                 }
                 if (up_bias) u += up_bias[j];
                 h[p] = a * sb_act(up_act, u, 0.0f);
@@ -371,6 +394,56 @@ cdef extern from * nogil:
         for (int64_t j = 0; j < n_in; j++) {
             int on = mask ? mask[j] != 0 : (use_threshold ? fabsf(x[j]) > threshold : 1);
             if (on) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
+        }
+        #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
+        {
+            int64_t c0, c1;
+            sb_slice(n_out, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+            if (c1 > c0) {
+                if (bias) memcpy(y + c0, bias + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, y, wt, dtype, n_out, idx, coef, k, c0, c1);
+            }
+        }
+        return k;
+    }
+
+    /* The k-th largest of a[0:n] (1 <= k <= n), by quickselect; reorders a. */
+    static float sb_kth_largest(float* a, int64_t n, int64_t k) {
+        int64_t lo = 0, hi = n - 1, want = k - 1; /* index of the answer in descending order */
+        while (lo < hi) {
+            const float pivot = a[lo + (hi - lo) / 2];
+            int64_t i = lo, j = hi;
+            while (i <= j) {
+                while (a[i] > pivot) i++;
+                while (a[j] < pivot) j--;
+                if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+            }
+            if (want <= j) hi = j;
+            else if (want >= i) lo = i;
+            else return a[want];
+        }
+        return a[want];
+    }
+
+    /* One input-sparse linear for one token whose active channels are the `keep` largest scores
+     * s_j = |x_j| * w[j] (w NULL: |x_j|), ties to the lower index — a stable descending sort's first
+     * `keep` (WINA fused). scores and work are scratch [n_in]. Returns the active channels. */
+    static int64_t sb_linear_topk_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
+                                        const float* bias, const float* w, int64_t keep, float* scores,
+                                        float* work, int32_t* idx, float* coef, float* y, int threads, int simd) {
+        int64_t k = 0;
+        simd = simd && sb_have_avx2();
+        if (threads < 1) threads = 1;
+        if (keep > n_in) keep = n_in;
+        if (keep > 0) {
+            for (int64_t j = 0; j < n_in; j++) scores[j] = work[j] = w ? fabsf(x[j]) * w[j] : fabsf(x[j]);
+            const float v = sb_kth_largest(work, n_in, keep);
+            int64_t above = 0;
+            for (int64_t j = 0; j < n_in; j++) above += scores[j] > v;
+            int64_t ties = keep - above; /* channels scoring exactly v that are kept: the lowest indices */
+            for (int64_t j = 0; j < n_in; j++)
+                if (scores[j] > v || (scores[j] == v && ties-- > 0)) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
         }
         #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
         {
@@ -421,8 +494,11 @@ cdef extern from * nogil:
     int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
                          const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
                          const float* down_bias, int gated, int mode, const float* given, const uint8_t* mask,
-                         int use_threshold, float threshold, int act, float act_param, int up_act,
-                         int32_t* idx, float* h, float* act_all, float* y, int threads, int simd)
+                         int rule, float threshold, const float* thresholds, int act, float act_param,
+                         int up_act, int32_t* idx, float* h, float* act_all, float* y, int threads, int simd)
+    int64_t sb_linear_topk_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
+                                 const float* bias, const float* w, int64_t keep, float* scores,
+                                 float* work, int32_t* idx, float* coef, float* y, int threads, int simd)
     int64_t sb_linear_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
                             const float* bias, const uint8_t* mask, int use_threshold, float threshold,
                             int32_t* idx, float* coef, float* y, int threads, int simd)
@@ -437,6 +513,8 @@ DTYPE_BF16 = 1
 FROM_X = 0
 GIVEN_ACT = 1
 GIVEN_H = 2
+RULE_ACT = 1  # |act(gate x)| > threshold (CATS)
+RULE_H = 2  # |h_j| >= thresholds[j] (CETT)
 ACTIVATIONS = {"identity": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4, "fatrelu": 5}
 
 
@@ -447,16 +525,18 @@ def have_avx2():
 
 def mlp_token(int64_t x, int64_t hidden, int64_t inter, int64_t gate, int64_t up, int64_t down_t, int dtype,
               int64_t gate_bias, int64_t up_bias, int64_t down_bias, int gated, int mode, int64_t given,
-              int64_t mask, int use_threshold, float threshold, int act, float act_param, int up_act,
+              int64_t mask, int rule, float threshold, int64_t thresholds, int act, float act_param, int up_act,
               int64_t idx, int64_t h, int64_t act_all, int64_t y, int threads, int simd):
-    """One MLP call for one token (see ``sb_mlp_token``); returns the number of active neurons."""
+    """One MLP call for one token (see ``sb_mlp_token``; ``rule``: 0, RULE_ACT or RULE_H); returns
+    the number of active neurons."""
     cdef int64_t k
     with nogil:
         k = sb_mlp_token(<const float*> <uintptr_t> x, hidden, inter, <const void*> <uintptr_t> gate,
                          <const void*> <uintptr_t> up, <const void*> <uintptr_t> down_t, dtype,
                          <const float*> <uintptr_t> gate_bias, <const float*> <uintptr_t> up_bias,
                          <const float*> <uintptr_t> down_bias, gated, mode, <const float*> <uintptr_t> given,
-                         <const uint8_t*> <uintptr_t> mask, use_threshold, threshold, act, act_param, up_act,
+                         <const uint8_t*> <uintptr_t> mask, rule, threshold,
+                         <const float*> <uintptr_t> thresholds, act, act_param, up_act,
                          <int32_t*> <uintptr_t> idx, <float*> <uintptr_t> h, <float*> <uintptr_t> act_all,
                          <float*> <uintptr_t> y, threads, simd)
     return k
@@ -471,6 +551,20 @@ def linear_token(int64_t x, int64_t n_in, int64_t n_out, int64_t wt, int dtype, 
                             <const float*> <uintptr_t> bias, <const uint8_t*> <uintptr_t> mask, use_threshold,
                             threshold, <int32_t*> <uintptr_t> idx, <float*> <uintptr_t> coef,
                             <float*> <uintptr_t> y, threads, simd)
+    return k
+
+
+def linear_topk_token(int64_t x, int64_t n_in, int64_t n_out, int64_t wt, int dtype, int64_t bias, int64_t w,
+                      int64_t keep, int64_t scores, int64_t work, int64_t idx, int64_t coef, int64_t y, int threads,
+                      int simd):
+    """One input-sparse linear keeping the ``keep`` largest |x_j|·w_j (see ``sb_linear_topk_token``);
+    returns the active channels."""
+    cdef int64_t k
+    with nogil:
+        k = sb_linear_topk_token(<const float*> <uintptr_t> x, n_in, n_out, <const void*> <uintptr_t> wt, dtype,
+                                 <const float*> <uintptr_t> bias, <const float*> <uintptr_t> w, keep,
+                                 <float*> <uintptr_t> scores, <float*> <uintptr_t> work, <int32_t*> <uintptr_t> idx,
+                                 <float*> <uintptr_t> coef, <float*> <uintptr_t> y, threads, simd)
     return k
 
 

@@ -11,7 +11,7 @@ from sparsebench.backends import BACKENDS
 from sparsebench.evaluators.decode import replaying_masks
 from sparsebench.models.patching import PrefillPolicy, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
-from sparsebench.sparsifiers.base import ThresholdRule
+from sparsebench.sparsifiers.base import ThresholdRule, TopKRule
 
 GATED = [a for a in ARCHS if a != "opt"]
 
@@ -67,7 +67,7 @@ def observe(ctl, mlp, linear, acts=None):
 
 
 @pytest.mark.parametrize("arch", GATED)
-@pytest.mark.parametrize("method", ["cats", "teal"])
+@pytest.mark.parametrize("method", ["cats", "teal", "cett", "wina"])
 def test_rule_step_equals_dense_mask_with_the_kernels_masks(arch, method, monkeypatch):
     ids = random_ids(batch=1, seq=7, seed=3)
     model, ctl, state = controller(arch, method, "fused")
@@ -110,7 +110,7 @@ def test_cats_kernel_mask_is_the_threshold_on_act(arch):
         assert 0 < int(mask.sum()) < mask.numel()
 
 
-@pytest.mark.parametrize("method", ["cats", "teal"])
+@pytest.mark.parametrize("method", ["cats", "teal", "cett", "wina"])
 def test_rule_counts_equal_the_masks(method):
     """Sparsity counted on the rule path equals the zeros of the masks it hands observers."""
     model, ctl, _ = controller("llama", method, "fused")
@@ -122,7 +122,7 @@ def test_rule_counts_equal_the_masks(method):
     del mlp[:], linear[:]
     with ctl.counting() as stats, torch.no_grad():
         model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-    if method == "cats":
+    if method in ("cats", "cett"):
         assert sum(s.zeroed for s in stats.values()) == sum(int((~m).sum()) for m in mlp)
         assert all(s.tokens == s.masked_tokens == 1 for s in stats.values())
     else:
@@ -130,9 +130,10 @@ def test_rule_counts_equal_the_masks(method):
         assert zeroed == sum(int((~m).sum()) for m in linear if m is not None) > 0
 
 
-@pytest.mark.parametrize("method", ["cats", "teal"])
+@pytest.mark.parametrize("method", ["cats", "teal", "cett", "wina"])
 def test_rule_agrees_with_mask(method):
-    """A sparsifier's rule is what its mask computes, on random inputs."""
+    """A sparsifier's rule is what its mask computes, on random inputs (brute force: the
+    threshold, or an exact sort for the top-k, applied in torch)."""
     from sparsebench.models.patching import LinearInput, MLPInput
 
     model, ctl, _ = controller("llama", method, "dense")
@@ -142,8 +143,24 @@ def test_rule_agrees_with_mask(method):
         if method == "cats":
             inp = MLPInput(site, x)
             rule = sp.mask_rule(inp)
-            assert rule == ThresholdRule("act", rule.threshold)
+            assert isinstance(rule, ThresholdRule) and rule.on == "act"
             assert torch.equal(sp.mask(inp), inp.act.abs() > rule.threshold)
+        elif method == "cett":
+            inp = MLPInput(site, x)
+            rule = sp.mask_rule(inp)
+            assert isinstance(rule, ThresholdRule) and rule.on == "h" and rule.threshold.shape == (site.intermediate_size,)
+            assert torch.equal(sp.mask(inp), inp.h.abs() >= rule.threshold)
+        elif method == "wina":
+            for proj in ("q", "k", "gate", "down"):
+                width = site.down.in_features if proj == "down" else site.up.in_features
+                inp = LinearInput(site, proj, torch.randn(1, 1, width))
+                rule = sp.input_mask_rule(inp)
+                assert isinstance(rule, TopKRule)
+                score = inp.x.abs().reshape(-1) * (1 if rule.weights is None else rule.weights)
+                order = sorted(range(width), key=lambda j: (-float(score[j]), j))  # exact sort, ties to the lower index
+                expect = torch.zeros(width, dtype=torch.bool)
+                expect[order[:rule.keep]] = True
+                assert torch.equal(sp.input_mask(inp).reshape(-1), expect)
         else:
             for proj in ("q", "gate", "down"):
                 width = site.down.in_features if proj == "down" else site.up.in_features
@@ -253,3 +270,55 @@ def test_grouped_linears_equal_one_call_per_linear(arch):
     assert [(a, b) for a, b, _ in kg] == [(a, b) for a, b, _ in k1]
     assert all(torch.equal(m, n) for (_, _, m), (_, _, n) in zip(kg, k1))
     assert ng < n1
+
+
+def test_topk_kernel_is_an_exact_sort_with_ties_to_the_lower_index():
+    """``linear_topk_token`` on integer-valued inputs, where equal scores are everywhere,
+    against brute force: the first ``keep`` of an exact sort by (-score, index), then the
+    masked product; with and without per-channel weights, every ``keep`` from 0 to n."""
+    from sparsebench.backends.fused import FusedKernel
+
+    gen = torch.Generator().manual_seed(5)
+    kern = FusedKernel(2)
+    n_in, n_out = 37, 20
+    wt = torch.randn(n_in, n_out, generator=gen)
+    idx, coef, y = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in), torch.empty(n_out)
+    scores, work = torch.empty(n_in), torch.empty(n_in)
+    for weights in (None, torch.randint(1, 3, (n_in,), generator=gen).float()):
+        x = torch.randint(-3, 4, (n_in,), generator=gen).float()
+        score = x.abs() * (1 if weights is None else weights)
+        order = sorted(range(n_in), key=lambda j: (-float(score[j]), j))
+        for keep in range(n_in + 1):
+            k = kern.ext.linear_topk_token(x.data_ptr(), n_in, n_out, wt.data_ptr(), 0, 0,
+                                           0 if weights is None else weights.data_ptr(), keep, scores.data_ptr(),
+                                           work.data_ptr(), idx.data_ptr(), coef.data_ptr(), y.data_ptr(), 2, 1)
+            expect = sorted(order[:keep])
+            assert k == keep and idx[:k].tolist() == expect
+            mask = torch.zeros(n_in)
+            mask[expect] = 1
+            assert torch.allclose(y, (x * mask) @ wt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_h_rule_kernel_is_the_threshold_on_h(arch):
+    """CETT's rule in the kernel (gate and up of every neuron, |h_i| >= t_i, down of the
+    kept) against brute force: h computed in torch, the same per-neuron thresholds, and
+    the masked down projection; a plain MLP (OPT) takes h = act(fc1 x)."""
+    model, ctl, _ = controller(arch, "cett", "fused")
+    from sparsebench.models.patching import MLPInput
+
+    for site in ctl.sites:
+        x = torch.randn(1, 1, site.up.in_features)
+        inp = MLPInput(site, x)
+        with torch.no_grad():
+            h = inp.h.reshape(-1)
+            t = h.abs().quantile(0.5) * torch.rand(h.numel(), generator=torch.Generator().manual_seed(site.layer_idx)) * 2
+            done = ctl.backend.mlp_by_rule(site, MLPInput(site, x), ThresholdRule("h", t.contiguous()))
+            out, kept = done
+            keep = h.abs() >= t
+            near = ((h.abs() - t).abs() <= 1e-5 * t.abs().clamp_min(1e-6))  # within rounding of the threshold
+            kept_mask = torch.zeros_like(keep)
+            kept_mask[kept.long()] = True
+            assert torch.equal(kept_mask[~near], keep[~near])
+            ref = site.down(h * kept_mask)
+            assert torch.allclose(out.reshape(-1), ref.reshape(-1), rtol=1e-4, atol=1e-5)

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-from ..sparsifiers.wina import topk_mask
+from ..sparsifiers.base import topk_mask
 from . import ATTENTION_METHODS
 from .base import AttentionCall, AttentionMethod, Selection, _layer_types, attention_modules
 

@@ -27,14 +27,18 @@ perplexity, lm-eval scoring) take ``prefill: dense_mask`` — one dense GEMM and
 multiplied in, exactly what the dense-mask backend computes — or ``prefill: per_token``
 (every token through the kernel, for equivalence tests and for measuring it).
 
-The kernel also computes the mask itself when the sparsifier's mask is a threshold on
-what the kernel computes anyway (CATS's |act(gate)| > t, TEAL's |x| > t:
-``fused_mlp.mlp_token(use_threshold=1)`` / ``linear_token(use_threshold=1)``). In a model
-run the controller hands such a rule (``Sparsifier.mask_rule``) to ``mlp_by_rule`` /
-``linear_by_rule`` on single-token calls: no mask tensor, no ``nonzero()``, no separate pass
-— the gate of every neuron (CATS) or the compare (TEAL) happens inside the kernel. The rule
-is applied to the kernel's own float32 gate, so a neuron within rounding of the threshold
-may differ from the torch-computed mask; the kept indices come back for observers.
+The kernel also computes the mask itself when the sparsifier's mask is a rule on what the
+kernel computes anyway (``sparsifiers.base.ThresholdRule`` / ``TopKRule``): CATS's
+|act(gate)| > t (``mlp_token`` with ``RULE_ACT``: the gate of every neuron, then up and down
+of the kept), CETT's |h_i| >= t_i (``RULE_H``: gate and up of every neuron, then down of the
+kept), TEAL's |x_j| > t (``linear_token`` with a threshold; q/k/v and gate/up as one call per
+group, ``linear_group_token``) and WINA's top-k of |x_j|·‖W[:, j]‖ (``linear_topk_token``:
+quickselect, ties to the lower index). In a model run the controller hands such a rule
+(``Sparsifier.mask_rule`` / ``input_mask_rule``) to ``mlp_by_rule`` / ``linear_by_rule`` on
+single-token calls: no mask tensor, no ``nonzero()``, no separate pass. A rule on a value
+the kernel computes (gate, h) uses the kernel's own float32 dot products, so a neuron within
+rounding of the threshold may differ from the torch-computed mask; rules on x are exact.
+The kept indices come back for observers.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ConfigError
+from ..sparsifiers.base import ThresholdRule, TopKRule
 from . import BACKENDS
 from .base import Backend
 from .index_select import flat_rows
@@ -140,16 +145,17 @@ class FusedKernel:
 
     def mlp(self, w: FusedMLPWeights, x: torch.Tensor, mask: torch.Tensor | None, *, mode: int = 0,
             given: torch.Tensor | None = None, threshold: float | None = None,
-            out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+            h_thresholds: torch.Tensor | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """y for one token ``x`` (H contiguous fp32 values, any shape); ``mask`` bool [I] or
-        None (dense, or the in-kernel rule |act(gate)| > ``threshold``). Returns (y, active
-        neurons)."""
+        None (dense, or an in-kernel rule: |act(gate)| > ``threshold``, or |h_i| >=
+        ``h_thresholds[i]``, fp32 [I] contiguous). Returns (y, active neurons)."""
         idx, h, act_all = self.scratch(w.inter)
         y = torch.empty(w.hidden) if out is None else out
+        rule = self.ext.RULE_H if h_thresholds is not None else (self.ext.RULE_ACT if threshold is not None else 0)
         k = self.ext.mlp_token(
             x.data_ptr(), w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
             _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated), mode, _ptr(given),
-            _ptr(mask), int(threshold is not None), 0.0 if threshold is None else float(threshold),
+            _ptr(mask), rule, 0.0 if threshold is None else float(threshold), _ptr(h_thresholds),
             w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr(), y.data_ptr(),
             self.threads, self.simd)
         return y, k
@@ -256,6 +262,7 @@ class FusedBackend(Backend):
         self._plans: dict = {}  # layer (MLP) or (layer, proj) (masked linear) → _Plan: the single-token path
         # q/k/v and gate/up with in-kernel rules: one kernel call per group (``_group_by_rule``)
         self.group_linears = bool(get("group_linears", True))
+        self._scores: dict = {}  # width → float scratch for the top-k rule (scores, quickselect copy)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
         self._thresholds_seen: dict = {}  # (layer, proj) → the threshold of its last rule call
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
@@ -327,13 +334,14 @@ class FusedBackend(Backend):
         self._plans[key] = plan
         return plan
 
-    def _mlp_token(self, plan: _Plan, x: torch.Tensor, mode: int, given, mask, threshold, out) -> int:
+    def _mlp_token(self, plan: _Plan, x: torch.Tensor, mode: int, given, mask, out, rule: int = 0,
+                   threshold: float = 0.0, h_thresholds: torch.Tensor | None = None) -> int:
         """The MLP kernel on one token through a plan (``x``, ``given``, ``mask`` contiguous
-        and flat; ``threshold`` None or the in-kernel rule's)."""
+        and flat; ``rule`` 0 or the in-kernel rule's kind, with its threshold(s))."""
         head, tail = plan.args
         t0 = time.perf_counter()
-        k = self.kernel.ext.mlp_token(x.data_ptr(), *head, mode, _ptr(given), _ptr(mask), int(threshold is not None),
-                                      0.0 if threshold is None else threshold, *tail, out.data_ptr(),
+        k = self.kernel.ext.mlp_token(x.data_ptr(), *head, mode, _ptr(given), _ptr(mask), rule, threshold,
+                                      _ptr(h_thresholds), *tail, out.data_ptr(),
                                       self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
@@ -382,8 +390,7 @@ class FusedBackend(Backend):
         x = inp.x
         mode, given = self._given(plan.weights, inp)
         out = torch.empty(x.shape)
-        self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(),
-                        None, out)
+        self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(), out)
         return _as_dtype(out, x.dtype)
 
     # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
@@ -391,11 +398,18 @@ class FusedBackend(Backend):
     # which on a small model is a measurable share of the step (step_overhead evaluator).
     def mlp_by_rule(self, site, inp, rule):
         x = inp.x
-        if rule.on != "act" or site.kind != "gated" or x.numel() != x.shape[-1]:
+        if x.numel() != x.shape[-1] or not isinstance(rule, ThresholdRule):
+            return None
+        ext = self.kernel.ext
+        if rule.on == "act" and site.kind == "gated":  # CATS: gate of every neuron, up/down of the kept
+            kind, threshold, h_thresholds = ext.RULE_ACT, rule.threshold, None
+        elif rule.on == "h" and rule.threshold.device.type == "cpu":  # CETT: h of every neuron, down of the kept
+            kind, threshold, h_thresholds = ext.RULE_H, 0.0, rule.threshold
+        else:
             return None
         plan = self._mlp_plan(site)
         out = torch.empty(x.shape)
-        k = self._mlp_token(plan, _fp32_flat(x), self.kernel.ext.FROM_X, None, None, rule.threshold, out)
+        k = self._mlp_token(plan, _fp32_flat(x), ext.FROM_X, None, None, out, kind, threshold, h_thresholds)
         self.calls["rule"] += 1
         return _as_dtype(out, x.dtype), plan.idx[:k]
 
@@ -403,6 +417,8 @@ class FusedBackend(Backend):
         x = inp.x
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
+        if isinstance(rule, TopKRule):
+            return self._topk_by_rule(inp, linear, rule)
         key = (inp.layer_idx, inp.proj)
         self._thresholds_seen[key] = rule.threshold
         done = self._stash.pop(key, None)
@@ -421,6 +437,29 @@ class FusedBackend(Backend):
         k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self.calls["rule"] += 1
         return _as_dtype(out, x.dtype), plan.idx[:k]
+
+    def _topk_by_rule(self, inp, linear, rule):
+        """WINA's top-k of |x_j|·w_j, selected in the kernel (quickselect, ties to the lower
+        index) before the same input-sparse pass."""
+        x = inp.x
+        plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
+        out = torch.empty(*x.shape[:-1], plan.n_out)
+        args, (idx_ptr, coef_ptr) = plan.args
+        scores, work = self._topk_scratch(plan.width)
+        t0 = time.perf_counter()
+        k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, _ptr(rule.weights), rule.keep,
+                                              scores.data_ptr(), work.data_ptr(), idx_ptr, coef_ptr, out.data_ptr(),
+                                              self.threads or torch.get_num_threads(), self.kernel.simd)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        self.calls["rule"] += 1
+        return _as_dtype(out, x.dtype), plan.idx[:k]
+
+    def _topk_scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._scores.get(n)
+        if s is None:
+            s = self._scores[n] = (torch.empty(n), torch.empty(n))
+        return s
 
     def _group_by_rule(self, inp, rule, group: tuple[str, ...]):
         """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)

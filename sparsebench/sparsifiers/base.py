@@ -17,15 +17,40 @@ class NoArtifactCache:
         return move_to(compute(), "cpu")  # as the on-disk cache returns it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ThresholdRule:
-    """A mask that is exactly ``|value| > threshold`` (strict, compared in float32) on a
-    value a kernel computes anyway: ``on="act"`` — act(gate·x) of every MLP neuron (CATS);
-    ``on="x"`` — the input channels of one linear (TEAL). A backend that can apply it in
-    its kernel needs no mask tensor and no separate pass (``Backend.mlp_by_rule``)."""
+    """A mask that is exactly a threshold (compared in float32) on a value a kernel computes
+    anyway: ``on="act"`` — ``|act(gate·x)| > threshold`` for every MLP neuron (CATS);
+    ``on="x"`` — ``|x_j| > threshold`` on the input channels of one linear (TEAL);
+    ``on="h"`` — ``|h_i| >= threshold[i]`` with h = act(gate·x)·up(x) (act(fc1·x) for plain
+    MLPs) and ``threshold`` a float32 tensor [intermediate], one per neuron (CETT). A backend
+    that can apply it in its kernel needs no mask tensor and no separate pass
+    (``Backend.mlp_by_rule`` / ``linear_by_rule``)."""
 
-    on: Literal["act", "x"]
-    threshold: float
+    on: Literal["act", "x", "h"]
+    threshold: float | torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class TopKRule:
+    """A mask that keeps the ``keep`` input channels of one linear with the largest score
+    ``|x_j|·weights[j]`` (``weights`` None: ``|x_j|``), ties to the lower index — exactly
+    ``topk_mask`` of that score (WINA). ``weights`` is a float32 tensor [in_features]."""
+
+    keep: int
+    weights: torch.Tensor | None
+    on: Literal["x"] = "x"
+
+
+def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` largest entries along the last dimension; among equal
+    scores the lower index is kept (a stable descending sort's first ``keep``), so the set
+    is defined exactly — a kernel applying ``TopKRule`` reproduces it."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if keep > 0:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+        mask.scatter_(-1, order, True)
+    return mask
 
 
 class Sparsifier:
@@ -114,7 +139,7 @@ class Sparsifier:
         (must agree with ``mask``: tests compare the two); None: only ``mask`` is known."""
         return None
 
-    def input_mask_rule(self, inp) -> ThresholdRule | None:
+    def input_mask_rule(self, inp) -> ThresholdRule | TopKRule | None:
         """As ``mask_rule``, for ``input_mask`` (and only when ``masked_linear`` is plain)."""
         return None
 

@@ -29,7 +29,7 @@ import torch
 from ..core.device import model_device
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier, calibrate_layerwise, calibration_perplexity
+from .base import Sparsifier, ThresholdRule, calibrate_layerwise, calibration_perplexity
 from .cats import quantile_threshold
 
 MAX_TOKENS = 4096  # tokens per layer used in the bisection (a [tokens × intermediate] matmul per step)
@@ -74,6 +74,7 @@ class CETT(Sparsifier):
         self.eps: torch.Tensor | None = None
         self.cett: torch.Tensor | None = None
         self._t: dict[int, torch.Tensor] = {}
+        self._rules: dict[int, ThresholdRule] = {}  # layer → the rule on its current thresholds
         self._e: dict[int, float] = {}  # ε per layer as a Python float (read once per layer)
 
     def validate(self):
@@ -177,6 +178,17 @@ class CETT(Sparsifier):
             return None
         h = inp.h
         return h.abs() >= self.thresholds(inp.site).to(h.dtype)
+
+    def mask_rule(self, inp):
+        """``mask`` as a rule on h a kernel computes itself (fp32 inputs, where ``mask``
+        compares in float32 too); thresholds are cached per layer, so the rule is made once."""
+        if inp.x.dtype != torch.float32 or self.epsilon(inp.layer_idx) <= 0.0:
+            return None
+        t = self.thresholds(inp.site)
+        rule = self._rules.get(inp.layer_idx)
+        if rule is None or rule.threshold is not t:
+            rule = self._rules[inp.layer_idx] = ThresholdRule("h", t)
+        return rule
 
     @property
     def requested_sparsity(self):

@@ -43,7 +43,7 @@ from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier, calibrate_layerwise
 from ..core.device import model_device
-from .wina import topk_mask
+from .base import topk_mask
 
 
 def oracle_topk(h: torch.Tensor, keep: int) -> torch.Tensor:

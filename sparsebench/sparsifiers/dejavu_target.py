@@ -49,7 +49,7 @@ from .base import calibrate_layerwise
 from .cats import quantile_threshold
 from .dejavu import DejaVu, oracle_topk, train_predictor
 from .svd_predictor import predictor_cost
-from .wina import topk_mask
+from .base import topk_mask
 
 LABELS = ("cats", "cett", "topk_h")
 

@@ -108,7 +108,7 @@ from ..models.patching import LinearInput
 from . import SPARSIFIERS
 from .base import Sparsifier, calibration_perplexity
 from .teal import PROJ_NAMES
-from .wina import topk_mask
+from .base import topk_mask
 
 # linears that read one rotated input, per group; o and down read unrotated inputs
 ROTATED_GROUPS = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}

@@ -67,7 +67,7 @@ import torch
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
 from .base import Sparsifier
-from .wina import topk_mask
+from .base import topk_mask
 
 
 @functools.lru_cache(maxsize=64)

@@ -77,7 +77,7 @@ import torch
 
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier
+from .base import Sparsifier, TopKRule, topk_mask
 from .teal import (
     LINEARS_OF,
     PROJ_NAMES,
@@ -89,14 +89,6 @@ from .teal import (
 )
 
 PROJECTIONS = PROJ_NAMES
-
-
-def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of the ``keep`` largest entries along the last dimension."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if keep > 0:
-        mask.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
-    return mask
 
 
 @SPARSIFIERS.register("wina")
@@ -116,6 +108,7 @@ class WINA(Sparsifier):
         self.levels: torch.Tensor | None = None  # [layers, linears] (greedy allocation)
         self._level_rows = (None, [])  # (levels tensor, its rows as Python floats)
         self._search: dict[tuple[int, str], float] | None = None  # thresholds while the greedy runs
+        self._rules: dict = {}  # (layer, proj) → (levels tensor, its TopKRule; False: dense)
 
     @property
     def allocation(self) -> str:
@@ -134,7 +127,7 @@ class WINA(Sparsifier):
         validate_greedy(self.cfg, self.sparsity, self.allocation, self.ALLOCATIONS, units=False)
 
     def attach(self, controller, model):
-        self._norms, self._search = {}, None
+        self._norms, self._search, self._rules = {}, None, {}
         if self.cfg.get("orthogonalize", False):
             orthogonalize(controller.sites)
 
@@ -220,6 +213,22 @@ class WINA(Sparsifier):
             return None
         keep = int(round((1.0 - s) * inp.x.shape[-1]))
         return topk_mask(self.score(inp), keep)
+
+    def input_mask_rule(self, inp):
+        """The top-k of the score as a rule a kernel applies in place (fp32 inputs: the kernel
+        scores in float32, as ``score`` does then); None during the greedy's trials (a
+        threshold on the score) and for dense linears."""
+        if self._search is not None or inp.x.dtype != torch.float32:
+            return None
+        key = (inp.layer_idx, inp.proj)
+        levels, rule = self._rules.get(key, (None, None))
+        if levels is not self.levels or rule is None:  # made once per linear and levels tensor
+            s = self.level(inp.layer_idx, inp.proj)
+            c = self.column_norms(inp)
+            rule = False if s <= 0.0 else TopKRule(int(round((1.0 - s) * inp.x.shape[-1])),
+                                                   None if c is None else c.float().contiguous())
+            self._rules[key] = (self.levels, rule)
+        return rule or None
 
     def describe(self):
         if self.levels is None:
