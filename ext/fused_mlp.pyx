@@ -382,6 +382,21 @@ cdef extern from * nogil:
         return shared_k;
     }
 
+    /* y = bias + sum over p < k of coef[p] * wt[idx[p]] (wt [n_in, n_out]), threads splitting the columns */
+    static void sb_linear_rows(int64_t n_out, const void* wt, int dtype, const float* bias, const int32_t* idx,
+                               const float* coef, int64_t k, float* y, int threads, int simd) {
+        #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
+        {
+            int64_t c0, c1;
+            sb_slice(n_out, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+            if (c1 > c0) {
+                if (bias) memcpy(y + c0, bias + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, y, wt, dtype, n_out, idx, coef, k, c0, c1);
+            }
+        }
+    }
+
     /* One input-sparse linear for one token: y = sum over active input channels j of x_j * wt[j] (+ bias),
      * wt = W^T stored [n_in, n_out]. Active: mask[j] != 0, or |x_j| > threshold when mask is NULL and
      * use_threshold (TEAL fused), or every channel (dense path). Returns the number of active channels. */
@@ -395,16 +410,7 @@ cdef extern from * nogil:
             int on = mask ? mask[j] != 0 : (use_threshold ? fabsf(x[j]) > threshold : 1);
             if (on) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
         }
-        #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
-        {
-            int64_t c0, c1;
-            sb_slice(n_out, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-            if (c1 > c0) {
-                if (bias) memcpy(y + c0, bias + c0, (size_t)(c1 - c0) * sizeof(float));
-                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-                sb_accumulate_rows(simd, y, wt, dtype, n_out, idx, coef, k, c0, c1);
-            }
-        }
+        sb_linear_rows(n_out, wt, dtype, bias, idx, coef, k, y, threads, simd);
         return k;
     }
 
@@ -445,16 +451,7 @@ cdef extern from * nogil:
             for (int64_t j = 0; j < n_in; j++)
                 if (scores[j] > v || (scores[j] == v && ties-- > 0)) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
         }
-        #pragma omp parallel num_threads(threads) if(threads > 1 && k * n_out >= SB_MIN_PARALLEL_WORK)
-        {
-            int64_t c0, c1;
-            sb_slice(n_out, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-            if (c1 > c0) {
-                if (bias) memcpy(y + c0, bias + c0, (size_t)(c1 - c0) * sizeof(float));
-                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
-                sb_accumulate_rows(simd, y, wt, dtype, n_out, idx, coef, k, c0, c1);
-            }
-        }
+        sb_linear_rows(n_out, wt, dtype, bias, idx, coef, k, y, threads, simd);
         return k;
     }
 
