@@ -131,8 +131,10 @@ def decoder_linears(controller) -> dict[tuple[int, str], nn.Module]:
     return out
 
 
-class LinearClock:
-    """Wall time inside each of a set of modules, per module, on single-token calls."""
+class ModuleClock:
+    """Forward pre/post hooks that add up the wall time spent inside each of a set of modules
+    (``{key: module}`` → ``seconds[key]``), on single-token calls only (decode steps; the
+    prefill is not a decode step)."""
 
     def __init__(self, modules: dict, device=None):
         self.seconds = dict.fromkeys(modules, 0.0)
@@ -297,7 +299,7 @@ class Decode(Evaluator):
         linears = decoder_linears(controller)
         with controller.unpatched():
             # one more dense decode, instrumented: each linear's share of the step (untimed)
-            clock = LinearClock(linears, model_device(ctx.model))
+            clock = ModuleClock(linears, model_device(ctx.model))
             try:
                 greedy_decode(ctx.model, prompt, n_new)
             finally:

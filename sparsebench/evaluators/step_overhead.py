@@ -36,34 +36,10 @@ import torch
 
 from ..data.corpus import heldout_windows
 from ..core.errors import ConfigError
-from ..core.device import model_device, refuse_cuda, timer
+from ..core.device import model_device, refuse_cuda
 from . import EVALUATORS
 from .base import EvalResult, Evaluator
-from .decode import greedy_decode, recording_masks, replaying_masks
-
-
-class WallClock:
-    """Forward pre/post hooks that add up the wall time spent inside a set of modules, on
-    single-token calls only (decode steps; the prefill is not a decode step)."""
-
-    def __init__(self, modules, device=None):
-        self.seconds, self.calls, self._t0, self._handles = 0.0, 0, 0.0, []
-        self.clock = timer(device)  # CUDA: synchronizes before reading the clock
-        for m in modules:
-            self._handles.append(m.register_forward_pre_hook(self._start))
-            self._handles.append(m.register_forward_hook(self._stop))
-
-    def _start(self, _module, args):
-        self._t0 = self.clock() if args[0].numel() == args[0].shape[-1] else None
-
-    def _stop(self, *_):
-        if self._t0 is not None:
-            self.seconds += self.clock() - self._t0
-            self.calls += 1
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
+from .decode import ModuleClock, greedy_decode, recording_masks, replaying_masks
 
 
 def sparse_modules(controller) -> list[torch.nn.Module]:
@@ -97,7 +73,7 @@ class StepOverhead(Evaluator):
             greedy_decode(ctx.model, prompt, n_new)
 
         def replay(instrument: bool):
-            wall = WallClock(sparse_modules(ctl), device) if instrument else None
+            wall = ModuleClock(dict(enumerate(sparse_modules(ctl))), device) if instrument else None
             ctl.backend.reset()
             try:
                 with replaying_masks(ctl.sparsifier, list(mlp_masks), list(linear_masks)):
@@ -113,7 +89,7 @@ class StepOverhead(Evaluator):
             steps.append(replay(False)[0])
             decode_s, _, wall, kernel_s = replay(True)
             instrumented.append(decode_s)
-            inside.append(wall.seconds)
+            inside.append(sum(wall.seconds.values()))
             kernel.append(kernel_s)
         tokens = n_new - 1
         step_s = statistics.median(steps) / tokens
