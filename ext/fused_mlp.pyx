@@ -565,32 +565,34 @@ def linear_topk_token(int64_t x, int64_t n_in, int64_t n_out, int64_t wt, int dt
     return k
 
 
-def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, int threads, int simd):
+def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, tuple thresholds, tuple ys,
+                       int threads, int simd):
     """Input-sparse linears sharing one input ``x`` in one call (see ``sb_linear_group_token``):
-    ``members`` holds, per linear (at most 3), ``(wt, n_out, bias, threshold, idx, coef, y)``
-    with pointers as integers. Returns the active-channel count of each, in order."""
+    ``members`` holds, per linear (at most 3), ``(wt, n_out, bias, idx, coef)`` with pointers as
+    integers (fixed per layer, so a caller keeps the tuple); ``thresholds`` and ``ys`` (output
+    pointers) hold the per-call values in the same order. Returns the active-channel count of each."""
     cdef int G = len(members)
     cdef int64_t n_outs[3]
     cdef const void* wts[3]
     cdef const float* biases[3]
-    cdef float thresholds[3]
+    cdef float ts[3]
     cdef int32_t* idxs[3]
     cdef float* coefs[3]
     cdef int64_t ks[3]
-    cdef float* ys[3]
+    cdef float* outs[3]
     cdef int g
-    if G < 1 or G > 3:
-        raise ValueError(f"linear_group_token takes 1 to 3 linears, not {G}")
+    if G < 1 or G > 3 or len(thresholds) != G or len(ys) != G:
+        raise ValueError(f"linear_group_token takes 1 to 3 linears with one threshold and output each, not {G}")
     for g in range(G):
-        wt, n_out, bias, threshold, idx, coef, y = members[g]
+        wt, n_out, bias, idx, coef = members[g]
         wts[g] = <const void*> <uintptr_t> <int64_t> wt
         n_outs[g] = n_out
         biases[g] = <const float*> <uintptr_t> <int64_t> bias
-        thresholds[g] = threshold
         idxs[g] = <int32_t*> <uintptr_t> <int64_t> idx
         coefs[g] = <float*> <uintptr_t> <int64_t> coef
-        ys[g] = <float*> <uintptr_t> <int64_t> y
+        ts[g] = thresholds[g]
+        outs[g] = <float*> <uintptr_t> <int64_t> ys[g]
     with nogil:
-        sb_linear_group_token(<const float*> <uintptr_t> x, n_in, G, n_outs, wts, dtype, biases, thresholds,
-                              idxs, coefs, ks, ys, threads, simd)
+        sb_linear_group_token(<const float*> <uintptr_t> x, n_in, G, n_outs, wts, dtype, biases, ts,
+                              idxs, coefs, ks, outs, threads, simd)
     return tuple(ks[g] for g in range(G))

@@ -94,6 +94,28 @@ def test_rule_step_equals_dense_mask_with_the_kernels_masks(arch, method, monkey
 
 
 @pytest.mark.parametrize("arch", GATED)
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_unobserved_input_sparse_decode_equals_the_dense_backend(arch, method, monkeypatch):
+    """With no observer or counter, an input-sparse method's decode step takes the short path:
+    every linear by its rule and the MLP straight through its masked linears, never a backend's
+    MLP (whose dense kernel, ``dense_path: kernel``, would skip the linears' masks). Rules on x
+    are exact, so its logits equal the dense backend's masks multiplied in torch."""
+    ids = random_ids(batch=1, seq=7, seed=3)
+    ref_model, _, state = controller(arch, method, "dense")
+    ref = step(ref_model, ids)
+    for dense_path in ("torch", "kernel"):
+        model, ctl, _ = controller(arch, method, "fused", state)
+        ctl.backend.dense_path = dense_path
+        mlp_tokens = []
+        monkeypatch.setattr(ctl.backend, "mlp", lambda site, inp, mask, mlp=ctl.backend.mlp:
+                            mlp_tokens.append(inp.x.shape[-2]) or mlp(site, inp, mask))
+        logits = step(model, ids)
+        assert 1 not in mlp_tokens, dense_path  # the decode step's MLPs never reached the backend
+        assert ctl.backend.calls["rule"] >= len(ctl.sites)
+        assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5), (dense_path, float((logits - ref).abs().max()))
+
+
+@pytest.mark.parametrize("arch", GATED)
 def test_cats_kernel_mask_is_the_threshold_on_act(arch):
     """The kept set equals |act| > t computed in torch, up to neurons within float rounding
     of the threshold (the kernel's gate is its own float32 dot product)."""
@@ -202,11 +224,11 @@ def test_plans_follow_weights_changed_in_place():
 
     with torch.no_grad():
         for change in (lambda w: w.mul_(3.0), lambda w: setattr(lin.linear, "weight", torch.nn.Parameter(-w))):
-            out, kept = ctl.backend.linear_by_rule(inp, lin.linear, rule)
+            out, idx, k = ctl.backend.linear_by_rule(inp, lin.linear, rule)
             assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)
-            assert torch.equal(kept.long(), (x.reshape(-1).abs() > rule.threshold).nonzero().reshape(-1))
+            assert torch.equal(idx[:k].long(), (x.reshape(-1).abs() > rule.threshold).nonzero().reshape(-1))
             change(lin.linear.weight)
-        out, _ = ctl.backend.linear_by_rule(inp, lin.linear, rule)
+        out, _, _ = ctl.backend.linear_by_rule(inp, lin.linear, rule)
         assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)
 
 
@@ -232,8 +254,8 @@ def test_group_kernel_is_each_linear_with_its_own_threshold(dtype):
         singles.append(kern.linear(wt, bias, x, None, threshold=t)[0].clone())
     ks = kern.ext.linear_group_token(
         x.data_ptr(), n_in, KERNEL_DTYPES[dtype],
-        tuple((wt.data_ptr(), wt.shape[1], 0 if b is None else b.data_ptr(), t, i.data_ptr(), c.data_ptr(), y.data_ptr())
-              for (wt, b, i, c, y), t in zip(members, thresholds)), 2, 1)
+        tuple((wt.data_ptr(), wt.shape[1], 0 if b is None else b.data_ptr(), i.data_ptr(), c.data_ptr())
+              for wt, b, i, c, _ in members), tuple(thresholds), tuple(y.data_ptr() for *_, y in members), 2, 1)
     for (wt, b, idx, coef, y), (keep, ref), single, k in zip(members, refs, singles, ks):
         assert k == int(keep.sum())
         assert torch.equal(idx[:k].long(), keep.nonzero().reshape(-1))
@@ -314,7 +336,8 @@ def test_h_rule_kernel_is_the_threshold_on_h(arch):
             h = inp.h.reshape(-1)
             t = h.abs().quantile(0.5) * torch.rand(h.numel(), generator=torch.Generator().manual_seed(site.layer_idx)) * 2
             done = ctl.backend.mlp_by_rule(site, MLPInput(site, x), ThresholdRule("h", t.contiguous()))
-            out, kept = done
+            out, idx, k = done
+            kept = idx[:k]
             keep = h.abs() >= t
             near = ((h.abs() - t).abs() <= 1e-5 * t.abs().clamp_min(1e-6))  # within rounding of the threshold
             kept_mask = torch.zeros_like(keep)

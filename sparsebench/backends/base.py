@@ -16,8 +16,9 @@ class Backend:
     masked (TEAL, WINA, R-Sparse): ``mask`` has the shape of ``inp.x``.
 
     ``mlp_by_rule`` / ``linear_by_rule`` optionally apply a sparsifier's threshold rule
-    (``sparsifiers.base.ThresholdRule``) inside the kernel instead of taking a mask; they
-    return ``(output, kept indices)`` for a single-token call, or None where the backend
+    (``sparsifiers.base.ThresholdRule``, ``TopKRule``) inside the kernel instead of taking a
+    mask; for a single-token call they return ``(output, idx, k)`` — the kept indices are
+    ``idx[:k]``, sliced only by the callers that look at them — or None where the backend
     cannot (the controller then makes the mask and calls ``mlp``/``linear``).
 
     Every backend must return what the dense mask-multiply returns for the same mask.
@@ -36,10 +37,10 @@ class Backend:
     def linear(self, inp, linear, mask: torch.Tensor) -> torch.Tensor:
         return linear(inp.x * mask.to(inp.x.dtype))
 
-    def mlp_by_rule(self, site, inp, rule) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def mlp_by_rule(self, site, inp, rule) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None
 
-    def linear_by_rule(self, inp, linear, rule) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def linear_by_rule(self, inp, linear, rule) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None
 
     def reset(self) -> None:

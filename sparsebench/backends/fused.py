@@ -120,6 +120,11 @@ def _fp32_flat(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
+def _one_token_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
+    """The output shape of one token's ``x`` (every leading dimension 1) with ``n`` features."""
+    return (1,) * (x.dim() - 1) + (n,)
+
+
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -185,13 +190,14 @@ class _Plan:
     call re-checks only that the source tensors are the same objects, at the same address
     and version (a replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
 
-    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out")
+    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out", "site", "linears")
 
     def __init__(self, sources: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
         self.sources = sources
         self.ptrs = tuple(None if t is None else t.data_ptr() for t in sources)
         self.versions = tuple(None if t is None else t._version for t in sources)
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
+        self.site, self.linears = None, ()  # a group's plan: the site and linears it was built from
 
     def fresh(self, *sources) -> bool:
         for t, s, ptr, ver in zip(sources, self.sources, self.ptrs, self.versions):
@@ -393,12 +399,14 @@ class FusedBackend(Backend):
         self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(), out)
         return _as_dtype(out, x.dtype)
 
-    # The two rule entries run once per layer (per linear for TEAL) and decode token, so they
-    # skip conversions that would be no-ops on fp32 inputs: each costs microseconds of Python,
-    # which on a small model is a measurable share of the step (step_overhead evaluator).
+    # The rule entries run once per layer (per linear for TEAL and WINA) and decode token, so
+    # they skip conversions that would be no-ops on fp32 inputs, keep every per-layer argument
+    # in a plan, and return the kept indices as (scratch, count) — slicing a tensor costs
+    # microseconds, and only observers need it. Each microsecond of Python, times seven linears
+    # and thirty layers, is a measurable share of a small model's step (step_overhead evaluator).
     def mlp_by_rule(self, site, inp, rule):
         x = inp.x
-        if x.numel() != x.shape[-1] or not isinstance(rule, ThresholdRule):
+        if x.numel() != x.shape[-1] or rule.__class__ is not ThresholdRule:
             return None
         ext = self.kernel.ext
         if rule.on == "act" and site.kind == "gated":  # CATS: gate of every neuron, up/down of the kept
@@ -411,39 +419,39 @@ class FusedBackend(Backend):
         out = torch.empty(x.shape)
         k = self._mlp_token(plan, _fp32_flat(x), ext.FROM_X, None, None, out, kind, threshold, h_thresholds)
         self.calls["rule"] += 1
-        return _as_dtype(out, x.dtype), plan.idx[:k]
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def linear_by_rule(self, inp, linear, rule):
         x = inp.x
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
-        if isinstance(rule, TopKRule):
+        if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
-        key = (inp.layer_idx, inp.proj)
-        self._thresholds_seen[key] = rule.threshold
+        key = (inp.site.layer_idx, inp.proj)
+        threshold = rule.threshold
+        self._thresholds_seen[key] = threshold
         done = self._stash.pop(key, None)
-        if done is not None:  # computed with its group: valid for this very input and threshold only
-            src, version, threshold, out, kept = done
-            if src is x and version == x._version and threshold == rule.threshold:
-                self.calls["rule"] += 1
-                return out, kept
+        # computed with its group: valid for this very input (and version) and threshold only
+        if done is not None and done[0] is x and done[1] == x._version and done[2] == threshold:
+            self.calls["rule"] += 1
+            return done[3]
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
-            done = self._group_by_rule(inp, rule, group)
+            done = self._group_by_rule(inp, threshold, group)
             if done is not None:
                 return done
         plan = self._linear_plan(linear, key)
-        out = torch.empty(*x.shape[:-1], plan.n_out)
-        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
+        out = torch.empty(_one_token_shape(x, plan.n_out))
+        k = self._linear_token(plan, _fp32_flat(x), None, threshold, out)
         self.calls["rule"] += 1
-        return _as_dtype(out, x.dtype), plan.idx[:k]
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def _topk_by_rule(self, inp, linear, rule):
         """WINA's top-k of |x_j|·w_j, selected in the kernel (quickselect, ties to the lower
         index) before the same input-sparse pass."""
         x = inp.x
-        plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
-        out = torch.empty(*x.shape[:-1], plan.n_out)
+        plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
+        out = torch.empty(_one_token_shape(x, plan.n_out))
         args, (idx_ptr, coef_ptr) = plan.args
         scores, work = self._topk_scratch(plan.width)
         t0 = time.perf_counter()
@@ -453,7 +461,7 @@ class FusedBackend(Backend):
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
-        return _as_dtype(out, x.dtype), plan.idx[:k]
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def _topk_scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self._scores.get(n)
@@ -461,52 +469,57 @@ class FusedBackend(Backend):
             s = self._scores[n] = (torch.empty(n), torch.empty(n))
         return s
 
-    def _group_by_rule(self, inp, rule, group: tuple[str, ...]):
+    def _group_by_rule(self, inp, threshold: float, group: tuple[str, ...]):
         """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)
         computes the others too, in one kernel call, with the thresholds they had on the
         previous token; their results wait in ``_stash`` and are served only to a call with
         the same input tensor (same version) and the same threshold — otherwise that call
         computes its own. None: a member's threshold is not known yet (first token)."""
-        layer, x = inp.layer_idx, inp.x
-        thresholds = [rule.threshold]
+        layer, x = inp.site.layer_idx, inp.x
+        seen = self._thresholds_seen
+        thresholds = (threshold,)
         for proj in group[1:]:
-            t = self._thresholds_seen.get((layer, proj))
+            t = seen.get((layer, proj))
             if t is None:
                 return None
-            thresholds.append(t)
+            thresholds += (t,)
         plan = self._group_plan(inp.site, layer, group)
-        outs = [torch.empty(*x.shape[:-1], n) for n in plan.n_out]
-        members = tuple(head + (t, idx_ptr, coef_ptr, out.data_ptr())
-                        for (head, idx_ptr, coef_ptr), t, out in zip(plan.args, thresholds, outs))
+        outs = tuple(torch.empty(_one_token_shape(x, n)) for n in plan.n_out)
         n_in, dtype = plan.width
         t0 = time.perf_counter()
-        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, members,
+        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, thresholds,
+                                                 tuple(out.data_ptr() for out in outs),
                                                  self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
-        version = x._version
-        for proj, t, out, idx, k in zip(group[1:], thresholds[1:], outs[1:], plan.idx[1:], ks[1:]):
-            self._stash[(layer, proj)] = (x, version, t, _as_dtype(out, x.dtype), idx[:k])
-        return _as_dtype(outs[0], x.dtype), plan.idx[0][:ks[0]]
+        version, fp32 = x._version, x.dtype == torch.float32
+        if not fp32:
+            outs = tuple(out.to(x.dtype) for out in outs)
+        for g in range(1, len(group)):
+            self._stash[(layer, group[g])] = (x, version, thresholds[g], (outs[g], plan.idx[g], ks[g]))
+        return outs[0], plan.idx[0], ks[0]
 
     def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
-        linears = [_unwrapped(site.projection(p)) for p in group]
-        weights = tuple(lin.weight for lin in linears)
+        """The group's plan; it keeps the site and the members' linears it was built from, so a
+        call checks identities and weight versions instead of walking the model's modules."""
         plan = self._plans.get((layer, group))
-        if plan is not None and plan.fresh(*weights):
+        if plan is not None and plan.site is site and plan.fresh(*(lin.weight for lin in plan.linears)):
             return plan
+        linears = tuple(_unwrapped(site.projection(p)) for p in group)
         heads, idxs, n_outs = [], [], []
         for proj, lin in zip(group, linears):
             wt, bias = self.linear_weight(lin, (layer, proj))
             n_in, n_out = wt.shape
             # own scratch per member: each one's kept indices outlive the call
             idx, coef = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in)
-            heads.append(((wt.data_ptr(), n_out, _ptr(bias)), idx.data_ptr(), coef.data_ptr()))
+            heads.append((wt.data_ptr(), n_out, _ptr(bias), idx.data_ptr(), coef.data_ptr()))
             idxs.append((idx, coef))
             n_outs.append(n_out)
         dtype = KERNEL_DTYPES[self.linear_weight(linears[0], (layer, group[0]))[0].dtype]
-        plan = _Plan(weights, idxs, tuple(heads), [i for i, _ in idxs], (n_in, dtype), n_outs)
+        plan = _Plan(tuple(lin.weight for lin in linears), idxs, tuple(heads), [i for i, _ in idxs], (n_in, dtype),
+                     n_outs)
+        plan.site, plan.linears = site, linears
         self._plans[(layer, group)] = plan
         return plan
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.errors import NonFiniteActivation
+from ..sparsifiers.base import Sparsifier
 from .adapters import MLPSite, mlp_sites
 
 
@@ -209,6 +210,12 @@ class SparsityController:
                     self._wrapped.append((site, proj, original, wrapper))
             site.installed = SparseMLP(site, self)
             site.install(site.installed)
+        # layers whose MLP linears are input-masked: a neuron-dense call runs through them
+        self._wrapped_mlp_layers = frozenset(
+            site.layer_idx for site in self.sites if any(p in site.slots for p in ("gate", "up", "down")
+                                                       if p in projections))
+        # a sparsifier that never overrides ``mask`` never masks a neuron (TEAL, WINA)
+        self._masks_neurons = type(self.sparsifier).mask is not Sparsifier.mask
         self._positions: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
         self.sparsifier.attach(self, model)
@@ -342,6 +349,8 @@ class SparsityController:
         this position."""
         if not self.enabled or x.numel() != x.shape[-1]:
             return False
+        if self.prefill.policy == "all":
+            return True
         rows = self._policy_rows()
         return rows is None or bool(rows.all())
 
@@ -360,6 +369,14 @@ class SparsityController:
             done = None if rule is None else self.backend.mlp_by_rule(site, inp, rule)
             if done is not None:
                 return self._finish_mlp_by_rule(site, inp, rule, *done)
+            if (not self._masks_neurons and site.layer_idx in self._wrapped_mlp_layers
+                    and self.mask_observer is None and not self.collect_stats):
+                # an input-sparse method (TEAL, WINA) on a decode token: no neuron mask to make
+                # or observe; the MLP runs through its masked linears as transformers' would
+                out = site.down(inp.h)
+                if self.check_finite and not bool(torch.isfinite(out).all()):
+                    raise NonFiniteActivation(self._non_finite_message(site, x, None))
+                return out
         mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
         rows = self._policy_rows()
         mask = self._restrict(mask, rows)
@@ -368,23 +385,26 @@ class SparsityController:
             self.mask_observer(inp, mask)
         if self.collect_stats:
             self._count(site, inp, mask)  # before the backend: the act it sees is unmodified
-        out = self.backend.mlp(site, inp, mask)
+        if mask is None and site.layer_idx in self._wrapped_mlp_layers:
+            out = site.down(inp.h)  # through the masked linears, never a backend's dense MLP kernel
+        else:
+            out = self.backend.mlp(site, inp, mask)
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteActivation(self._non_finite_message(site, x, mask))
         return out
 
-    def _finish_mlp_by_rule(self, site: MLPSite, inp: MLPInput, rule, out: torch.Tensor,
-                            kept: torch.Tensor) -> torch.Tensor:
-        """Observers and counts for a call whose mask the kernel made (``kept``: the kept
+    def _finish_mlp_by_rule(self, site: MLPSite, inp: MLPInput, rule, out: torch.Tensor, idx: torch.Tensor,
+                            k: int) -> torch.Tensor:
+        """Observers and counts for a call whose mask the kernel made (``idx[:k]``: the kept
         neuron indices). Kept neurons have |act| > t ≥ 0, so none of them is an exact zero."""
         inp.note_kernel_computed(rule.on)
         width = site.intermediate_size
         if self.mask_observer is not None:
-            self.mask_observer(inp, self._mask_from(kept, width, inp.x))
+            self.mask_observer(inp, self._mask_from(idx[:k], width, inp.x))
         if self.collect_stats:
-            self._add_counts(site, tokens=1, masked=True, zeroed=width - kept.numel(), neurons=width)
+            self._add_counts(site, tokens=1, masked=True, zeroed=width - k, neurons=width)
         if self.check_finite and not bool(torch.isfinite(out).all()):
-            raise NonFiniteActivation(self._non_finite_message(site, inp.x, kept))
+            raise NonFiniteActivation(self._non_finite_message(site, inp.x, idx[:k]))
         return out
 
     def _non_finite_message(self, site: MLPSite, x: torch.Tensor, mask) -> str:
@@ -398,18 +418,20 @@ class SparsityController:
         inp = LinearInput(site, proj, x)
         if self.linear_recorder is not None:
             self.linear_recorder(inp)
-        if not self._sparse_here(site):
-            return linear(x)
-        if self.linear_recorder is None and self._rule_applies(x):
+        elif self._rule_applies(x):
+            # the decode step's path: run this call as short as it can be (a small model
+            # makes seven of these per layer and token)
             rule = self.sparsifier.input_mask_rule(inp)
             done = None if rule is None else self.backend.linear_by_rule(inp, linear, rule)
             if done is not None:
-                out, kept = done
+                out, idx, k = done
                 if self.linear_mask_observer is not None:
-                    self.linear_mask_observer(inp, self._mask_from(kept, x.shape[-1], x))
+                    self.linear_mask_observer(inp, self._mask_from(idx[:k], x.shape[-1], x))
                 if self.collect_stats:
-                    self._count_linear(site, proj, x, x.shape[-1] - kept.numel())
+                    self._count_linear(site, proj, x, x.shape[-1] - k)
                 return out
+        if not self._sparse_here(site):
+            return linear(x)
         mask = self._restrict(self.sparsifier.input_mask(inp), self._policy_rows())
         if self.linear_mask_observer is not None:
             self.linear_mask_observer(inp, mask)
