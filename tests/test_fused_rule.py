@@ -2,6 +2,9 @@
 |act(gate)| > t and TEAL's |x| > t are applied by the kernel (no mask tensor), checked
 against brute force — the same thresholds applied in torch, and the dense mask-multiply
 with the kernel's own masks replayed."""
+import copy
+import functools
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -22,15 +25,21 @@ def sparsifier(method):
     return SPARSIFIERS.get(method)(OmegaConf.create({"name": method, "sparsity": 0.5, **DEFAULTS[method]}))
 
 
+@functools.cache
+def calibrated(arch, method):
+    """The method's state calibrated on the dense backend (once per module: WINA's greedy is slow)."""
+    dense_model = make_tiny(arch)
+    dense = SparsityController(sparsifier(method), BACKENDS.get("dense")(None)).attach(dense_model)
+    return dense.sparsifier.calibrate(dense, dense_model, [random_ids(batch=2, seq=16, seed=9)])
+
+
 def controller(arch, method, backend, state=None, **ctl_kw):
     model = make_tiny(arch)
     sp = sparsifier(method)
     ctl = SparsityController(sp, BACKENDS.get(backend)(OmegaConf.create({"name": backend, "threads": 2})),
                              **ctl_kw).attach(model)
-    if state is None:  # calibrated once on the dense backend, loaded everywhere
-        dense_model = make_tiny(arch)
-        dense = SparsityController(sparsifier(method), BACKENDS.get("dense")(None)).attach(dense_model)
-        state = dense.sparsifier.calibrate(dense, dense_model, [random_ids(batch=2, seq=16, seed=9)])
+    if state is None:  # calibrated once on the dense backend, loaded everywhere (a copy: tests may alter it)
+        state = copy.deepcopy(calibrated(arch, method))
     sp.load_state(state)
     return model, ctl, state
 

@@ -451,13 +451,14 @@ class FusedBackend(Backend):
         index) before the same input-sparse pass."""
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
-        out = torch.empty(_one_token_shape(x, plan.n_out))
+        out = torch.empty((1,) * (x.dim() - 1) + (plan.n_out,))
         args, (idx_ptr, coef_ptr) = plan.args
         scores, work = self._topk_scratch(plan.width)
+        weights = rule.weights
         t0 = time.perf_counter()
-        k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, _ptr(rule.weights), rule.keep,
-                                              scores.data_ptr(), work.data_ptr(), idx_ptr, coef_ptr, out.data_ptr(),
-                                              self.threads or torch.get_num_threads(), self.kernel.simd)
+        k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, 0 if weights is None else weights.data_ptr(),
+                                              rule.keep, scores.data_ptr(), work.data_ptr(), idx_ptr, coef_ptr,
+                                              out.data_ptr(), self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
@@ -484,18 +485,19 @@ class FusedBackend(Backend):
                 return None
             thresholds += (t,)
         plan = self._group_plan(inp.site, layer, group)
-        outs = tuple(torch.empty(_one_token_shape(x, n)) for n in plan.n_out)
+        lead = (1,) * (x.dim() - 1)
+        outs = [torch.empty(lead + (n,)) for n in plan.n_out]
         n_in, dtype = plan.width
         t0 = time.perf_counter()
         ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, thresholds,
-                                                 tuple(out.data_ptr() for out in outs),
+                                                 tuple([out.data_ptr() for out in outs]),
                                                  self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
         version, fp32 = x._version, x.dtype == torch.float32
         if not fp32:
-            outs = tuple(out.to(x.dtype) for out in outs)
+            outs = [out.to(x.dtype) for out in outs]
         for g in range(1, len(group)):
             self._stash[(layer, group[g])] = (x, version, thresholds[g], (outs[g], plan.idx[g], ks[g]))
         return outs[0], plan.idx[0], ks[0]
@@ -504,7 +506,7 @@ class FusedBackend(Backend):
         """The group's plan; it keeps the site and the members' linears it was built from, so a
         call checks identities and weight versions instead of walking the model's modules."""
         plan = self._plans.get((layer, group))
-        if plan is not None and plan.site is site and plan.fresh(*(lin.weight for lin in plan.linears)):
+        if plan is not None and plan.site is site and plan.fresh(*[lin.weight for lin in plan.linears]):
             return plan
         linears = tuple(_unwrapped(site.projection(p)) for p in group)
         heads, idxs, n_outs = [], [], []

@@ -426,7 +426,10 @@ class TEAL(Sparsifier):
         return mask
 
     def input_mask_rule(self, inp):
-        return self._per_linear()[1][inp.layer_idx][PROJ_INDEX[inp.proj]]
+        src, _, rules = self._rows  # once per linear and decode token: no call it can spare
+        if src is not self.thresholds:
+            rules = self._per_linear()[1]
+        return rules[inp.site.layer_idx][PROJ_INDEX[inp.proj]]
 
     def describe(self):
         if self.levels is None:

@@ -133,7 +133,7 @@ class WINA(Sparsifier):
 
     # ------------------------------------------------------------ score
     def column_norms(self, inp) -> torch.Tensor | None:
-        key = (inp.layer_idx, inp.proj)
+        key = (inp.site.layer_idx, inp.proj)
         if key not in self._norms:
             use = self.cfg.get("score", "reference") == "paper" or inp.proj in ("k", "gate")
             w = inp.site.projection(inp.proj).weight.detach()
@@ -220,10 +220,10 @@ class WINA(Sparsifier):
         threshold on the score) and for dense linears."""
         if self._search is not None or inp.x.dtype != torch.float32:
             return None
-        key = (inp.layer_idx, inp.proj)
+        key = (inp.site.layer_idx, inp.proj)
         levels, rule = self._rules.get(key, (None, None))
         if levels is not self.levels or rule is None:  # made once per linear and levels tensor
-            s = self.level(inp.layer_idx, inp.proj)
+            s = self.level(key[0], inp.proj)
             c = self.column_norms(inp)
             rule = False if s <= 0.0 else TopKRule(int(round((1.0 - s) * inp.x.shape[-1])),
                                                    None if c is None else c.float().contiguous())
