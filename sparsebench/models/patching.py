@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from ..core.errors import NonFiniteActivation
-from ..sparsifiers.base import Sparsifier
 from .adapters import MLPSite, mlp_sites
 
 
@@ -214,8 +213,7 @@ class SparsityController:
         self._wrapped_mlp_layers = frozenset(
             site.layer_idx for site in self.sites if any(p in site.slots for p in ("gate", "up", "down")
                                                        if p in projections))
-        # a sparsifier that never overrides ``mask`` never masks a neuron (TEAL, WINA)
-        self._masks_neurons = type(self.sparsifier).mask is not Sparsifier.mask
+        self._masks_neurons = getattr(self.sparsifier, "masks_neurons", True)
         self._positions: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
         self.sparsifier.attach(self, model)

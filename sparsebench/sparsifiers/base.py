@@ -130,6 +130,11 @@ class Sparsifier:
         """MLP neuron mask for one MLP call (``inp``: patching.MLPInput); None = dense."""
         return None
 
+    @property
+    def masks_neurons(self) -> bool:
+        """False when the class never overrides ``mask``: it never masks a neuron (TEAL, WINA)."""
+        return type(self).mask is not Sparsifier.mask
+
     def input_mask(self, inp) -> torch.Tensor | None:
         """Input-channel mask for one wrapped linear (``inp``: patching.LinearInput)."""
         return None
