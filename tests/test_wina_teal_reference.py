@@ -8,6 +8,7 @@ error), the requested parameter-weighted sparsity on held-out tokens, each linea
 threshold, WINA's kept sets against an exact sort over the transformed weights, and the
 transform against the reference's rotation written out from the SVD.
 """
+import contextlib
 from importlib import resources
 
 import pytest
@@ -20,6 +21,7 @@ from sparsebench.evaluators.sparsity import linear_input_sparsity
 from sparsebench.models.patching import SparseLinear, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers.base import capture_layer_inputs
+from sparsebench.sparsifiers import teal
 from sparsebench.sparsifiers.teal import PROJ_NAMES, interp_threshold, quantile_table
 
 CALIB = dict(batch=4, seq=32, seed=1)
@@ -180,6 +182,35 @@ def test_greedy_first_choices_match_a_brute_force_search(name):
     for k, lv in enumerate(want, start=1):
         got = {p: float(path[k, PROJ_NAMES.index(p)]) for p in lv}
         assert got == pytest.approx(lv, abs=1e-6), k
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3", "opt"])
+def test_scored_rows_only_keeps_the_scored_rows_of_a_sparse_layer_and_computes_only_them(arch):
+    model, sp, ctl = build("teal", arch, sparsity=0.5)
+    run_layer, _ = capture_layer_inputs(ctl, model, random_ids(**CALIB).split(2))
+    h = run_layer.dense_input(1, 0)
+    site, seq = ctl.sites[1], h.shape[1]
+    start = int(seq * (1 - teal.TAIL_FRACTION))
+    rows_seen = []
+    count = site.attention["q"].linear.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[-2]))
+    try:
+        with torch.no_grad(), ctl.recording(None, sparse_layers={1}):
+            full = run_layer(1, h, 0)
+            with teal.scored_rows_only(site, seq, start):
+                scored = run_layer(1, h, 0)
+    finally:
+        count.remove()
+    torch.testing.assert_close(scored[:, start:], full[:, start:], rtol=1e-5, atol=1e-6)
+    assert rows_seen == [seq, seq - start]  # the hooked forward fed q only the scored rows
+
+
+@pytest.mark.parametrize("name,arch", [("teal", "llama"), ("teal", "opt"), ("wina", "gemma3")])
+def test_greedy_path_on_scored_rows_equals_the_path_on_every_row(name, arch, monkeypatch):
+    fast = build(name, arch, sparsity=0.5)[1].artifacts.value
+    monkeypatch.setattr(teal, "scored_rows_only", lambda *_a: contextlib.nullcontext())
+    every_row = build(name, arch, sparsity=0.5)[1].artifacts.value
+    torch.testing.assert_close(fast["levels"], every_row["levels"], rtol=0, atol=0)
+    torch.testing.assert_close(fast["effective"], every_row["effective"], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- achieved sparsity
