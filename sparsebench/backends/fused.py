@@ -43,6 +43,7 @@ The kept indices come back for observers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,14 @@ def _one_token_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return (1,) * (x.dim() - 1) + (n,)
 
 
+def _buffers(cache: dict, key, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Scratch tensors per ``key`` (a width), made on first use: a decode step allocates none."""
+    bufs = cache.get(key)
+    if bufs is None:
+        bufs = cache[key] = make()
+    return bufs
+
+
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -142,11 +151,8 @@ class FusedKernel:
         self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def scratch(self, n: int):
-        s = self._scratch.get(n)
-        if s is None:
-            s = (torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n))
-            self._scratch[n] = s
-        return s
+        """(kept indices int32, h, act of every neuron) for an MLP of ``n`` neurons."""
+        return _buffers(self._scratch, n, lambda: (torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n)))
 
     def mlp(self, w: FusedMLPWeights, x: torch.Tensor, mask: torch.Tensor | None, *, mode: int = 0,
             given: torch.Tensor | None = None, threshold: float | None = None,
@@ -451,9 +457,9 @@ class FusedBackend(Backend):
         index) before the same input-sparse pass."""
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
-        out = torch.empty((1,) * (x.dim() - 1) + (plan.n_out,))
+        out = torch.empty(_one_token_shape(x, plan.n_out))
         args, (idx_ptr, coef_ptr) = plan.args
-        scores, work = self._topk_scratch(plan.width)
+        scores, work = _buffers(self._scores, plan.width, lambda: (torch.empty(plan.width), torch.empty(plan.width)))
         weights = rule.weights
         t0 = time.perf_counter()
         k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, 0 if weights is None else weights.data_ptr(),
@@ -463,12 +469,6 @@ class FusedBackend(Backend):
         self.calls["kernel"] += 1
         self.calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
-
-    def _topk_scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self._scores.get(n)
-        if s is None:
-            s = self._scores[n] = (torch.empty(n), torch.empty(n))
-        return s
 
     def _group_by_rule(self, inp, threshold: float, group: tuple[str, ...]):
         """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)
@@ -485,7 +485,7 @@ class FusedBackend(Backend):
                 return None
             thresholds += (t,)
         plan = self._group_plan(inp.site, layer, group)
-        lead = (1,) * (x.dim() - 1)
+        lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [torch.empty(lead + (n,)) for n in plan.n_out]
         n_in, dtype = plan.width
         t0 = time.perf_counter()
