@@ -66,6 +66,7 @@ class DejaVu(Sparsifier):
         self._queued: list[torch.Tensor] = []
         # per-call switches read once (a DictConfig lookup per decode step and layer adds up)
         self._lookahead, self._oracle = bool(cfg.get("lookahead", False)), bool(cfg.get("oracle", False))
+        self._by_threshold = cfg.get("selection", "topk") == "threshold"
 
     @property
     def needs_calibration(self) -> bool:
@@ -136,7 +137,7 @@ class DejaVu(Sparsifier):
         return (x @ A.T) @ B.T
 
     def _select(self, scores: torch.Tensor, d_ff: int) -> torch.Tensor:
-        if self.cfg.get("selection", "topk") == "threshold":
+        if self._by_threshold:
             return scores > 0  # sigmoid(s) ≥ 0.5
         return topk_mask(scores, self.keep(d_ff))
 
