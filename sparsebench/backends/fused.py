@@ -525,10 +525,9 @@ class FusedBackend(Backend):
         self._plans[(layer, group)] = plan
         return plan
 
-    @staticmethod
-    def _given(w: FusedMLPWeights, inp):
+    def _given(self, w: FusedMLPWeights, inp):
         """What the sparsifier already computed, as the kernel's mode and an fp32 [N, I] tensor."""
-        ext = kernel()
+        ext = self.kernel.ext
         computed = inp.computed
         if computed == "x":
             return ext.FROM_X, None
