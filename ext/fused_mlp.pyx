@@ -432,48 +432,60 @@ cdef extern from * nogil:
         return a[want];
     }
 
+    /* The active channels of one input-sparse linear into idx/coef, and their count: the `keep` largest
+     * s_j = |x_j| * w[j] (w NULL: |x_j|) when keep >= 0, ties to the lower index — a stable descending
+     * sort's first `keep` (WINA) —, else |x_j| > threshold (TEAL). scores and work: scratch [n_in]. */
+    static int64_t sb_select(const float* x, int64_t n_in, float threshold, int64_t keep, const float* w,
+                             float* scores, float* work, int32_t* idx, float* coef) {
+        int64_t k = 0;
+        if (keep < 0) {
+            for (int64_t j = 0; j < n_in; j++)
+                if (fabsf(x[j]) > threshold) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
+            return k;
+        }
+        if (keep > n_in) keep = n_in;
+        if (keep == 0) return 0;
+        for (int64_t j = 0; j < n_in; j++) scores[j] = work[j] = w ? fabsf(x[j]) * w[j] : fabsf(x[j]);
+        const float v = sb_kth_largest(work, n_in, keep);
+        int64_t above = 0;
+        for (int64_t j = 0; j < n_in; j++) above += scores[j] > v;
+        int64_t ties = keep - above; /* channels scoring exactly v that are kept: the lowest indices */
+        for (int64_t j = 0; j < n_in; j++)
+            if (scores[j] > v || (scores[j] == v && ties-- > 0)) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
+        return k;
+    }
+
     /* One input-sparse linear for one token whose active channels are the `keep` largest scores
-     * s_j = |x_j| * w[j] (w NULL: |x_j|), ties to the lower index — a stable descending sort's first
-     * `keep` (WINA fused). scores and work are scratch [n_in]. Returns the active channels. */
+     * s_j = |x_j| * w[j] (w NULL: |x_j|), ties to the lower index (sb_select; WINA fused). scores and
+     * work are scratch [n_in]. Returns the active channels. */
     static int64_t sb_linear_topk_token(const float* x, int64_t n_in, int64_t n_out, const void* wt, int dtype,
                                         const float* bias, const float* w, int64_t keep, float* scores,
                                         float* work, int32_t* idx, float* coef, float* y, int threads, int simd) {
-        int64_t k = 0;
         simd = simd && sb_have_avx2();
         if (threads < 1) threads = 1;
-        if (keep > n_in) keep = n_in;
-        if (keep > 0) {
-            for (int64_t j = 0; j < n_in; j++) scores[j] = work[j] = w ? fabsf(x[j]) * w[j] : fabsf(x[j]);
-            const float v = sb_kth_largest(work, n_in, keep);
-            int64_t above = 0;
-            for (int64_t j = 0; j < n_in; j++) above += scores[j] > v;
-            int64_t ties = keep - above; /* channels scoring exactly v that are kept: the lowest indices */
-            for (int64_t j = 0; j < n_in; j++)
-                if (scores[j] > v || (scores[j] == v && ties-- > 0)) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
-        }
+        const int64_t k = sb_select(x, n_in, 0.0f, keep < 0 ? 0 : keep, w, scores, work, idx, coef);
         sb_linear_rows(n_out, wt, dtype, bias, idx, coef, k, y, threads, simd);
         return k;
     }
 
     /* Up to SB_MAX_GROUP input-sparse linears that read the same input x (q/k/v, gate/up), each
-     * with its own threshold: y_g = sum over j with |x_j| > thresholds[g] of x_j * wts[g][j]
-     * (+ biases[g]). One fork/join for the group; thread t owns the same column slice of each
-     * member as sb_linear_token would give it, so every output equals that call's bit for bit.
-     * idxs[g]/coefs[g] are scratch [n_in]; on return ks[g] channels are active, idxs[g][0:ks[g]]. */
+     * with its own selection (sb_select: thresholds[g], or the top keeps[g] by ws[g] when keeps[g] >= 0):
+     * y_g = sum over its active j of x_j * wts[g][j] (+ biases[g]). One fork/join for the group;
+     * thread t owns the same column slice of each member as sb_linear_token would give it, so every
+     * output equals that call's bit for bit. idxs[g]/coefs[g] are scratch [n_in], scores/work scratch
+     * [n_in] shared by the members; on return ks[g] channels are active, idxs[g][0:ks[g]]. */
     #define SB_MAX_GROUP 3
     static void sb_linear_group_token(const float* x, int64_t n_in, int G, const int64_t* n_outs,
                                       const void* const* wts, int dtype, const float* const* biases,
-                                      const float* thresholds, int32_t* const* idxs, float* const* coefs,
+                                      const float* thresholds, const int64_t* keeps, const float* const* ws,
+                                      float* scores, float* scratch, int32_t* const* idxs, float* const* coefs,
                                       int64_t* ks, float* const* ys, int threads, int simd) {
         int64_t work = 0;
         simd = simd && sb_have_avx2();
         if (threads < 1) threads = 1;
         for (int g = 0; g < G; g++) {
-            int64_t k = 0;
-            for (int64_t j = 0; j < n_in; j++)
-                if (fabsf(x[j]) > thresholds[g]) { idxs[g][k] = (int32_t)j; coefs[g][k++] = x[j]; }
-            ks[g] = k;
-            work += k * n_outs[g];
+            ks[g] = sb_select(x, n_in, thresholds[g], keeps[g], ws[g], scores, scratch, idxs[g], coefs[g]);
+            work += ks[g] * n_outs[g];
         }
         #pragma omp parallel num_threads(threads) if(threads > 1 && work >= SB_MIN_PARALLEL_WORK)
         {
@@ -501,7 +513,8 @@ cdef extern from * nogil:
                             int32_t* idx, float* coef, float* y, int threads, int simd)
     void sb_linear_group_token(const float* x, int64_t n_in, int G, const int64_t* n_outs,
                                const void* const* wts, int dtype, const float* const* biases,
-                               const float* thresholds, int32_t* const* idxs, float* const* coefs,
+                               const float* thresholds, const int64_t* keeps, const float* const* ws,
+                               float* scores, float* scratch, int32_t* const* idxs, float* const* coefs,
                                int64_t* ks, float* const* ys, int threads, int simd)
     int sb_have_avx2()
 
@@ -565,24 +578,28 @@ def linear_topk_token(int64_t x, int64_t n_in, int64_t n_out, int64_t wt, int dt
     return k
 
 
-def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, tuple thresholds, tuple ys,
-                       int threads, int simd):
+def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, tuple selections, tuple ys,
+                       int64_t scores, int64_t work, int threads, int simd):
     """Input-sparse linears sharing one input ``x`` in one call (see ``sb_linear_group_token``):
     ``members`` holds, per linear (at most 3), ``(wt, n_out, bias, idx, coef)`` with pointers as
-    integers (fixed per layer, so a caller keeps the tuple); ``thresholds`` and ``ys`` (output
-    pointers) hold the per-call values in the same order. Returns the active-channel count of each."""
+    integers (fixed per layer, so a caller keeps the tuple); ``selections`` and ``ys`` (output
+    pointers) hold the per-call values in the same order: a selection is ``(threshold, keep, w)``,
+    |x_j| > threshold when ``keep`` < 0, else the ``keep`` largest |x_j|·w_j (``w`` a pointer, 0:
+    |x_j|). ``scores``/``work``: fp32 scratch [n_in]. Returns the active-channel count of each."""
     cdef int G = len(members)
     cdef int64_t n_outs[3]
     cdef const void* wts[3]
     cdef const float* biases[3]
     cdef float ts[3]
+    cdef int64_t keeps[3]
+    cdef const float* wvec[3]
     cdef int32_t* idxs[3]
     cdef float* coefs[3]
     cdef int64_t ks[3]
     cdef float* outs[3]
     cdef int g
-    if G < 1 or G > 3 or len(thresholds) != G or len(ys) != G:
-        raise ValueError(f"linear_group_token takes 1 to 3 linears with one threshold and output each, not {G}")
+    if G < 1 or G > 3 or len(selections) != G or len(ys) != G:
+        raise ValueError(f"linear_group_token takes 1 to 3 linears with one selection and output each, not {G}")
     for g in range(G):
         wt, n_out, bias, idx, coef = members[g]
         wts[g] = <const void*> <uintptr_t> <int64_t> wt
@@ -590,9 +607,13 @@ def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, tuple 
         biases[g] = <const float*> <uintptr_t> <int64_t> bias
         idxs[g] = <int32_t*> <uintptr_t> <int64_t> idx
         coefs[g] = <float*> <uintptr_t> <int64_t> coef
-        ts[g] = thresholds[g]
+        t, keep, w = selections[g]
+        ts[g] = t
+        keeps[g] = keep
+        wvec[g] = <const float*> <uintptr_t> <int64_t> w
         outs[g] = <float*> <uintptr_t> <int64_t> ys[g]
     with nogil:
-        sb_linear_group_token(<const float*> <uintptr_t> x, n_in, G, n_outs, wts, dtype, biases, ts,
-                              idxs, coefs, ks, outs, threads, simd)
+        sb_linear_group_token(<const float*> <uintptr_t> x, n_in, G, n_outs, wts, dtype, biases, ts, keeps, wvec,
+                              <float*> <uintptr_t> scores, <float*> <uintptr_t> work, idxs, coefs, ks, outs,
+                              threads, simd)
     return tuple(ks[g] for g in range(G))

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import ARCHS, make_tiny, random_ids
 from sparsebench.backends import BACKENDS
+from sparsebench.backends.fused import _ptr
 from sparsebench.evaluators.decode import replaying_masks
 from sparsebench.models.patching import PrefillPolicy, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
@@ -242,47 +243,75 @@ def test_plans_follow_weights_changed_in_place():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_kernel_is_each_linear_with_its_own_threshold(dtype):
-    """``linear_group_token`` against brute force: per member, x masked at its own threshold
-    times its (dtype-rounded) weight; and bit-equal to the one-linear kernel."""
+def test_group_kernel_is_each_linear_with_its_own_selection(dtype):
+    """``linear_group_token`` against brute force: per member, x masked by its own selection —
+    |x_j| > threshold, or the first ``keep`` of an exact sort by (−|x_j|·w_j, j) on
+    integer-valued x, where equal scores are everywhere — times its (dtype-rounded) weight;
+    and bit-equal to the one-linear kernels (``linear_token`` / ``linear_topk_token``)."""
     from sparsebench.backends.fused import KERNEL_DTYPES, FusedKernel
 
     gen = torch.Generator().manual_seed(11)
     kern = FusedKernel(2)
     n_in = 96
-    x = torch.randn(n_in, generator=gen)
-    shapes, thresholds = [100, 40, 40], [0.3, 0.0, 1.1]
-    members, refs, singles = [], [], []
-    for n_out, t in zip(shapes, thresholds):
-        wt = torch.randn(n_in, n_out, generator=gen).to(dtype)
-        bias = torch.randn(n_out, generator=gen) if n_out == 40 and t > 0 else None
-        idx, coef, y = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in), torch.empty(n_out)
-        members.append((wt, bias, idx, coef, y))
-        keep = x.abs() > t
-        refs.append((keep, (x * keep) @ wt.float() + (0 if bias is None else bias)))
-        singles.append(kern.linear(wt, bias, x, None, threshold=t)[0].clone())
-    ks = kern.ext.linear_group_token(
-        x.data_ptr(), n_in, KERNEL_DTYPES[dtype],
-        tuple((wt.data_ptr(), wt.shape[1], 0 if b is None else b.data_ptr(), i.data_ptr(), c.data_ptr())
-              for wt, b, i, c, _ in members), tuple(thresholds), tuple(y.data_ptr() for *_, y in members), 2, 1)
-    for (wt, b, idx, coef, y), (keep, ref), single, k in zip(members, refs, singles, ks):
-        assert k == int(keep.sum())
-        assert torch.equal(idx[:k].long(), keep.nonzero().reshape(-1))
-        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
-        assert torch.equal(y, single)
+    x = torch.randint(-4, 5, (n_in,), generator=gen).float()
+    scratch = [torch.empty(n_in) for _ in range(4)]  # group's scores/work, then the single call's
+    single_idx, single_coef = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in)
+    weights = torch.randint(1, 4, (n_in,), generator=gen).float()
+    # (n_out, threshold, keep, weights): thresholds, a weighted top-k, a plain top-k, keep 0
+    cases = [[(100, 0.5, -1, None), (40, 0.0, -1, None), (40, 2.5, -1, None)],
+             [(100, 0.0, 30, weights), (40, 1.5, -1, None), (40, 0.0, 50, None)],
+             [(64, 0.0, 0, None), (32, 0.0, n_in, weights)]]
+    for members_spec in cases:
+        members, refs, singles = [], [], []
+        for n_out, t, keep, w in members_spec:
+            wt = torch.randn(n_in, n_out, generator=gen).to(dtype)
+            bias = torch.randn(n_out, generator=gen) if n_out == 40 else None
+            idx, coef, y = torch.empty(n_in, dtype=torch.int32), torch.empty(n_in), torch.empty(n_out)
+            members.append((wt, bias, idx, coef, y))
+            if keep < 0:
+                mask = x.abs() > t
+                singles.append(kern.linear(wt, bias, x, None, threshold=t)[0].clone())
+            else:
+                score = x.abs() * (1 if w is None else w)
+                mask = torch.zeros(n_in, dtype=torch.bool)
+                mask[sorted(range(n_in), key=lambda j: (-float(score[j]), j))[:keep]] = True
+                one = torch.empty(n_out)
+                kern.ext.linear_topk_token(x.data_ptr(), n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[dtype], _ptr(bias),
+                                           _ptr(w), keep, scratch[2].data_ptr(), scratch[3].data_ptr(),
+                                           single_idx.data_ptr(), single_coef.data_ptr(), one.data_ptr(), 2, 1)
+                singles.append(one)
+            refs.append((mask, (x * mask) @ wt.float() + (0 if bias is None else bias)))
+        ks = kern.ext.linear_group_token(
+            x.data_ptr(), n_in, KERNEL_DTYPES[dtype],
+            tuple((wt.data_ptr(), wt.shape[1], _ptr(b), i.data_ptr(), c.data_ptr()) for wt, b, i, c, _ in members),
+            tuple((t, keep, _ptr(w)) for _, t, keep, w in members_spec), tuple(y.data_ptr() for *_, y in members),
+            scratch[0].data_ptr(), scratch[1].data_ptr(), 2, 1)
+        for (wt, b, idx, coef, y), (mask, ref), single, k in zip(members, refs, singles, ks):
+            assert k == int(mask.sum())
+            assert torch.equal(idx[:k].long(), mask.nonzero().reshape(-1))
+            assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+            assert torch.equal(y, single)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_grouped_linears_equal_one_call_per_linear(arch):
-    """TEAL decoding several tokens on ``fused``: q/k/v and gate/up as one kernel call per
-    group (from the second token on, when every member's threshold is known) give the same
-    logits bit for bit and the same kept channels as one call per linear, in fewer kernel
-    calls; thresholds changed between tokens are honoured (a stashed result computed with
-    the old threshold is not served)."""
+def shifted_state(method, state):
+    """The calibrated state with every linear's selection moved (TEAL: thresholds ×0.7, WINA:
+    levels ×0.7, i.e. other keeps)."""
+    name = "thresholds" if method == "teal" else "levels"
+    return {**state, name: state[name] * 0.7}
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "teal"), ("qwen2", "teal"), ("gemma3", "teal"),
+                                         ("llama", "wina"), ("gemma3", "wina")])
+def test_grouped_linears_equal_one_call_per_linear(arch, method):
+    """TEAL (thresholds) or WINA (top-k) decoding several tokens on ``fused``: q/k/v and
+    gate/up as one kernel call per group (from the second token on, when every member's
+    selection is known) give the same logits bit for bit and the same kept channels as one
+    call per linear, in fewer kernel calls; selections changed between tokens are honoured
+    (a stashed result computed with the old threshold or keep is not served)."""
     ids = random_ids(batch=1, seq=9, seed=4)
     runs = {}
     for grouped in (True, False):
-        model, ctl, state = controller(arch, "teal", "fused", state=runs.get("state"))
+        model, ctl, state = controller(arch, method, "fused", state=runs.get("state"))
         runs["state"] = state
         ctl.backend.group_linears = grouped
         kept = []
@@ -291,8 +320,8 @@ def test_grouped_linears_equal_one_call_per_linear(arch):
         with torch.no_grad():
             out = model(ids[:, :5], use_cache=True)
             for t in range(5, 9):
-                if t == 7:  # new thresholds mid-decode: every stash entry is stale
-                    ctl.sparsifier.load_state({**state, "thresholds": state["thresholds"] * 0.7})
+                if t == 7:  # new selections mid-decode: every stash entry is stale
+                    ctl.sparsifier.load_state(shifted_state(method, state))
                 out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
                 logits.append(out.logits)
         runs[grouped] = (torch.cat(logits), kept, ctl.backend.calls["kernel"])

@@ -33,7 +33,7 @@ kernel computes anyway (``sparsifiers.base.ThresholdRule`` / ``TopKRule``): CATS
 of the kept), CETT's |h_i| >= t_i (``RULE_H``: gate and up of every neuron, then down of the
 kept), TEAL's |x_j| > t (``linear_token`` with a threshold; q/k/v and gate/up as one call per
 group, ``linear_group_token``) and WINA's top-k of |x_j|·‖W[:, j]‖ (``linear_topk_token``:
-quickselect, ties to the lower index). In a model run the controller hands such a rule
+quickselect, ties to the lower index; grouped like TEAL's thresholds). In a model run the controller hands such a rule
 (``Sparsifier.mask_rule`` / ``input_mask_rule``) to ``mlp_by_rule`` / ``linear_by_rule`` on
 single-token calls: no mask tensor, no ``nonzero()``, no separate pass. A rule on a value
 the kernel computes (gate, h) uses the kernel's own float32 dot products, so a neuron within
@@ -276,7 +276,7 @@ class FusedBackend(Backend):
         self.group_linears = bool(get("group_linears", True))
         self._scores: dict = {}  # width → float scratch for the top-k rule (scores, quickselect copy)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
-        self._thresholds_seen: dict = {}  # (layer, proj) → the threshold of its last rule call
+        self._selections_seen: dict = {}  # (layer, proj) → the kernel selection of its last rule call
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
@@ -431,24 +431,30 @@ class FusedBackend(Backend):
         x = inp.x
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
-        if rule.__class__ is TopKRule:
-            return self._topk_by_rule(inp, linear, rule)
         key = (inp.site.layer_idx, inp.proj)
-        threshold = rule.threshold
-        self._thresholds_seen[key] = threshold
+        topk = rule.__class__ is TopKRule
+        # the kernel's selection: (threshold, -1, 0) for |x_j| > t, (0, keep, weights) for a top-k
+        if topk:
+            weights = rule.weights
+            selection = (0.0, rule.keep, 0 if weights is None else weights.data_ptr())
+        else:
+            selection = (rule.threshold, -1, 0)
+        self._selections_seen[key] = selection
         done = self._stash.pop(key, None)
-        # computed with its group: valid for this very input (and version) and threshold only
-        if done is not None and done[0] is x and done[1] == x._version and done[2] == threshold:
+        # computed with its group: valid for this very input (and version) and selection only
+        if done is not None and done[0] is x and done[1] == x._version and done[2] == selection:
             self.calls["rule"] += 1
             return done[3]
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
-            done = self._group_by_rule(inp, threshold, group)
+            done = self._group_by_rule(inp, selection, group)
             if done is not None:
                 return done
+        if topk:
+            return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        k = self._linear_token(plan, _fp32_flat(x), None, threshold, out)
+        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self.calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
@@ -470,27 +476,27 @@ class FusedBackend(Backend):
         self.calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
-    def _group_by_rule(self, inp, threshold: float, group: tuple[str, ...]):
+    def _group_by_rule(self, inp, selection: tuple, group: tuple[str, ...]):
         """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)
-        computes the others too, in one kernel call, with the thresholds they had on the
-        previous token; their results wait in ``_stash`` and are served only to a call with
-        the same input tensor (same version) and the same threshold — otherwise that call
-        computes its own. None: a member's threshold is not known yet (first token)."""
+        computes the others too, in one kernel call, with the selections (threshold or top-k)
+        they had on the previous token; their results wait in ``_stash`` and are served only
+        to a call with the same input tensor (same version) and the same selection — otherwise
+        that call computes its own. None: a member's selection is not known yet (first token)."""
         layer, x = inp.site.layer_idx, inp.x
-        seen = self._thresholds_seen
-        thresholds = (threshold,)
+        seen = self._selections_seen
+        selections = (selection,)
         for proj in group[1:]:
             t = seen.get((layer, proj))
             if t is None:
                 return None
-            thresholds += (t,)
+            selections += (t,)
         plan = self._group_plan(inp.site, layer, group)
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [torch.empty(lead + (n,)) for n in plan.n_out]
-        n_in, dtype = plan.width
+        n_in, dtype, scores, work = plan.width
         t0 = time.perf_counter()
-        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, thresholds,
-                                                 tuple([out.data_ptr() for out in outs]),
+        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, selections,
+                                                 tuple([out.data_ptr() for out in outs]), scores, work,
                                                  self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
@@ -499,7 +505,7 @@ class FusedBackend(Backend):
         if not fp32:
             outs = [out.to(x.dtype) for out in outs]
         for g in range(1, len(group)):
-            self._stash[(layer, group[g])] = (x, version, thresholds[g], (outs[g], plan.idx[g], ks[g]))
+            self._stash[(layer, group[g])] = (x, version, selections[g], (outs[g], plan.idx[g], ks[g]))
         return outs[0], plan.idx[0], ks[0]
 
     def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
@@ -519,8 +525,9 @@ class FusedBackend(Backend):
             idxs.append((idx, coef))
             n_outs.append(n_out)
         dtype = KERNEL_DTYPES[self.linear_weight(linears[0], (layer, group[0]))[0].dtype]
-        plan = _Plan(tuple(lin.weight for lin in linears), idxs, tuple(heads), [i for i, _ in idxs], (n_in, dtype),
-                     n_outs)
+        select_scratch = (torch.empty(n_in), torch.empty(n_in))  # top-k scores and quickselect copy, shared
+        plan = _Plan(tuple(lin.weight for lin in linears), (idxs, select_scratch), tuple(heads), [i for i, _ in idxs],
+                     (n_in, dtype, *[t.data_ptr() for t in select_scratch]), n_outs)
         plan.site, plan.linears = site, linears
         self._plans[(layer, group)] = plan
         return plan
