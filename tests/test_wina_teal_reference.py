@@ -204,11 +204,26 @@ def test_scored_rows_only_keeps_the_scored_rows_of_a_sparse_layer_and_computes_o
     assert rows_seen == [seq, seq - start]  # the hooked forward fed q only the scored rows
 
 
-@pytest.mark.parametrize("name,arch", [("teal", "llama"), ("teal", "opt"), ("wina", "gemma3")])
-def test_greedy_path_on_scored_rows_equals_the_path_on_every_row(name, arch, monkeypatch):
-    fast = build(name, arch, sparsity=0.5)[1].artifacts.value
+@pytest.mark.parametrize("name,arch,cfg", [("teal", "llama", {}), ("teal", "opt", {}), ("wina", "gemma3", {}),
+                                           ("teal", "qwen2", {"greedy_units": "group"})])
+def test_greedy_path_with_its_shortcuts_equals_the_plain_greedy(name, arch, cfg, monkeypatch):
+    """The greedy computing only the scored rows and reusing the attention output of MLP
+    trials finds the same path as every forward computed in full."""
+    seen = []
+    reuse = teal.attention_reuse
+
+    @contextlib.contextmanager
+    def counting_reuse(site, units):
+        with reuse(site, units) as before:
+            seen.append(type(site.layer.self_attn).__name__)
+            yield before
+
+    monkeypatch.setattr(teal, "attention_reuse", counting_reuse)
+    fast = build(name, arch, sparsity=0.5, **cfg)[1].artifacts.value
+    assert seen and set(seen) == {"_ReusedAttention"}
     monkeypatch.setattr(teal, "scored_rows_only", lambda *_a: contextlib.nullcontext())
-    every_row = build(name, arch, sparsity=0.5)[1].artifacts.value
+    monkeypatch.setattr(teal, "attention_reuse", lambda *_a: contextlib.nullcontext(lambda _levels: None))
+    every_row = build(name, arch, sparsity=0.5, **cfg)[1].artifacts.value
     torch.testing.assert_close(fast["levels"], every_row["levels"], rtol=0, atol=0)
     torch.testing.assert_close(fast["effective"], every_row["effective"], rtol=0, atol=0)
 

@@ -256,6 +256,66 @@ def scored_rows_only(site, seq_len: int, start: int):
             h.remove()
 
 
+ATTENTION_LINEARS = frozenset(("q", "k", "v", "o"))
+REUSED_ATTENTION_OUTPUTS = 8  # a greedy step tries ≤ 4 attention settings; the winner's is reused next
+
+
+class _ReusedAttention(torch.nn.Module):
+    """Stands in for a layer's attention module while the greedy probes it: one forward per
+    setting of the attention linears' levels, served again for the same setting."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.key = None  # the setting of the next forward; None: compute, keep nothing (dense reference)
+        self.outputs: dict = {}
+
+    def forward(self, *args, **kwargs):
+        key = self.key
+        if key is None:
+            return self.inner(*args, **kwargs)
+        out = self.outputs.pop(key, None)
+        if out is None:
+            out = self.inner(*args, **kwargs)
+            if len(self.outputs) >= REUSED_ATTENTION_OUTPUTS:
+                self.outputs.pop(next(iter(self.outputs)))  # least recently used
+        self.outputs[key] = out
+        return out
+
+    def __getattr__(self, name):  # attributes the decoder layer may read off its attention module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def attention_reuse(site, units):
+    """While inside, layer ``site``'s attention module computes once per setting of the
+    ``units`` that mask its linears (q, k, v, o) and serves that output again: the greedy's
+    trials of an MLP unit (gate, up, down) leave the attention output unchanged (the probe
+    feeds the same hidden states every time, and with ``use_cache`` off the module keeps no
+    state), so those trials run the MLP alone. Yields ``before(levels)``, to call before each
+    sparse forward with the levels it runs at. The module is put back on exit."""
+    attention_units = tuple(u for u in units if ATTENTION_LINEARS & set(LINEARS_OF[u]))
+    inner = getattr(site.layer, "self_attn", None)
+    if inner is None or not attention_units:
+        yield lambda _levels: None
+        return
+    reused = _ReusedAttention(inner)
+
+    def before(levels):
+        reused.key = tuple(levels[u] for u in attention_units)
+
+    site.layer.self_attn = reused
+    try:
+        yield before
+    finally:
+        site.layer.self_attn = inner
+
+
 @torch.no_grad()
 def greedy_trajectory(controller, model, batches, *, units: str, step: float, top: float,
                       sequences: int, error: str,
@@ -272,7 +332,8 @@ def greedy_trajectory(controller, model, batches, *, units: str, step: float, to
     each layer's path as it is found (a path takes an hour on 2 cores: a stopped run
     resumes from the last finished layer); layers are independent (dense inputs). With
     the reference error only the scored rows are computed where that is exact
-    (``scored_rows_only``).
+    (``scored_rows_only``), and a trial of an MLP unit reuses the attention output of its
+    setting (``attention_reuse``).
     """
     from tqdm.auto import tqdm
 
@@ -288,8 +349,11 @@ def greedy_trajectory(controller, model, batches, *, units: str, step: float, to
         probe = LayerProbe(controller, i, run_layer, [hidden])
         seq_len = hidden.shape[1]
         start = int(seq_len * (1 - TAIL_FRACTION)) if error == "reference" else 0
-        with scored_rows_only(site, seq_len, start):
-            path = greedy_path(params, lambda lv: apply(i, prepared, lv), probe, block_step(site, step), top, error)
+        with scored_rows_only(site, seq_len, start), attention_reuse(site, params) as before:
+            def set_levels(lv):
+                before(lv)
+                apply(i, prepared, lv)
+            path = greedy_path(params, set_levels, probe, block_step(site, step), top, error)
         per = linear_params(site)
         total = sum(per.values())
         # the path is Python floats: CPU bookkeeping (cached as an artifact, read as floats)
