@@ -24,13 +24,16 @@ Only the decode steps are timed (the prefill is reported apart). Two ceilings:
   full, plus the weights of a learned predictor (Deja Vu's low-rank A and B, the SVD
   predictors), which every token reads. It is the speedup only if the whole step were
   weight reads; on a small model attention, norms and dispatch are a large share of it.
-- ``decode/amdahl_limit``: Amdahl's law on the measured dense step. One more unpatched
-  decode, with hooks around every decoder linear, gives each linear's time per step; a
+- ``decode/amdahl_limit``: Amdahl's law on the measured dense step. In every repeat, right
+  after the unpatched decode, one more unpatched decode with hooks around every decoder linear
+  gives each linear's time per step; a
   masked linear's saved time is its dense time × the fraction of its bytes skipped (the
   same byte counts as above), a predictor's reads are charged at the dense linears' mean
   time per byte, and everything else keeps its measured time. ``decode/fraction_of_limit``
   is the speedup over this limit; ``decode/linear_time_share`` is the decoder linears'
-  share of the dense step.
+  share of the dense step. Both are medians of the per-repeat values, each from one repeat's
+  own dense step (an earlier version timed the linears once, apart from the timed repeats,
+  and the limit moved with the machine's speed between the two moments).
 """
 from __future__ import annotations
 
@@ -240,12 +243,27 @@ class Decode(Evaluator):
             finally:
                 controller.backend = sparse_backend
 
-        # the configured backend, the dense-mask backend, the unpatched model
-        modes = {"sparse": contextlib.nullcontext, "dense mask": on_dense_mask, "hf": controller.unpatched}
+        linears = decoder_linears(controller)
+        linear_runs: list[dict] = []  # per timed repeat: each decoder linear's seconds in the unpatched decode
+
+        @contextlib.contextmanager
+        def hf_linears_clocked():
+            with controller.unpatched():
+                clock = ModuleClock(linears, model_device(ctx.model))
+                try:
+                    yield
+                finally:
+                    clock.remove()
+                    linear_runs.append(clock.seconds)
+
+        # the configured backend, the dense-mask backend, the unpatched model, and the unpatched
+        # model with a clock around every decoder linear (for the Amdahl limit; untimed itself)
+        modes = {"sparse": contextlib.nullcontext, "dense mask": on_dense_mask, "hf": controller.unpatched,
+                 "hf linears": hf_linears_clocked}
 
         def decode(mode, n):
             with modes[mode]():
-                if mode != "hf":  # the unpatched model leaves the backend (and its counts) alone
+                if mode in ("sparse", "dense mask"):  # the unpatched model leaves the backend (and its counts) alone
                     controller.backend.reset()
                 return greedy_decode(ctx.model, prompt, n)
 
@@ -256,6 +274,7 @@ class Decode(Evaluator):
             for _ in range(int(cfg.warmup)):
                 decode(mode, min(n_new, 8))
         runs = {mode: [] for mode in modes}
+        linear_runs.clear()  # the warm-up's
         for _ in range(int(cfg.repeats)):
             for mode in modes:
                 runs[mode].append(decode(mode, n_new))
@@ -267,8 +286,8 @@ class Decode(Evaluator):
         def tokens_per_s(mode):
             return prompt.shape[0] * steps / statistics.median(r[2] for r in runs[mode])
 
-        tokens, ref_tokens, hf_tokens = (runs[m][-1][0] for m in modes)
-        tps, tps_mask, tps_hf = (tokens_per_s(m) for m in modes)
+        tokens, ref_tokens, hf_tokens = (runs[m][-1][0] for m in ("sparse", "dense mask", "hf"))
+        tps, tps_mask, tps_hf = (tokens_per_s(m) for m in ("sparse", "dense mask", "hf"))
         prefill_s, prefill_hf = (statistics.median(r[1] for r in runs[m]) for m in ("sparse", "hf"))
         speedup = statistics.median(h[2] / s[2] for s, h in zip(runs["sparse"], runs["hf"]))
         stats = controller.backend.stats()
@@ -296,15 +315,6 @@ class Decode(Evaluator):
         # caused by float summation order upstream.
         with on_dense_mask(), replaying_masks(controller.sparsifier, mlp_masks, linear_masks):
             replay_tokens, _, _ = greedy_decode(ctx.model, prompt, n_new)
-        linears = decoder_linears(controller)
-        with controller.unpatched():
-            # one more dense decode, instrumented: each linear's share of the step (untimed)
-            clock = ModuleClock(linears, model_device(ctx.model))
-            try:
-                greedy_decode(ctx.model, prompt, n_new)
-            finally:
-                clock.remove()
-        linear_s = {k: v / steps for k, v in clock.seconds.items()}
         linear_bytes = {k: float(_linear_bytes(m)) for k, m in linears.items()}
 
         same = tokens == ref_tokens
@@ -313,8 +323,16 @@ class Decode(Evaluator):
         share = wb["mlp"] / wb["total"]
         predictor = predictor_read_bytes(controller.sparsifier)
         bytes_limit = wb["total"] / (wb["total"] - sparse_bytes + predictor)
-        step_hf = prompt.shape[0] / tps_hf  # seconds per decode step of the unpatched model
-        limit = amdahl_limit(step_hf, linear_s, linear_bytes, saved, predictor)
+        # The limit per repeat, from that repeat's unpatched step and the instrumented decode timed
+        # right after it (same minute: the machine's speed drifts between minutes), then the median.
+        per_repeat = []
+        for hf_run, seconds in zip(runs["hf"], linear_runs):
+            step_hf = hf_run[2] / steps  # seconds per decode step of the unpatched model
+            linear_s = {k: v / steps for k, v in seconds.items()}
+            per_repeat.append((amdahl_limit(step_hf, linear_s, linear_bytes, saved, predictor),
+                               sum(linear_s.values()) / step_hf))
+        limit = statistics.median(lim for lim, _ in per_repeat)
+        linear_share = statistics.median(share for _, share in per_repeat)
         metrics = {
             "decode/tokens_per_s": tps,
             "decode/tokens_per_s_dense_mask": tps_mask,
@@ -338,7 +356,7 @@ class Decode(Evaluator):
             "decode/bytes_limit": bytes_limit,
             "decode/fraction_of_bytes_limit": speedup / bytes_limit,
             # share of the dense step spent in the decoder's linears (measured, hooks on)
-            "decode/linear_time_share": sum(linear_s.values()) / step_hf,
+            "decode/linear_time_share": linear_share,
             "decode/amdahl_limit": limit,
             "decode/fraction_of_limit": speedup / limit,
             # the share of the attainable gain realised: (speedup - 1) / (limit - 1)
