@@ -46,7 +46,7 @@ def sparse_modules(controller) -> list[torch.nn.Module]:
     """The modules the controller installed: one per MLP, plus the masked-linear wrappers
     that are not inside an MLP already timed (TEAL's q/k/v/o)."""
     mods = [site.installed for site in controller.sites]
-    for _, proj, _, wrapper in getattr(controller, "_wrapped", []):
+    for _, proj, wrapper in controller.input_masked_linears():
         if proj not in ("gate", "up", "down"):
             mods.append(wrapper)
     return mods

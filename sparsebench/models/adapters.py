@@ -39,6 +39,8 @@ class MLPSite:
     # ``up.weight`` directly must apply it themselves.
     up_act: Callable | None = None
     installed: nn.Module | None = None  # the module computing the MLP once patched
+    # (parent, attribute) of the layer's attention module, for code that stands in for it
+    attention_slot: tuple[nn.Module, str] | None = None
 
     def projection(self, name: str) -> nn.Linear:
         # MLP projections are read from the site: OPT's fc1/fc2 slots hold the installed MLP
@@ -91,6 +93,7 @@ class GatedMLPAdapter:
                 slots={"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "o_proj"),
                        "gate": (mlp, "gate_proj"), "up": (mlp, "up_proj"), "down": (mlp, "down_proj")},
                 up_act=getattr(mlp.up_proj, "output_activation", None),
+                attention_slot=(layer, "self_attn"),
             ))
         return out
 
@@ -119,6 +122,7 @@ class OPTAdapter:
                 install=install, restore=restore,
                 slots={"q": (attn, "q_proj"), "k": (attn, "k_proj"), "v": (attn, "v_proj"), "o": (attn, "out_proj"),
                        "up": (layer, "fc1"), "down": (layer, "fc2")},
+                attention_slot=(layer, "self_attn"),
             ))
         return out
 

@@ -224,6 +224,10 @@ class SparsityController:
         self._hook.remove()
         self.sites, self._wrapped = [], []
 
+    def input_masked_linears(self) -> list[tuple[MLPSite, str, SparseLinear]]:
+        """(site, projection name, wrapper) of every linear whose input the sparsifier masks."""
+        return [(site, proj, wrapper) for site, proj, _, wrapper in self._wrapped]
+
     def _remove_patches(self) -> None:
         for site, proj, original, _ in reversed(self._wrapped):
             site.replace_projection(proj, original)

@@ -300,20 +300,21 @@ def attention_reuse(site, units):
     state), so those trials run the MLP alone. Yields ``before(levels)``, to call before each
     sparse forward with the levels it runs at. The module is put back on exit."""
     attention_units = tuple(u for u in units if ATTENTION_LINEARS & set(LINEARS_OF[u]))
-    inner = getattr(site.layer, "self_attn", None)
-    if inner is None or not attention_units:
+    if site.attention_slot is None or not attention_units:
         yield lambda _levels: None
         return
+    parent, attr = site.attention_slot
+    inner = getattr(parent, attr)
     reused = _ReusedAttention(inner)
 
     def before(levels):
         reused.key = tuple(levels[u] for u in attention_units)
 
-    site.layer.self_attn = reused
+    setattr(parent, attr, reused)
     try:
         yield before
     finally:
-        site.layer.self_attn = inner
+        setattr(parent, attr, inner)
 
 
 @torch.no_grad()
@@ -329,8 +330,8 @@ def greedy_trajectory(controller, model, batches, *, units: str, step: float, to
     layer i's masks (e.g. quantile tables). Returns ``levels[layer, step, column]`` (one
     column per linear, PROJ_NAMES) and ``effective[layer, step]`` (block sparsity); a
     layer whose path is shorter repeats its last step. ``layer_cache(i, compute)`` keeps
-    each layer's path as it is found (a path takes an hour on 2 cores: a stopped run
-    resumes from the last finished layer); layers are independent (dense inputs). With
+    each layer's path as it is found (a stopped run resumes from the last finished
+    layer); layers are independent (dense inputs). With
     the reference error only the scored rows are computed where that is exact
     (``scored_rows_only``), and a trial of an MLP unit reuses the attention output of its
     setting (``attention_reuse``).
