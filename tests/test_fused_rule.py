@@ -383,3 +383,89 @@ def test_h_rule_kernel_is_the_threshold_on_h(arch):
             assert torch.equal(kept_mask[~near], keep[~near])
             ref = site.down(h * kept_mask)
             assert torch.allclose(out.reshape(-1), ref.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+def _same_rule(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, ThresholdRule):
+        return isinstance(b, ThresholdRule) and a.on == b.on and a.threshold == b.threshold
+    return (isinstance(b, TopKRule) and a.keep == b.keep
+            and (a.weights is b.weights or torch.equal(a.weights, b.weights)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_mlp_input_rules_are_the_linear_rules(arch, method):
+    """An MLP's input rules at once are what ``input_mask_rule`` gives its gate, up and down
+    one by one (no gate on plain MLPs)."""
+    from sparsebench.models.patching import LinearInput
+
+    _, ctl, _ = controller(arch, method, "dense")
+    sp, seen = ctl.sparsifier, 0
+    for site in ctl.sites:
+        x = torch.randn(1, 1, site.up.in_features)
+        rules = sp.mlp_input_rules(site, x)
+        for proj in ("gate", "up", "down"):
+            expect = None
+            if proj in site.slots:
+                width = site.down.in_features if proj == "down" else site.up.in_features
+                expect = sp.input_mask_rule(LinearInput(site, proj, torch.randn(1, 1, width)))
+            assert _same_rule(getattr(rules, proj), expect), (site.layer_idx, proj)
+            seen += expect is not None
+    assert seen > 0
+    assert sp.mlp_input_rules(ctl.sites[0], torch.randn(1, 1, ctl.sites[0].up.in_features).double()) is (
+        None if method == "wina" else sp.mlp_input_rules(ctl.sites[0], torch.randn(1, 1, ctl.sites[0].up.in_features)))
+
+
+class _TorchInputRules(BACKENDS.get("dense")):
+    """Brute force for ``mlp_by_input_rules``: each linear's rule made into a mask in torch
+    (the threshold, or an exact stable sort for the top-k) and the model's own linears."""
+
+    calls = 0
+
+    def mlp_by_input_rules(self, site, inp, rules):
+        from sparsebench.sparsifiers.base import topk_mask
+
+        def masked(rule, v):
+            if rule is None:
+                return v
+            if isinstance(rule, ThresholdRule):
+                return v * (v.abs() > rule.threshold)
+            score = v.abs() if rule.weights is None else v.abs() * rule.weights
+            return v * topk_mask(score, rule.keep)
+
+        self.calls += 1
+        linear = lambda proj: site.projection(proj).linear  # the wrapper's own (unmasked) linear
+        x = inp.x
+        if site.kind == "gated":
+            h = site.act(linear("gate")(masked(rules.gate, x))) * linear("up")(masked(rules.up, x))
+        else:
+            h = site.act(linear("up")(masked(rules.up, x)))
+        return linear("down")(masked(rules.down, h))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_mlp_by_input_rules_replaces_the_masked_linears(arch, method):
+    """A backend that runs the MLP by its input rules gets every decode-token MLP (none of its
+    linears is called on its own) and gives the logits of the linears masked one by one."""
+    ids = random_ids(batch=1, seq=7, seed=3)
+    ref_model, _, state = controller(arch, method, "dense")
+    ref = step(ref_model, ids)
+    model = make_tiny(arch)
+    sp = sparsifier(method)
+    backend = _TorchInputRules(None)
+    ctl = SparsityController(sp, backend).attach(model)
+    sp.load_state(copy.deepcopy(state))
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+    mlp_linears = []
+    for site in ctl.sites:
+        for proj in ("gate", "up", "down"):
+            if proj in site.slots:
+                site.projection(proj).register_forward_hook(lambda *_: mlp_linears.append(1))
+    with torch.no_grad():
+        logits = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert backend.calls == len(ctl.sites) and not mlp_linears
+    assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5), float((logits - ref).abs().max())

@@ -43,6 +43,12 @@ class Backend:
     def linear_by_rule(self, inp, linear, rule) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None
 
+    def mlp_by_input_rules(self, site, inp, rules) -> torch.Tensor | None:
+        """The MLP's output on one token with its linears' input rules applied
+        (``sparsifiers.base.MLPInputRules``), or None where the backend cannot (the MLP then
+        runs through its masked linears, one ``linear_by_rule`` each)."""
+        return None
+
     def reset(self) -> None:
         """Forget per-sequence state (caches); called between independent generations."""
 

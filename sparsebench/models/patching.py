@@ -374,8 +374,15 @@ class SparsityController:
             if (not self._masks_neurons and site.layer_idx in self._wrapped_mlp_layers
                     and self.mask_observer is None and not self.collect_stats):
                 # an input-sparse method (TEAL, WINA) on a decode token: no neuron mask to make
-                # or observe; the MLP runs through its masked linears as transformers' would
-                out = site.down(inp.h)
+                # or observe. A backend that applies the linears' rules runs the whole MLP in
+                # one call (unless an observer wants each linear's mask); otherwise the MLP
+                # runs through its masked linears as transformers' would.
+                out = None
+                if self.linear_mask_observer is None:
+                    rules = self.sparsifier.mlp_input_rules(site, x)
+                    out = None if rules is None else self.backend.mlp_by_input_rules(site, inp, rules)
+                if out is None:
+                    out = site.down(inp.h)
                 if self.check_finite and not bool(torch.isfinite(out).all()):
                     raise NonFiniteActivation(self._non_finite_message(site, x, None))
                 return out

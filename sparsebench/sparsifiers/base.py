@@ -42,6 +42,20 @@ class TopKRule:
     on: Literal["x"] = "x"
 
 
+@dataclass(frozen=True, eq=False)
+class MLPInputRules:
+    """The input rules of one MLP's linears at once (TEAL, WINA): ``gate``, ``up`` and
+    ``down`` each the ``ThresholdRule``/``TopKRule`` that ``input_mask_rule`` gives that
+    linear, or None where it is dense (``gate`` None for plain MLPs, where ``up`` is fc1 and
+    ``down`` fc2). A backend that applies them runs the whole MLP in one kernel call:
+    down's input h is computed there, so its rule needs no pass of its own
+    (``Backend.mlp_by_input_rules``)."""
+
+    gate: ThresholdRule | TopKRule | None
+    up: ThresholdRule | TopKRule | None
+    down: ThresholdRule | TopKRule | None
+
+
 def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean mask of the ``keep`` largest entries along the last dimension; among equal
     scores the lower index is kept (a stable descending sort's first ``keep``), so the set
@@ -146,6 +160,12 @@ class Sparsifier:
 
     def input_mask_rule(self, inp) -> ThresholdRule | TopKRule | None:
         """As ``mask_rule``, for ``input_mask`` (and only when ``masked_linear`` is plain)."""
+        return None
+
+    def mlp_input_rules(self, site, x: torch.Tensor) -> MLPInputRules | None:
+        """The rules ``input_mask_rule`` gives the MLP's gate, up and down on a decode token
+        ``x`` (the MLP's input), as one object; None unless every one of them is a rule or
+        dense (a method that masks linear inputs overrides it with ``input_mask_rule``)."""
         return None
 
     def masked_linear(self, inp, linear, mask: torch.Tensor, backend) -> torch.Tensor:

@@ -71,7 +71,7 @@ import torch
 
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import BLOCK_INPUT_STAGES, LayerProbe, Sparsifier, ThresholdRule, calibrate_layerwise
+from .base import BLOCK_INPUT_STAGES, LayerProbe, MLPInputRules, Sparsifier, ThresholdRule, calibrate_layerwise
 
 PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 PROJ_INDEX = {p: i for i, p in enumerate(PROJ_NAMES)}
@@ -415,7 +415,7 @@ class TEAL(Sparsifier):
         self.thresholds: torch.Tensor | None = None  # [layers, linears]
         self.levels: torch.Tensor | None = None  # [layers, linears] sparsity per linear
         self._last = (None, None, None)
-        self._rows = (None, [], [])  # (thresholds tensor, its rows as Python floats, their rules)
+        self._rows = (None, [], [], [])  # (thresholds tensor, its rows as Python floats, their rules, per-MLP rules)
 
     def validate(self):
         super().validate()
@@ -473,7 +473,7 @@ class TEAL(Sparsifier):
                 self.levels[i, k] = s
                 self.thresholds[i, k] = interp_threshold(table[INPUT_NAMES.index(INPUT_OF[p])], s)
         self._last = (None, None, None)
-        self._rows = (None, [], [])
+        self._rows = (None, [], [], [])
 
     @staticmethod
     def _tables(linear_values, gen) -> torch.Tensor:
@@ -512,7 +512,7 @@ class TEAL(Sparsifier):
     def load_state(self, state):
         self.thresholds, self.levels = state["thresholds"], state["levels"]
         self._last = (None, None, None)
-        self._rows = (None, [], [])
+        self._rows = (None, [], [], [])
 
     # ------------------------------------------------------------ inference
     def threshold(self, layer: int, proj: str) -> float:
@@ -524,11 +524,11 @@ class TEAL(Sparsifier):
     def _per_linear(self) -> tuple[list, list]:
         """Per layer, each linear's threshold and its ``ThresholdRule`` (None: dense),
         rebuilt only when the thresholds tensor changes."""
-        src, rows, rules = self._rows
+        src, rows, rules, _ = self._rows
         if src is not self.thresholds:
             rows = self.thresholds.tolist()
             rules = [[None if t < 0 else ThresholdRule("x", t) for t in row] for row in rows]
-            self._rows = (self.thresholds, rows, rules)
+            self._rows = (self.thresholds, rows, rules, [None] * len(rows))
         return rows, rules
 
     def input_mask(self, inp):
@@ -542,10 +542,22 @@ class TEAL(Sparsifier):
         return mask
 
     def input_mask_rule(self, inp):
-        src, _, rules = self._rows  # once per linear and decode token: no call it can spare
+        src, _, rules, _ = self._rows  # once per linear and decode token: no call it can spare
         if src is not self.thresholds:
             rules = self._per_linear()[1]
         return rules[inp.site.layer_idx][PROJ_INDEX[inp.proj]]
+
+    def mlp_input_rules(self, site, x):
+        if self._rows[0] is not self.thresholds:
+            self._per_linear()
+        _, _, rules, per_mlp = self._rows
+        found = per_mlp[site.layer_idx]
+        if found is None:  # made once per layer and thresholds tensor
+            row = rules[site.layer_idx]
+            found = per_mlp[site.layer_idx] = MLPInputRules(
+                row[PROJ_INDEX["gate"]] if site.kind == "gated" else None, row[PROJ_INDEX["up"]],
+                row[PROJ_INDEX["down"]])
+        return found
 
     def describe(self):
         if self.levels is None:

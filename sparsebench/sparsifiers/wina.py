@@ -77,7 +77,7 @@ import torch
 
 from ..core.errors import ConfigError
 from . import SPARSIFIERS
-from .base import Sparsifier, TopKRule, topk_mask
+from .base import MLPInputRules, Sparsifier, TopKRule, topk_mask
 from .teal import (
     LINEARS_OF,
     PROJ_NAMES,
@@ -109,6 +109,7 @@ class WINA(Sparsifier):
         self._level_rows = (None, [])  # (levels tensor, its rows as Python floats)
         self._search: dict[tuple[int, str], float] | None = None  # thresholds while the greedy runs
         self._rules: dict = {}  # (layer, proj) → (levels tensor, its TopKRule; False: dense)
+        self._mlp_rules: dict = {}  # layer → (levels tensor, its MLPInputRules)
 
     @property
     def allocation(self) -> str:
@@ -127,22 +128,22 @@ class WINA(Sparsifier):
         validate_greedy(self.cfg, self.sparsity, self.allocation, self.ALLOCATIONS, units=False)
 
     def attach(self, controller, model):
-        self._norms, self._search, self._rules = {}, None, {}
+        self._norms, self._search, self._rules, self._mlp_rules = {}, None, {}, {}
         if self.cfg.get("orthogonalize", False):
             orthogonalize(controller.sites)
 
     # ------------------------------------------------------------ score
-    def column_norms(self, inp) -> torch.Tensor | None:
-        key = (inp.site.layer_idx, inp.proj)
+    def column_norms(self, site, proj: str) -> torch.Tensor | None:
+        key = (site.layer_idx, proj)
         if key not in self._norms:
-            use = self.cfg.get("score", "reference") == "paper" or inp.proj in ("k", "gate")
-            w = inp.site.projection(inp.proj).weight.detach()
+            use = self.cfg.get("score", "reference") == "paper" or proj in ("k", "gate")
+            w = site.projection(proj).weight.detach()
             self._norms[key] = w.float().norm(dim=0).to(w.dtype) if use else None
         return self._norms[key]
 
     def score(self, inp) -> torch.Tensor:
         """|x_i|·‖W[:, i]‖₂ (|x_i| where the score ignores the weights)."""
-        c = self.column_norms(inp)
+        c = self.column_norms(inp.site, inp.proj)
         return inp.x.abs() if c is None else inp.x.abs() * c
 
     def level(self, layer: int, proj: str) -> float:
@@ -220,15 +221,29 @@ class WINA(Sparsifier):
         threshold on the score) and for dense linears."""
         if self._search is not None or inp.x.dtype != torch.float32:
             return None
-        key = (inp.site.layer_idx, inp.proj)
-        levels, rule = self._rules.get(key, (None, None))
-        if levels is not self.levels or rule is None:  # made once per linear and levels tensor
-            s = self.level(key[0], inp.proj)
-            c = self.column_norms(inp)
-            rule = False if s <= 0.0 else TopKRule(int(round((1.0 - s) * inp.x.shape[-1])),
-                                                   None if c is None else c.float().contiguous())
-            self._rules[key] = (self.levels, rule)
+        levels, rule = self._rules.get((inp.site.layer_idx, inp.proj), (None, None))
+        if levels is not self.levels or rule is None:
+            rule = self._linear_rule(inp.site, inp.proj)
         return rule or None
+
+    def _linear_rule(self, site, proj: str) -> TopKRule | bool:
+        """One linear's ``TopKRule`` (False: dense), made once per linear and levels tensor."""
+        s = self.level(site.layer_idx, proj)
+        c = self.column_norms(site, proj)
+        rule = False if s <= 0.0 else TopKRule(int(round((1.0 - s) * site.projection(proj).in_features)),
+                                               None if c is None else c.float().contiguous())
+        self._rules[(site.layer_idx, proj)] = (self.levels, rule)
+        return rule
+
+    def mlp_input_rules(self, site, x):
+        if self._search is not None or x.dtype != torch.float32:
+            return None
+        levels, found = self._mlp_rules.get(site.layer_idx, (None, None))
+        if found is None or levels is not self.levels:
+            projs = ("gate", "up", "down") if site.kind == "gated" else (None, "up", "down")
+            found = MLPInputRules(*[None if p is None else self._linear_rule(site, p) or None for p in projs])
+            self._mlp_rules[site.layer_idx] = (self.levels, found)
+        return found
 
     def describe(self):
         if self.levels is None:
