@@ -434,10 +434,15 @@ cdef extern from * nogil:
 
     /* The active channels of one input-sparse linear into idx/coef, and their count: the `keep` largest
      * s_j = |x_j| * w[j] (w NULL: |x_j|) when keep >= 0, ties to the lower index — a stable descending
-     * sort's first `keep` (WINA) —, else |x_j| > threshold (TEAL). scores and work: scratch [n_in]. */
+     * sort's first `keep` (WINA) —, |x_j| > threshold (TEAL) when keep == -1, every channel when
+     * keep < -1 (a dense linear). scores and work: scratch [n_in]. */
     static int64_t sb_select(const float* x, int64_t n_in, float threshold, int64_t keep, const float* w,
                              float* scores, float* work, int32_t* idx, float* coef) {
         int64_t k = 0;
+        if (keep < -1) { /* a dense linear: every channel */
+            for (int64_t j = 0; j < n_in; j++) { idx[j] = (int32_t)j; coef[j] = x[j]; }
+            return n_in;
+        }
         if (keep < 0) {
             for (int64_t j = 0; j < n_in; j++)
                 if (fabsf(x[j]) > threshold) { idx[k] = (int32_t)j; coef[k++] = x[j]; }
@@ -499,6 +504,62 @@ cdef extern from * nogil:
                 sb_accumulate_rows(simd, ys[g], wts[g], dtype, n_outs[g], idxs[g], coefs[g], ks[g], c0, c1);
             }
         }
+    }
+
+    /* A whole MLP for one token whose linears' *inputs* are selected (TEAL, WINA): gate and up
+     * read the channels of x that their selections keep (sel[0], sel[1]; sb_select), h = act(g + bg) *
+     * up_act(u + bu) (plain MLPs: act(u + bu), no gate), down reads the channels of h that sel[2]
+     * keeps. Weights are stored transposed (gate_t, up_t [H, I], down_t [I, H]), as the input-sparse
+     * linear reads them. One fork/join: each thread owns a slice of g, u and h (the same slice the
+     * linear kernel would give it, so g and u equal that kernel's bit for bit), one thread selects
+     * down's channels of h, then each thread owns a slice of y. idxs/coefs[0..1] are scratch [H],
+     * idxs/coefs[2] scratch [I]; g, u, h scratch [I]; scores/work scratch [max(H, I)]. On return
+     * ks[m] channels of linear m are active, idxs[m][0:ks[m]]. */
+    static void sb_mlp_inputs_token(const float* x, int64_t H, int64_t I, int dtype, int gated, const void* gate_t,
+                                    const void* up_t, const void* down_t, const float* gate_bias,
+                                    const float* up_bias, const float* down_bias, const float* thresholds,
+                                    const int64_t* keeps, const float* const* ws, int act, float act_param,
+                                    int up_act, int32_t* const* idxs, float* const* coefs, float* g, float* u,
+                                    float* h, float* scores, float* work, int64_t* ks, float* y, int threads,
+                                    int simd) {
+        simd = simd && sb_have_avx2();
+        if (threads < 1) threads = 1;
+        ks[0] = gated ? sb_select(x, H, thresholds[0], keeps[0], ws[0], scores, work, idxs[0], coefs[0]) : 0;
+        ks[1] = sb_select(x, H, thresholds[1], keeps[1], ws[1], scores, work, idxs[1], coefs[1]);
+        int64_t kd = 0;
+        /* down's work is not known before h: count it as dense */
+        const int parallel = threads > 1 && (ks[0] + ks[1]) * I + I * H >= SB_MIN_PARALLEL_WORK;
+        #pragma omp parallel num_threads(threads) if(parallel)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t c0, c1;
+            sb_slice(I, t, nt, &c0, &c1);
+            if (c1 > c0) {
+                const size_t bytes = (size_t)(c1 - c0) * sizeof(float);
+                if (up_bias) memcpy(u + c0, up_bias + c0, bytes);
+                else memset(u + c0, 0, bytes);
+                sb_accumulate_rows(simd, u, up_t, dtype, I, idxs[1], coefs[1], ks[1], c0, c1);
+                if (gated) {
+                    if (gate_bias) memcpy(g + c0, gate_bias + c0, bytes);
+                    else memset(g + c0, 0, bytes);
+                    sb_accumulate_rows(simd, g, gate_t, dtype, I, idxs[0], coefs[0], ks[0], c0, c1);
+                    for (int64_t j = c0; j < c1; j++) h[j] = sb_act(act, g[j], act_param) * sb_act(up_act, u[j], 0.0f);
+                } else {
+                    for (int64_t j = c0; j < c1; j++) h[j] = sb_act(act, u[j], act_param);
+                }
+            }
+            #pragma omp barrier
+            #pragma omp single
+            kd = sb_select(h, I, thresholds[2], keeps[2], ws[2], scores, work, idxs[2], coefs[2]);
+            /* implicit barrier: down's channels are chosen */
+            sb_slice(H, t, nt, &c0, &c1);
+            if (c1 > c0) {
+                if (down_bias) memcpy(y + c0, down_bias + c0, (size_t)(c1 - c0) * sizeof(float));
+                else memset(y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+                sb_accumulate_rows(simd, y, down_t, dtype, H, idxs[2], coefs[2], kd, c0, c1);
+            }
+        }
+        ks[2] = kd;
     }    """
     int64_t sb_mlp_token(const float* x, int64_t H, int64_t I, const void* gate, const void* up,
                          const void* down_t, int dtype, const float* gate_bias, const float* up_bias,
@@ -516,6 +577,13 @@ cdef extern from * nogil:
                                const float* thresholds, const int64_t* keeps, const float* const* ws,
                                float* scores, float* scratch, int32_t* const* idxs, float* const* coefs,
                                int64_t* ks, float* const* ys, int threads, int simd)
+    void sb_mlp_inputs_token(const float* x, int64_t H, int64_t I, int dtype, int gated, const void* gate_t,
+                             const void* up_t, const void* down_t, const float* gate_bias,
+                             const float* up_bias, const float* down_bias, const float* thresholds,
+                             const int64_t* keeps, const float* const* ws, int act, float act_param,
+                             int up_act, int32_t* const* idxs, float* const* coefs, float* g, float* u,
+                             float* h, float* scores, float* work, int64_t* ks, float* y, int threads,
+                             int simd)
     int sb_have_avx2()
 
 DTYPE_F32 = 0
@@ -617,3 +685,42 @@ def linear_group_token(int64_t x, int64_t n_in, int dtype, tuple members, tuple 
                               <float*> <uintptr_t> scores, <float*> <uintptr_t> work, idxs, coefs, ks, outs,
                               threads, simd)
     return tuple(ks[g] for g in range(G))
+
+
+def mlp_inputs_token(int64_t x, int64_t hidden, int64_t inter, int dtype, int gated, tuple weights,
+                     tuple selections, int act, float act_param, int up_act, tuple scratch, int64_t y, int threads,
+                     int simd):
+    """A whole MLP for one token with its linears' inputs selected (see ``sb_mlp_inputs_token``).
+    ``weights``: ``(gate_t, up_t, down_t, gate_bias, up_bias, down_bias)`` pointers (0: none);
+    ``selections``: per linear (gate, up, down) ``(threshold, keep, w)`` as in
+    ``linear_group_token``, with ``keep`` < -1 for a dense linear; ``scratch``: ``(idx_gate,
+    coef_gate, idx_up, coef_up, idx_down, coef_down, g, u, h, scores, work)`` pointers. Returns
+    the active-channel count of gate, up and down."""
+    cdef const float* ws[3]
+    cdef float ts[3]
+    cdef int64_t keeps[3]
+    cdef int32_t* idxs[3]
+    cdef float* coefs[3]
+    cdef int64_t ks[3]
+    cdef int m
+    if len(weights) != 6 or len(selections) != 3 or len(scratch) != 11:
+        raise ValueError("mlp_inputs_token takes 6 weight pointers, 3 selections and 11 scratch pointers")
+    for m in range(3):
+        t, keep, w = selections[m]
+        ts[m] = t
+        keeps[m] = keep
+        ws[m] = <const float*> <uintptr_t> <int64_t> w
+        idxs[m] = <int32_t*> <uintptr_t> <int64_t> scratch[2 * m]
+        coefs[m] = <float*> <uintptr_t> <int64_t> scratch[2 * m + 1]
+    cdef int64_t gate_t = weights[0], up_t = weights[1], down_t = weights[2]
+    cdef int64_t gate_bias = weights[3], up_bias = weights[4], down_bias = weights[5]
+    cdef int64_t g = scratch[6], u = scratch[7], h = scratch[8], scores = scratch[9], work = scratch[10]
+    with nogil:
+        sb_mlp_inputs_token(<const float*> <uintptr_t> x, hidden, inter, dtype, gated,
+                            <const void*> <uintptr_t> gate_t, <const void*> <uintptr_t> up_t,
+                            <const void*> <uintptr_t> down_t, <const float*> <uintptr_t> gate_bias,
+                            <const float*> <uintptr_t> up_bias, <const float*> <uintptr_t> down_bias, ts, keeps,
+                            ws, act, act_param, up_act, idxs, coefs, <float*> <uintptr_t> g, <float*> <uintptr_t> u,
+                            <float*> <uintptr_t> h, <float*> <uintptr_t> scores, <float*> <uintptr_t> work, ks,
+                            <float*> <uintptr_t> y, threads, simd)
+    return ks[0], ks[1], ks[2]

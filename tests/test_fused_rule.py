@@ -427,22 +427,27 @@ class _TorchInputRules(BACKENDS.get("dense")):
     def mlp_by_input_rules(self, site, inp, rules):
         from sparsebench.sparsifiers.base import topk_mask
 
-        def masked(rule, v):
+        def selected(rule, v):
             if rule is None:
-                return v
+                return torch.ones_like(v, dtype=torch.bool)
             if isinstance(rule, ThresholdRule):
-                return v * (v.abs() > rule.threshold)
-            score = v.abs() if rule.weights is None else v.abs() * rule.weights
-            return v * topk_mask(score, rule.keep)
+                return v.abs() > rule.threshold
+            return topk_mask(v.abs() if rule.weights is None else v.abs() * rule.weights, rule.keep)
+
+        def kept(mask):
+            idx = mask.reshape(-1).nonzero().reshape(-1)
+            return idx, idx.numel()
 
         self.calls += 1
         linear = lambda proj: site.projection(proj).linear  # the wrapper's own (unmasked) linear
         x = inp.x
+        m_gate, m_up = selected(rules.gate, x), selected(rules.up, x)
         if site.kind == "gated":
-            h = site.act(linear("gate")(masked(rules.gate, x))) * linear("up")(masked(rules.up, x))
+            h = site.act(linear("gate")(x * m_gate)) * linear("up")(x * m_up)
         else:
-            h = site.act(linear("up")(masked(rules.up, x)))
-        return linear("down")(masked(rules.down, h))
+            h = site.act(linear("up")(x * m_up))
+        m_down = selected(rules.down, h)
+        return linear("down")(h * m_down), h.reshape(-1), (kept(m_gate), kept(m_up), kept(m_down))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

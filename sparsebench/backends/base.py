@@ -43,10 +43,12 @@ class Backend:
     def linear_by_rule(self, inp, linear, rule) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None
 
-    def mlp_by_input_rules(self, site, inp, rules) -> torch.Tensor | None:
-        """The MLP's output on one token with its linears' input rules applied
-        (``sparsifiers.base.MLPInputRules``), or None where the backend cannot (the MLP then
-        runs through its masked linears, one ``linear_by_rule`` each)."""
+    def mlp_by_input_rules(self, site, inp, rules) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
+        """The MLP on one token with its linears' input rules applied
+        (``sparsifiers.base.MLPInputRules``): ``(output, h, kept)`` — h is down's input and
+        ``kept`` per linear (gate, up, down) ``(idx, k)``, its kept input channels ``idx[:k]``
+        (views of scratch are fine: they are read before the next call). None where the
+        backend cannot: the MLP then runs through its masked linears, one ``linear_by_rule`` each."""
         return None
 
     def reset(self) -> None:

@@ -188,6 +188,38 @@ class FusedKernel:
             idx.data_ptr(), coef.data_ptr(), y.data_ptr(), self.threads, self.simd)
         return y, k
 
+    def mlp_inputs(self, gate_t: torch.Tensor | None, up_t: torch.Tensor, down_t: torch.Tensor, x: torch.Tensor,
+                   rules, *, gate_bias=None, up_bias=None, down_bias=None, act: str = "identity",
+                   act_param: float = 0.0, up_act: str = "identity", out: torch.Tensor | None = None):
+        """A whole MLP for one token with its linears' inputs selected by ``rules``
+        (``sparsifiers.base.MLPInputRules``): weights transposed (gate_t, up_t [H, I], down_t
+        [I, H], one dtype), biases fp32. Returns (y, kept input channels of gate, up, down)."""
+        H, I = up_t.shape
+        idx = [torch.empty(n, dtype=torch.int32) for n in (H, H, I)]
+        coef = [torch.empty(n) for n in (H, H, I)]
+        g, u, h = (torch.empty(I) for _ in range(3))
+        scores, work = torch.empty(max(H, I)), torch.empty(max(H, I))
+        y = torch.empty(H) if out is None else out
+        selections = tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down))
+        ks = self.ext.mlp_inputs_token(
+            x.data_ptr(), H, I, KERNEL_DTYPES[up_t.dtype], int(gate_t is not None),
+            (_ptr(gate_t), up_t.data_ptr(), down_t.data_ptr(), _ptr(gate_bias), _ptr(up_bias), _ptr(down_bias)),
+            selections, self.ext.ACTIVATIONS[act], float(act_param), self.ext.ACTIVATIONS[up_act],
+            tuple(t.data_ptr() for pair in zip(idx, coef) for t in pair) + tuple(t.data_ptr() for t in (g, u, h, scores, work)),
+            y.data_ptr(), self.threads, self.simd)
+        return y, tuple(i[:k].clone() for i, k in zip(idx, ks))
+
+
+def kernel_selection(rule) -> tuple[float, int, int]:
+    """A linear's input rule as the kernel's selection ``(threshold, keep, weights pointer)``:
+    |x_j| > t for a ``ThresholdRule`` on x, the top ``keep`` of |x_j|·w_j for a ``TopKRule``,
+    every channel for None (a dense linear). The rule must outlive the call (its weights)."""
+    if rule is None:
+        return (0.0, -2, 0)
+    if rule.__class__ is TopKRule:
+        return (0.0, rule.keep, _ptr(rule.weights))
+    return (rule.threshold, -1, 0)
+
 
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
@@ -196,7 +228,8 @@ class _Plan:
     call re-checks only that the source tensors are the same objects, at the same address
     and version (a replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
 
-    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out", "site", "linears")
+    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out", "site", "linears",
+                 "rules", "selections")
 
     def __init__(self, sources: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
         self.sources = sources
@@ -204,6 +237,7 @@ class _Plan:
         self.versions = tuple(None if t is None else t._version for t in sources)
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
         self.site, self.linears = None, ()  # a group's plan: the site and linears it was built from
+        self.rules, self.selections = None, ()  # an MLP's input rules, as the kernel's selections
 
     def fresh(self, *sources) -> bool:
         for t, s, ptr, ver in zip(sources, self.sources, self.ptrs, self.versions):
@@ -530,6 +564,60 @@ class FusedBackend(Backend):
                      (n_in, dtype, *[t.data_ptr() for t in select_scratch]), n_outs)
         plan.site, plan.linears = site, linears
         self._plans[(layer, group)] = plan
+        return plan
+
+    def mlp_by_input_rules(self, site, inp, rules):
+        """The MLP of a decode token with its linears' input rules (TEAL, WINA) in one kernel
+        call: gate and up on their channels of x, h in-kernel, down on its channels of h
+        (h and the kept channels are scratch views, valid until the next call)."""
+        x = inp.x
+        if x.numel() != x.shape[-1]:
+            return None
+        plan = self._inputs_plan(site)
+        if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
+            plan.rules = rules
+            plan.selections = tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down))
+        head, tail = plan.args
+        out = torch.empty(x.shape)
+        t0 = time.perf_counter()
+        k_gate, k_up, k_down = self.kernel.ext.mlp_inputs_token(
+            _fp32_flat(x).data_ptr(), *head, plan.selections, *tail, out.data_ptr(),
+            self.threads or torch.get_num_threads(), self.kernel.simd)
+        self.kernel_s += time.perf_counter() - t0
+        self.calls["kernel"] += 1
+        self.calls["rule"] += 1
+        idx_gate, idx_up, idx_down, h = plan.idx
+        return ((out if x.dtype == torch.float32 else out.to(x.dtype)), h,
+                ((idx_gate, k_gate), (idx_up, k_up), (idx_down, k_down)))
+
+    def _inputs_plan(self, site) -> _Plan:
+        """The plan of ``mlp_by_input_rules``: the linears' transposed weights (shared with the
+        masked-linear path) and scratch (shared by every layer of one shape)."""
+        layer = site.layer_idx
+        plan = self._plans.get(("inputs", layer))
+        if plan is not None and plan.site is site and plan.fresh(*[lin.weight for lin in plan.linears]):
+            return plan
+        gated = site.kind == "gated"
+        projs = ("gate", "up", "down") if gated else ("up", "down")
+        linears = tuple(_unwrapped(site.projection(p)) for p in projs)
+        prepared = dict(zip(projs, (self.linear_weight(lin, (layer, p)) for p, lin in zip(projs, linears))))
+        (gate_t, gate_bias), (up_t, up_bias), (down_t, down_bias) = (prepared.get(p, (None, None))
+                                                                     for p in ("gate", "up", "down"))
+        H, I = up_t.shape
+        scratch = _buffers(self._scores, ("inputs", H, I), lambda: (
+            torch.empty(H, dtype=torch.int32), torch.empty(H), torch.empty(H, dtype=torch.int32), torch.empty(H),
+            torch.empty(I, dtype=torch.int32), torch.empty(I), torch.empty(I), torch.empty(I), torch.empty(I),
+            torch.empty(max(H, I)), torch.empty(max(H, I))))
+        act, act_param = activation_code(site.act)
+        up_act, _ = activation_code(site.up_act)
+        ext = self.kernel.ext
+        head = (H, I, KERNEL_DTYPES[up_t.dtype], int(gated),
+                (_ptr(gate_t), up_t.data_ptr(), down_t.data_ptr(), _ptr(gate_bias), _ptr(up_bias), _ptr(down_bias)))
+        tail = (ext.ACTIVATIONS[act], act_param, ext.ACTIVATIONS[up_act], tuple(t.data_ptr() for t in scratch))
+        plan = _Plan(tuple(lin.weight for lin in linears), (prepared, scratch), (head, tail),
+                     (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
+        plan.site, plan.linears = site, linears
+        self._plans[("inputs", layer)] = plan
         return plan
 
     def _given(self, w: FusedMLPWeights, inp):

@@ -371,21 +371,24 @@ class SparsityController:
             done = None if rule is None else self.backend.mlp_by_rule(site, inp, rule)
             if done is not None:
                 return self._finish_mlp_by_rule(site, inp, rule, *done)
-            if (not self._masks_neurons and site.layer_idx in self._wrapped_mlp_layers
-                    and self.mask_observer is None and not self.collect_stats):
-                # an input-sparse method (TEAL, WINA) on a decode token: no neuron mask to make
-                # or observe. A backend that applies the linears' rules runs the whole MLP in
-                # one call (unless an observer wants each linear's mask); otherwise the MLP
-                # runs through its masked linears as transformers' would.
-                out = None
-                if self.linear_mask_observer is None:
-                    rules = self.sparsifier.mlp_input_rules(site, x)
-                    out = None if rules is None else self.backend.mlp_by_input_rules(site, inp, rules)
-                if out is None:
+            if not self._masks_neurons and site.layer_idx in self._wrapped_mlp_layers:
+                # an input-sparse method (TEAL, WINA) on a decode token: no neuron mask to make.
+                # A backend that applies the linears' rules runs the whole MLP in one call
+                # (observed and counted as its linears would be); otherwise, unless a neuron
+                # observer or counter needs the general path, the MLP runs through its masked
+                # linears as transformers' would.
+                rules = self.sparsifier.mlp_input_rules(site, x)
+                done = None if rules is None else self.backend.mlp_by_input_rules(site, inp, rules)
+                if done is not None:
+                    out = self._finish_mlp_by_input_rules(site, inp, *done)
+                elif self.mask_observer is None and not self.collect_stats:
                     out = site.down(inp.h)
-                if self.check_finite and not bool(torch.isfinite(out).all()):
-                    raise NonFiniteActivation(self._non_finite_message(site, x, None))
-                return out
+                else:
+                    out = None
+                if out is not None:
+                    if self.check_finite and not bool(torch.isfinite(out).all()):
+                        raise NonFiniteActivation(self._non_finite_message(site, x, None))
+                    return out
         mask = self.sparsifier.mask(inp) if self._sparse_here(site) else None
         rows = self._policy_rows()
         mask = self._restrict(mask, rows)
@@ -414,6 +417,26 @@ class SparsityController:
             self._add_counts(site, tokens=1, masked=True, zeroed=width - k, neurons=width)
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteActivation(self._non_finite_message(site, inp.x, idx[:k]))
+        return out
+
+    def _finish_mlp_by_input_rules(self, site: MLPSite, inp: MLPInput, out: torch.Tensor, h: torch.Tensor,
+                                   kept: tuple) -> torch.Tensor:
+        """Observers and counts for an MLP a backend ran by its linears' input rules: each of
+        gate, up and down as if called on its own (``kept``: per linear, (indices, count) of
+        its kept input channels; ``h``: down's input), the MLP as the general path sees it."""
+        if self.mask_observer is None and self.linear_mask_observer is None and not self.collect_stats:
+            return out
+        if self.mask_observer is not None:
+            self.mask_observer(inp, None)
+        if self.collect_stats:
+            self._add_counts(site, tokens=1, masked=False, zeroed=int((h == 0).sum()), neurons=h.numel())
+        for proj, v, (idx, k) in zip(("gate", "up", "down"), (inp.x, inp.x, h), kept):
+            if proj not in site.slots:  # plain MLPs have no gate
+                continue
+            if self.linear_mask_observer is not None:
+                self.linear_mask_observer(LinearInput(site, proj, v), self._mask_from(idx[:k], v.shape[-1], v))
+            if self.collect_stats:
+                self._count_linear(site, proj, v, v.shape[-1] - k)
         return out
 
     def _non_finite_message(self, site: MLPSite, x: torch.Tensor, mask) -> str:
