@@ -2,7 +2,7 @@
 
 Every other sparse backend copies rows (``index_select`` gathers them, ``cached`` keeps a
 compact copy) before it multiplies. At batch-1 decode the weights already sit in memory,
-so a kernel can read exactly the active rows where they lie (``ext/fused_kernels.h``):
+so a kernel can read exactly the active rows where they lie (``ext/fused_mlp.pyx``):
 
 - **MLP** (one token): threads split the active neurons and compute
   h_j = act(gate_j·x) · up_act(up_j·x) (the activation in-kernel: SiLU, GeLU-tanh, GeLU,
@@ -12,6 +12,9 @@ so a kernel can read exactly the active rows where they lie (``ext/fused_kernels
   rows are read; CETT's h: only down rows).
 - **Input-sparse linear** (TEAL, WINA, R-Sparse's sparse part): y = Σ_{j active} x_j · Wᵀ[j],
   Wᵀ stored once, threads split the output columns.
+- **Input-sparse MLP** (TEAL, WINA on a decode token, ``mlp_inputs_token``): gate and up on the
+  channels of x their rules keep, h in-kernel, down on the channels of h its rule keeps — one
+  call per MLP, with the transposed weights of the input-sparse linears.
 - **Dense path through the same kernel** (``dense_path: kernel``): a call without a mask
   runs every neuron through the kernel, so "dense vs sparse" can be measured with the
   same code and weight format (e.g. bf16 dense vs bf16 sparse).
@@ -308,7 +311,7 @@ class FusedBackend(Backend):
         self._plans: dict = {}  # layer (MLP) or (layer, proj) (masked linear) → _Plan: the single-token path
         # q/k/v and gate/up with in-kernel rules: one kernel call per group (``_group_by_rule``)
         self.group_linears = bool(get("group_linears", True))
-        self._scores: dict = {}  # width → float scratch for the top-k rule (scores, quickselect copy)
+        self._scratch: dict = {}  # shape → kernel scratch shared by every layer (made when a plan is built)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
         self._selections_seen: dict = {}  # (layer, proj) → the kernel selection of its last rule call
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
@@ -375,8 +378,11 @@ class FusedBackend(Backend):
         wt, bias = self.linear_weight(linear, key)
         n_in, n_out = wt.shape
         idx, coef, _ = self.kernel.scratch(n_in)
+        # the top-k rule's scores and quickselect copy
+        select = _buffers(self._scratch, ("select", n_in), lambda: (torch.empty(n_in), torch.empty(n_in)))
         args = (n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias))
-        plan = _Plan((weight,), (wt, bias), (args, (idx.data_ptr(), coef.data_ptr())), idx, n_in, n_out)
+        plan = _Plan((weight,), (wt, bias, select), (args, (idx.data_ptr(), coef.data_ptr()),
+                                                     tuple(t.data_ptr() for t in select)), idx, n_in, n_out)
         self._plans[key] = plan
         return plan
 
@@ -394,7 +400,7 @@ class FusedBackend(Backend):
         return k
 
     def _linear_token(self, plan: _Plan, x: torch.Tensor, mask, threshold, out) -> int:
-        args, (idx_ptr, coef_ptr) = plan.args
+        args, (idx_ptr, coef_ptr), _ = plan.args
         t0 = time.perf_counter()
         k = self.kernel.ext.linear_token(x.data_ptr(), *args, _ptr(mask), int(threshold is not None),
                                          0.0 if threshold is None else threshold, idx_ptr, coef_ptr, out.data_ptr(),
@@ -498,12 +504,11 @@ class FusedBackend(Backend):
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        args, (idx_ptr, coef_ptr) = plan.args
-        scores, work = _buffers(self._scores, plan.width, lambda: (torch.empty(plan.width), torch.empty(plan.width)))
+        args, (idx_ptr, coef_ptr), (scores, work) = plan.args
         weights = rule.weights
         t0 = time.perf_counter()
         k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, 0 if weights is None else weights.data_ptr(),
-                                              rule.keep, scores.data_ptr(), work.data_ptr(), idx_ptr, coef_ptr,
+                                              rule.keep, scores, work, idx_ptr, coef_ptr,
                                               out.data_ptr(), self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
         self.calls["kernel"] += 1
@@ -604,7 +609,7 @@ class FusedBackend(Backend):
         (gate_t, gate_bias), (up_t, up_bias), (down_t, down_bias) = (prepared.get(p, (None, None))
                                                                      for p in ("gate", "up", "down"))
         H, I = up_t.shape
-        scratch = _buffers(self._scores, ("inputs", H, I), lambda: (
+        scratch = _buffers(self._scratch, ("inputs", H, I), lambda: (
             torch.empty(H, dtype=torch.int32), torch.empty(H), torch.empty(H, dtype=torch.int32), torch.empty(H),
             torch.empty(I, dtype=torch.int32), torch.empty(I), torch.empty(I), torch.empty(I), torch.empty(I),
             torch.empty(max(H, I)), torch.empty(max(H, I))))
