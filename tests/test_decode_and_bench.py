@@ -137,14 +137,35 @@ def test_step_overhead_evaluator(tmp_path):
     assert m["overhead/ms_per_token"] == pytest.approx(m["overhead/mlp_ms_per_token"] - m["overhead/kernel_ms_per_token"],
                                                        rel=0.5)
     assert 0 < m["overhead/fraction_of_mlp"] < 1
-    # the hooks' own cost is subtracted for the net figure, never added
-    assert m["overhead/hooks_ms_per_token"] >= 0
+    # the hooks' own cost is subtracted for the net figure, never added: the clock's floor per
+    # timed call times the timed calls per decode token (CATS: one MLP module per layer)
+    assert m["overhead/timed_calls_per_token"] == 2  # tiny-llama's two layers
+    assert m["overhead/clock_floor_us"] >= 0
+    assert m["overhead/hooks_ms_per_token"] == pytest.approx(
+        m["overhead/clock_floor_us"] * 1e-3 * m["overhead/timed_calls_per_token"])
     assert m["overhead/net_ms_per_token"] == pytest.approx(
         max(0.0, m["overhead/ms_per_token"] - m["overhead/hooks_ms_per_token"]), abs=1e-9)
     assert m["overhead/net_fraction_of_step"] == pytest.approx(m["overhead/net_ms_per_token"] / m["overhead/step_ms"])
     proc = sparsebench(["sparsifier=cats", "backend=index_select", "evaluator=step_overhead", "threads=1", *TINY,
                         "hydra.run.dir=run2"], tmp_path)
     assert proc.returncode != 0 and "backend=fused" in proc.stderr
+
+
+def test_module_clock_counts_single_token_calls_and_its_floor_is_what_it_adds():
+    """ModuleClock times single-token calls only, and counts them; the floor is what it
+    records for a module that does nothing (so a non-negative, sub-millisecond figure)."""
+    from sparsebench.evaluators.decode import ModuleClock
+    from sparsebench.evaluators.step_overhead import _Passthrough, clock_floor_s
+
+    mods = {"a": _Passthrough(), "b": _Passthrough()}
+    clock = ModuleClock(mods)
+    for shape, key in [((1, 1, 8), "a"), ((1, 5, 8), "a"), ((2, 1, 8), "b"), ((1, 1, 8), "b"), ((1, 1, 8), "a")]:
+        mods[key](torch.zeros(shape))
+    clock.remove()
+    assert clock.calls == {"a": 2, "b": 1}
+    mods["a"](torch.zeros(1, 1, 8))  # removed: no longer counted
+    assert clock.calls == {"a": 2, "b": 1}
+    assert 0 <= clock_floor_s(200, repeats=3) < 1e-3
 
 
 def test_bench_mlp_step_computes_the_masked_mlp():

@@ -141,6 +141,7 @@ class ModuleClock:
 
     def __init__(self, modules: dict, device=None):
         self.seconds = dict.fromkeys(modules, 0.0)
+        self.calls = dict.fromkeys(modules, 0)  # timed (single-token) calls per module
         self.clock, self._t0, self._handles = timer(device), None, []
         for key, m in modules.items():
             self._handles.append(m.register_forward_pre_hook(self._start))
@@ -152,6 +153,7 @@ class ModuleClock:
     def _stop(self, key):
         if self._t0 is not None:
             self.seconds[key] += self.clock() - self._t0
+            self.calls[key] += 1
 
     def remove(self):
         for h in self._handles:
