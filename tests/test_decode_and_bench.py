@@ -163,8 +163,16 @@ def test_module_clock_counts_single_token_calls_and_its_floor_is_what_it_adds():
         mods[key](torch.zeros(shape))
     clock.remove()
     assert clock.calls == {"a": 2, "b": 1}
-    mods["a"](torch.zeros(1, 1, 8))  # removed: no longer counted
-    assert clock.calls == {"a": 2, "b": 1}
+    mods["a"](torch.zeros(1, 1, 8))  # removed: no longer counted, the class's forward again
+    assert clock.calls == {"a": 2, "b": 1} and all("forward" not in m.__dict__ for m in mods.values())
+    outer = ModuleClock({"a": mods["a"]})  # two clocks on one module: each counts, each removes its own
+    inner = ModuleClock({"a": mods["a"]})
+    mods["a"](torch.zeros(1, 1, 8))
+    inner.remove()
+    mods["a"](torch.zeros(1, 1, 8))
+    outer.remove()
+    assert (outer.calls["a"], inner.calls["a"]) == (2, 1) and "forward" not in mods["a"].__dict__
+    assert outer.seconds["a"] > 0 and inner.seconds["a"] > 0
     assert 0 <= clock_floor_s(200, repeats=3) < 1e-3
 
 

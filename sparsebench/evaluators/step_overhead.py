@@ -8,9 +8,10 @@ model they can eat the whole saving. This evaluator measures them directly:
 1. one greedy decode records the sparsifier's masks;
 2. the same decode is replayed ``repeats`` times with those masks returned instantly (the
    method's own mask work — CATS's gate, a predictor — is not overhead and is removed),
-   timing (a) the decode step without instrumentation and (b) with forward hooks around
-   every sparse MLP/linear module: the wall time inside them, minus the time the backend
-   reports inside its kernels (``stats()["kernel_s"]``), is the overhead;
+   timing (a) the decode step without instrumentation and (b) with a clock around the
+   ``forward`` of every sparse MLP/linear module (``ModuleClock``): the wall time inside them,
+   minus the time the backend reports inside its kernels (``stats()["kernel_s"]``), is the
+   overhead;
 3. reported per decode token: ``overhead/ms_per_token``, its share of the step
    (``overhead/fraction_of_step``) and of the MLP calls (``overhead/fraction_of_mlp``).
 
@@ -20,19 +21,19 @@ replay there: those steps run the rule path as the real decode does, and the rul
 kernel time. Only the masks the sparsifier does make (the prefill's, other methods' decode
 steps) are recorded and replayed.
 
-The part of the hooks' own cost that falls inside the timed window (the rest of the
-pre-hook after its clock read, the hooked call path, the post-hook up to its clock read) is
-counted in ``overhead/ms_per_token``, so that figure is an upper bound. That part is measured
-directly, not as a difference of two noisy decodes: the clock is put on a module whose forward
-does nothing and called ``floor_calls`` times; what it records per call, less the bare forward
-call, is ``overhead/clock_floor_us``. Times the timed calls per decode token
-(``overhead/timed_calls_per_token``) it is ``overhead/hooks_ms_per_token``, and
+The clock's own cost inside the window it times (a clock read and a call of the wrapped
+forward) is counted in ``overhead/ms_per_token``, so that figure is an upper bound. That
+cost is measured directly, not as a difference of two noisy decodes: the clock is put on a
+module whose forward does nothing and called ``floor_calls`` times; what it records per
+call, less the bare forward call, is ``overhead/clock_floor_us``. Times the timed calls per
+decode token (``overhead/timed_calls_per_token``) it is ``overhead/hooks_ms_per_token``, and
 ``overhead/net_ms_per_token`` / ``overhead/net_fraction_of_step`` are the overhead with it
-subtracted — the estimate of what an uninstrumented step spends outside kernels. (A hot loop
-of one module is the hooks' best case, so the subtraction errs small and the net figure
-high.) ``overhead/instrumented_minus_plain_ms_per_token`` is the whole-decode slowdown the
-clock causes, kept for reference: it counts the hooks' cost outside the window too, and is
-noise-dominated at this size. Needs a backend that times its kernels (fused), so it runs on
+subtracted — the estimate of what an uninstrumented step spends outside kernels in those
+modules' forward. (A hot loop of one module is the clock's best case, so the subtraction errs
+small and the net figure high.) nn.Module's call machinery around each forward is outside
+the window: the dense model's modules pay it too. ``overhead/instrumented_minus_plain_ms_per_token``
+is the whole-decode slowdown the clock causes, kept for reference (noise-dominated at this
+size). Needs a backend that times its kernels (fused), so it runs on
 the CPU only (``device=cpu``); a CUDA model is refused.
 """
 from __future__ import annotations
