@@ -176,6 +176,22 @@ def test_module_clock_counts_single_token_calls_and_its_floor_is_what_it_adds():
     assert 0 <= clock_floor_s(200, repeats=3) < 1e-3
 
 
+def test_overhead_by_module_counts_every_sparse_call(tmp_path, monkeypatch):
+    """The per-module breakdown: TEAL on tiny-llama times one MLP and q/k/v/o per layer and
+    decode step (an enumeration of the model's sparse modules), and inside = kernel + outside."""
+    from sparsebench.experiments.checks.overhead_by_module import main
+
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    report = main(["--model", "tiny-llama", "--sparsifier", "teal", "--prompt-tokens", "6", "--new-tokens", "5",
+                   "--repeats", "1", "--threads", "1", "data=tiny", "logger.mode=disabled"])
+    kinds = report["by_kind"]
+    assert set(kinds) == {"mlp", "q", "k", "v", "o"}
+    for k in kinds.values():
+        assert k["calls_per_token"] == 2  # tiny-llama's two layers
+        assert k["inside_us_per_call"] == pytest.approx(k["kernel_us_per_call"] + k["outside_us_per_call"], abs=0.02)
+    assert kinds["mlp"]["kernel_us_per_call"] > 0 and report["step_ms"] > 0
+
+
 def test_bench_mlp_step_computes_the_masked_mlp():
     """The cached step the benchmark times computes the right thing."""
     import torch.nn.functional as F
