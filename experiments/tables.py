@@ -589,7 +589,7 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                       "speedup", "bytes limit (fraction of it)", "Amdahl limit", "fraction of limit",
                       "identical (replayed masks)",
                       "identical (free-running)", "overhead ms/token (share of step)",
-                      "overhead without the timing hooks' cost", "mask rule in kernel",
+                      "overhead without the clock's own cost", "mask rule in kernel",
                       "Δ avg acc, points [95% CI] (comparison)"], rows, f"`{DECODE_FUSED.relative_to(REPO)}/`")
 
 

@@ -26,15 +26,16 @@ forward) is counted in ``overhead/ms_per_token``, so that figure is an upper bou
 cost is measured directly, not as a difference of two noisy decodes: the clock is put on a
 module whose forward does nothing and called ``floor_calls`` times; what it records per
 call, less the bare forward call, is ``overhead/clock_floor_us``. Times the timed calls per
-decode token (``overhead/timed_calls_per_token``) it is ``overhead/hooks_ms_per_token``, and
-``overhead/net_ms_per_token`` / ``overhead/net_fraction_of_step`` are the overhead with it
-subtracted — the estimate of what an uninstrumented step spends outside kernels in those
-modules' forward. (A hot loop of one module is the clock's best case, so the subtraction errs
-small and the net figure high.) nn.Module's call machinery around each forward is outside
-the window: the dense model's modules pay it too. ``overhead/instrumented_minus_plain_ms_per_token``
-is the whole-decode slowdown the clock causes, kept for reference (noise-dominated at this
-size). Needs a backend that times its kernels (fused), so it runs on
-the CPU only (``device=cpu``); a CUDA model is refused.
+decode token (``overhead/timed_calls_per_token``) it is ``overhead/hooks_ms_per_token`` (a
+name from when the clock was forward hooks), and ``overhead/net_ms_per_token`` /
+``overhead/net_fraction_of_step`` are the overhead with it subtracted — the estimate of what
+an uninstrumented step spends outside kernels in those modules' forward. (A hot loop of one
+module is the clock's best case, so the subtraction errs small and the net figure high.)
+nn.Module's call machinery around each forward is outside the window: the dense model's
+modules pay it too. ``overhead/instrumented_minus_plain_ms_per_token`` is the whole-decode
+slowdown the clock causes, kept for reference (noise-dominated at this size). Needs a
+backend that times its kernels (fused), so it runs on the CPU only (``device=cpu``); a CUDA
+model is refused.
 """
 from __future__ import annotations
 
