@@ -70,7 +70,7 @@ class _Passthrough(torch.nn.Module):
 def clock_floor_s(calls: int, repeats: int = 5) -> float:
     """Seconds a ModuleClock records per single-token call of a module that does nothing,
     less the bare forward call: what the clock itself adds to a timed module call (CPU)."""
-    m, x = _Passthrough(), torch.zeros(1, 1, 8)
+    m, x = _Passthrough(), torch.zeros(1, 1, 8, device="cpu")  # the evaluator runs on the CPU only
 
     def per_call(body) -> float:
         samples = []
