@@ -21,18 +21,6 @@ import json
 import statistics
 
 
-def _kernel_window(forward, backend, totals: dict, key):
-    """``forward`` with the backend's kernel seconds spent during each call added to ``totals[key]``."""
-
-    def counted(*args, **kwargs):
-        before = backend.kernel_s
-        out = forward(*args, **kwargs)
-        totals[key] += backend.kernel_s - before
-        return out
-
-    return counted
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -77,22 +65,18 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         greedy_decode(model, prompt, 8)  # warm-up
         for _ in range(args.repeats):
-            kernel = dict.fromkeys(modules, 0.0)
-            clock = ModuleClock(modules)  # inner: the forward body
-            outer = {key: m.__dict__["forward"] for key, m in modules.items()}
-            for key, m in modules.items():  # outer: the kernel seconds of the same calls
-                m.forward = _kernel_window(outer[key], backend, kernel, key)
+            # the clock times each forward and adds up the backend's kernel seconds of the same calls
+            clock = ModuleClock(modules, counter=lambda: backend.kernel_s)
             try:
                 _, _, decode_s = greedy_decode(model, prompt, args.new_tokens)
-            finally:  # both wrappers are instance attributes over the class's forward: drop them
-                for m in modules.values():
-                    m.__dict__.pop("forward", None)
+            finally:
+                clock.remove()
             step_ms.append(1e3 * decode_s / steps)
             sums = collections.defaultdict(lambda: [0.0, 0.0, 0])
             for key in modules:
                 s = sums[key[0]]
                 s[0] += clock.seconds[key]
-                s[1] += kernel[key]
+                s[1] += clock.counted[key]
                 s[2] += clock.calls[key]
             for kind, (inside, kern, calls) in sums.items():
                 d = per_kind[kind]

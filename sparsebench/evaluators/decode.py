@@ -145,9 +145,12 @@ class ModuleClock:
     does, and that cost would land in the timed window. What the window holds is the forward
     body, not nn.Module's call machinery (which the dense model's modules pay as well)."""
 
-    def __init__(self, modules: dict, device=None):
+    def __init__(self, modules: dict, device=None, counter=None):
         self.seconds = dict.fromkeys(modules, 0.0)
         self.calls = dict.fromkeys(modules, 0)
+        # optional: a running total (e.g. a backend's kernel seconds) read outside the timed
+        # window around each timed call; ``counted[key]`` adds up its change
+        self.counter, self.counted = counter, dict.fromkeys(modules, 0.0)
         self.clock, self._wrapped = timer(device), []
         for key, m in modules.items():
             own = m.__dict__.get("forward")  # an instance-level forward already there (another clock)
@@ -155,16 +158,19 @@ class ModuleClock:
             self._wrapped.append((m, own))
 
     def _timed(self, key, forward):
-        clock, seconds, calls = self.clock, self.seconds, self.calls
+        clock, seconds, calls, counter, counted = self.clock, self.seconds, self.calls, self.counter, self.counted
 
         def timed(*args, **kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             if x.numel() != x.shape[-1]:
                 return forward(*args, **kwargs)
+            c0 = counter() if counter is not None else 0.0
             t0 = clock()
             out = forward(*args, **kwargs)
             seconds[key] += clock() - t0
             calls[key] += 1
+            if counter is not None:
+                counted[key] += counter() - c0
             return out
 
         return timed
