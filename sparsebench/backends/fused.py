@@ -228,23 +228,24 @@ class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
     every pointer argument that does not change between tokens, and the source weights it
     was built from. A decode step on a small model is dominated by Python per call, so the
-    call re-checks only that the source tensors are the same objects, at the same address
-    and version (a replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
+    call re-checks only that each source is still its module's weight (read from the
+    module's parameter table: ``module.weight`` goes through ``nn.Module.__getattr__``, a
+    microsecond each), at the same address and version (a replaced or in-place-modified
+    weight, e.g. WINA's transform, rebuilds)."""
 
-    __slots__ = ("sources", "ptrs", "versions", "weights", "args", "idx", "width", "n_out", "site", "linears",
-                 "rules", "selections")
+    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "selections")
 
-    def __init__(self, sources: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
-        self.sources = sources
-        self.ptrs = tuple(None if t is None else t.data_ptr() for t in sources)
-        self.versions = tuple(None if t is None else t._version for t in sources)
+    def __init__(self, owners: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
+        # per source module (None: absent, e.g. a plain MLP's gate): (parameters, weight, address, version)
+        self.checks = tuple((m._parameters, m.weight, m.weight.data_ptr(), m.weight._version)
+                            for m in owners if m is not None)
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
-        self.site, self.linears = None, ()  # a group's plan: the site and linears it was built from
+        self.site = None  # a group's or MLP's plan: the site it was built from
         self.rules, self.selections = None, ()  # an MLP's input rules, as the kernel's selections
 
-    def fresh(self, *sources) -> bool:
-        for t, s, ptr, ver in zip(sources, self.sources, self.ptrs, self.versions):
-            if t is not s or (t is not None and (t._version != ver or t.data_ptr() != ptr)):
+    def fresh(self) -> bool:
+        for params, t, ptr, ver in self.checks:
+            if params.get("weight") is not t or t._version != ver or t.data_ptr() != ptr:
                 return False
         return True
 
@@ -313,7 +314,7 @@ class FusedBackend(Backend):
         self.group_linears = bool(get("group_linears", True))
         self._scratch: dict = {}  # shape → kernel scratch shared by every layer (made when a plan is built)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
-        self._selections_seen: dict = {}  # (layer, proj) → the kernel selection of its last rule call
+        self._rules_seen: dict = {}  # (layer, proj) → the rule of its last rule call
         self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
         self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
 
@@ -356,24 +357,23 @@ class FusedBackend(Backend):
         self._stash.clear()
 
     def _mlp_plan(self, site) -> _Plan:
-        gate = site.gate.weight if site.kind == "gated" else None
-        up, down = site.up.weight, site.down.weight
         plan = self._plans.get(site.layer_idx)
-        if plan is not None and plan.fresh(gate, up, down):
+        if plan is not None and plan.site is site and plan.fresh():
             return plan
         w = self.mlp_weights(site)
         idx, h, act_all = self.kernel.scratch(w.inter)
         head = (w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
                 _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated))
         tail = (w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr())
-        plan = _Plan((gate, up, down), w, (head, tail), idx, w.inter, w.hidden)
+        plan = _Plan((_unwrapped(site.gate) if w.gated else None, _unwrapped(site.up), _unwrapped(site.down)), w,
+                     (head, tail), idx, w.inter, w.hidden)
+        plan.site = site
         self._plans[site.layer_idx] = plan
         return plan
 
     def _linear_plan(self, linear, key) -> _Plan:
-        weight = linear.weight
         plan = self._plans.get(key)
-        if plan is not None and plan.fresh(weight):
+        if plan is not None and plan.site is linear and plan.fresh():
             return plan
         wt, bias = self.linear_weight(linear, key)
         n_in, n_out = wt.shape
@@ -381,8 +381,9 @@ class FusedBackend(Backend):
         # the top-k rule's scores and quickselect copy
         select = _buffers(self._scratch, ("select", n_in), lambda: (torch.empty(n_in), torch.empty(n_in)))
         args = (n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias))
-        plan = _Plan((weight,), (wt, bias, select), (args, (idx.data_ptr(), coef.data_ptr()),
+        plan = _Plan((linear,), (wt, bias, select), (args, (idx.data_ptr(), coef.data_ptr()),
                                                      tuple(t.data_ptr() for t in select)), idx, n_in, n_out)
+        plan.site = linear  # a linear's plan: the module it was built from
         self._plans[key] = plan
         return plan
 
@@ -472,25 +473,19 @@ class FusedBackend(Backend):
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
         key = (inp.site.layer_idx, inp.proj)
-        topk = rule.__class__ is TopKRule
-        # the kernel's selection: (threshold, -1, 0) for |x_j| > t, (0, keep, weights) for a top-k
-        if topk:
-            weights = rule.weights
-            selection = (0.0, rule.keep, 0 if weights is None else weights.data_ptr())
-        else:
-            selection = (rule.threshold, -1, 0)
-        self._selections_seen[key] = selection
+        self._rules_seen[key] = rule
         done = self._stash.pop(key, None)
-        # computed with its group: valid for this very input (and version) and selection only
-        if done is not None and done[0] is x and done[1] == x._version and done[2] == selection:
+        # computed with its group: valid for this very input (and version) and rule only (rules
+        # are frozen: the same object is the same selection)
+        if done is not None and done[0] is x and done[1] == x._version and done[2] is rule:
             self.calls["rule"] += 1
             return done[3]
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
-            done = self._group_by_rule(inp, selection, group)
+            done = self._group_by_rule(inp, rule, group)
             if done is not None:
                 return done
-        if topk:
+        if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
         out = torch.empty(_one_token_shape(x, plan.n_out))
@@ -515,26 +510,28 @@ class FusedBackend(Backend):
         self.calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
-    def _group_by_rule(self, inp, selection: tuple, group: tuple[str, ...]):
+    def _group_by_rule(self, inp, rule, group: tuple[str, ...]):
         """The first linear of a group that reads one input (q of q/k/v, gate of gate/up)
-        computes the others too, in one kernel call, with the selections (threshold or top-k)
-        they had on the previous token; their results wait in ``_stash`` and are served only
-        to a call with the same input tensor (same version) and the same selection — otherwise
-        that call computes its own. None: a member's selection is not known yet (first token)."""
+        computes the others too, in one kernel call, with the rules (threshold or top-k) they
+        had on the previous token; their results wait in ``_stash`` and are served only to a
+        call with the same input tensor (same version) and the same rule — otherwise that call
+        computes its own. None: a member's rule is not known yet (first token)."""
         layer, x = inp.site.layer_idx, inp.x
-        seen = self._selections_seen
-        selections = (selection,)
+        seen = self._rules_seen
+        rules = [rule]
         for proj in group[1:]:
-            t = seen.get((layer, proj))
-            if t is None:
+            r = seen.get((layer, proj))
+            if r is None:
                 return None
-            selections += (t,)
+            rules.append(r)
         plan = self._group_plan(inp.site, layer, group)
+        if plan.rules != rules:  # rules compare by identity: new selections only when one changed
+            plan.rules, plan.selections = rules, tuple(kernel_selection(r) for r in rules)
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [torch.empty(lead + (n,)) for n in plan.n_out]
         n_in, dtype, scores, work = plan.width
         t0 = time.perf_counter()
-        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, selections,
+        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, plan.selections,
                                                  tuple([out.data_ptr() for out in outs]), scores, work,
                                                  self.threads or torch.get_num_threads(), self.kernel.simd)
         self.kernel_s += time.perf_counter() - t0
@@ -544,14 +541,14 @@ class FusedBackend(Backend):
         if not fp32:
             outs = [out.to(x.dtype) for out in outs]
         for g in range(1, len(group)):
-            self._stash[(layer, group[g])] = (x, version, selections[g], (outs[g], plan.idx[g], ks[g]))
+            self._stash[(layer, group[g])] = (x, version, rules[g], (outs[g], plan.idx[g], ks[g]))
         return outs[0], plan.idx[0], ks[0]
 
     def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
-        """The group's plan; it keeps the site and the members' linears it was built from, so a
+        """The group's plan; it keeps the site and the members' modules it was built from, so a
         call checks identities and weight versions instead of walking the model's modules."""
         plan = self._plans.get((layer, group))
-        if plan is not None and plan.site is site and plan.fresh(*[lin.weight for lin in plan.linears]):
+        if plan is not None and plan.site is site and plan.fresh():
             return plan
         linears = tuple(_unwrapped(site.projection(p)) for p in group)
         heads, idxs, n_outs = [], [], []
@@ -565,9 +562,9 @@ class FusedBackend(Backend):
             n_outs.append(n_out)
         dtype = KERNEL_DTYPES[self.linear_weight(linears[0], (layer, group[0]))[0].dtype]
         select_scratch = (torch.empty(n_in), torch.empty(n_in))  # top-k scores and quickselect copy, shared
-        plan = _Plan(tuple(lin.weight for lin in linears), (idxs, select_scratch), tuple(heads), [i for i, _ in idxs],
+        plan = _Plan(linears, (idxs, select_scratch), tuple(heads), [i for i, _ in idxs],
                      (n_in, dtype, *[t.data_ptr() for t in select_scratch]), n_outs)
-        plan.site, plan.linears = site, linears
+        plan.site = site
         self._plans[(layer, group)] = plan
         return plan
 
@@ -600,7 +597,7 @@ class FusedBackend(Backend):
         masked-linear path) and scratch (shared by every layer of one shape)."""
         layer = site.layer_idx
         plan = self._plans.get(("inputs", layer))
-        if plan is not None and plan.site is site and plan.fresh(*[lin.weight for lin in plan.linears]):
+        if plan is not None and plan.site is site and plan.fresh():
             return plan
         gated = site.kind == "gated"
         projs = ("gate", "up", "down") if gated else ("up", "down")
@@ -619,9 +616,9 @@ class FusedBackend(Backend):
         head = (H, I, KERNEL_DTYPES[up_t.dtype], int(gated),
                 (_ptr(gate_t), up_t.data_ptr(), down_t.data_ptr(), _ptr(gate_bias), _ptr(up_bias), _ptr(down_bias)))
         tail = (ext.ACTIVATIONS[act], act_param, ext.ACTIVATIONS[up_act], tuple(t.data_ptr() for t in scratch))
-        plan = _Plan(tuple(lin.weight for lin in linears), (prepared, scratch), (head, tail),
+        plan = _Plan(linears, (prepared, scratch), (head, tail),
                      (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
-        plan.site, plan.linears = site, linears
+        plan.site = site
         self._plans[("inputs", layer)] = plan
         return plan
 
