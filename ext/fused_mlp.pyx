@@ -9,6 +9,7 @@ in ``sparsebench.backends.fused`` checks shapes, dtypes, devices and contiguity 
 The GIL is released while the kernels run.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from * nogil:
     """
@@ -724,3 +725,217 @@ def mlp_inputs_token(int64_t x, int64_t hidden, int64_t inter, int dtype, int ga
                             <float*> <uintptr_t> h, <float*> <uintptr_t> scores, <float*> <uintptr_t> work, ks,
                             <float*> <uintptr_t> y, threads, simd)
     return ks[0], ks[1], ks[2]
+
+
+# ---------------------------------------------------------------- call plans
+# A decode step of a small model makes a few hundred kernel calls; in Python each call's
+# argument handling and timing cost microseconds, a measurable share of the step. A call
+# plan keeps a layer's fixed arguments (pointers, shapes, the selections of its rules) in C
+# and times its kernel with the C clock, so a call passes only what changes per token.
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double> ts.tv_sec + 1e-9 * <double> ts.tv_nsec
+
+
+cdef class KernelClock:
+    """Wall seconds and calls inside the kernels of the call plans that share it."""
+    cdef public double seconds
+    cdef public int64_t calls
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+
+cdef class LinearCall:
+    """One input-sparse linear's single-token call: ``wt`` [n_in, n_out] transposed weight,
+    fp32 ``bias`` (0: none), kept-channel scratch ``idx``/``coef`` [n_in] and the top-k rule's
+    ``scores``/``work`` [n_in] (pointers as integers, fixed per layer)."""
+    cdef int64_t n_in, n_out, wt, bias, idx, coef, scores, work
+    cdef int dtype
+    cdef KernelClock clock
+
+    def __init__(self, KernelClock clock, int64_t n_in, int64_t n_out, int64_t wt, int dtype, int64_t bias,
+                 int64_t idx, int64_t coef, int64_t scores, int64_t work):
+        self.clock, self.n_in, self.n_out, self.wt, self.dtype = clock, n_in, n_out, wt, dtype
+        self.bias, self.idx, self.coef, self.scores, self.work = bias, idx, coef, scores, work
+
+    def threshold(self, int64_t x, int64_t mask, int use_threshold, float threshold, int64_t y, int threads,
+                  int simd):
+        """As ``linear_token``: a given byte ``mask`` (0: none) or |x_j| > ``threshold``."""
+        cdef int64_t k
+        cdef double t0
+        with nogil:
+            t0 = _now()
+            k = sb_linear_token(<const float*> <uintptr_t> x, self.n_in, self.n_out, <const void*> <uintptr_t> self.wt,
+                                self.dtype, <const float*> <uintptr_t> self.bias, <const uint8_t*> <uintptr_t> mask,
+                                use_threshold, threshold, <int32_t*> <uintptr_t> self.idx,
+                                <float*> <uintptr_t> self.coef, <float*> <uintptr_t> y, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        return k
+
+    def topk(self, int64_t x, int64_t w, int64_t keep, int64_t y, int threads, int simd):
+        """As ``linear_topk_token``: the ``keep`` largest |x_j|·w_j (``w`` 0: |x_j|)."""
+        cdef int64_t k
+        cdef double t0
+        with nogil:
+            t0 = _now()
+            k = sb_linear_topk_token(<const float*> <uintptr_t> x, self.n_in, self.n_out,
+                                     <const void*> <uintptr_t> self.wt, self.dtype,
+                                     <const float*> <uintptr_t> self.bias, <const float*> <uintptr_t> w, keep,
+                                     <float*> <uintptr_t> self.scores, <float*> <uintptr_t> self.work,
+                                     <int32_t*> <uintptr_t> self.idx, <float*> <uintptr_t> self.coef,
+                                     <float*> <uintptr_t> y, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        return k
+
+
+cdef void _selections_into(tuple selections, int n, float* ts, int64_t* keeps, const float** ws) except *:
+    cdef int m
+    if len(selections) != n:
+        raise ValueError(f"{n} selections expected, not {len(selections)}")
+    for m in range(n):
+        t, keep, w = selections[m]
+        ts[m] = t
+        keeps[m] = keep
+        ws[m] = <const float*> <uintptr_t> <int64_t> w
+
+
+cdef class GroupCall:
+    """``linear_group_token`` for one layer's group (q/k/v or gate/up): ``members`` as there,
+    fixed; ``selections`` set with ``select`` whenever a member's rule changes."""
+    cdef int G, dtype
+    cdef int64_t n_in, scores, work
+    cdef int64_t n_outs[3]
+    cdef const void* wts[3]
+    cdef const float* biases[3]
+    cdef int32_t* idxs[3]
+    cdef float* coefs[3]
+    cdef float ts[3]
+    cdef int64_t keeps[3]
+    cdef const float* ws[3]
+    cdef KernelClock clock
+
+    def __init__(self, KernelClock clock, int64_t n_in, int dtype, tuple members, int64_t scores, int64_t work):
+        cdef int g
+        self.G = len(members)
+        if self.G < 1 or self.G > 3:
+            raise ValueError(f"a group holds 1 to 3 linears, not {self.G}")
+        self.clock, self.n_in, self.dtype, self.scores, self.work = clock, n_in, dtype, scores, work
+        for g in range(self.G):
+            wt, n_out, bias, idx, coef = members[g]
+            self.wts[g] = <const void*> <uintptr_t> <int64_t> wt
+            self.n_outs[g] = n_out
+            self.biases[g] = <const float*> <uintptr_t> <int64_t> bias
+            self.idxs[g] = <int32_t*> <uintptr_t> <int64_t> idx
+            self.coefs[g] = <float*> <uintptr_t> <int64_t> coef
+            self.ts[g], self.keeps[g], self.ws[g] = 0.0, -2, NULL  # dense until selected
+
+    def select(self, tuple selections):
+        _selections_into(selections, self.G, self.ts, self.keeps, self.ws)
+
+    def __call__(self, int64_t x, int64_t y0, int64_t y1, int64_t y2, int threads, int simd):
+        """The group on one token ``x``, outputs ``y0``.. (one per member); returns the
+        active-channel count of each member."""
+        cdef int64_t ks[3]
+        cdef float* ys[3]
+        cdef double t0
+        ys[0], ys[1], ys[2] = <float*> <uintptr_t> y0, <float*> <uintptr_t> y1, <float*> <uintptr_t> y2
+        with nogil:
+            t0 = _now()
+            sb_linear_group_token(<const float*> <uintptr_t> x, self.n_in, self.G, self.n_outs, self.wts, self.dtype,
+                                  self.biases, self.ts, self.keeps, self.ws, <float*> <uintptr_t> self.scores,
+                                  <float*> <uintptr_t> self.work, self.idxs, self.coefs, ks, ys, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        if self.G == 3:
+            return ks[0], ks[1], ks[2]
+        return tuple(ks[g] for g in range(self.G))
+
+
+cdef class MLPInputsCall:
+    """``mlp_inputs_token`` for one layer: ``weights`` and ``scratch`` as there, fixed;
+    the three selections set with ``select`` whenever the MLP's rules change."""
+    cdef int64_t H, I, gate_t, up_t, down_t, gate_bias, up_bias, down_bias, g, u, h, scores, work
+    cdef int dtype, gated, act, up_act
+    cdef float act_param
+    cdef int32_t* idxs[3]
+    cdef float* coefs[3]
+    cdef float ts[3]
+    cdef int64_t keeps[3]
+    cdef const float* ws[3]
+    cdef KernelClock clock
+
+    def __init__(self, KernelClock clock, int64_t hidden, int64_t inter, int dtype, int gated, tuple weights,
+                 int act, float act_param, int up_act, tuple scratch):
+        cdef int m
+        if len(weights) != 6 or len(scratch) != 11:
+            raise ValueError("an MLP call takes 6 weight pointers and 11 scratch pointers")
+        self.clock, self.H, self.I, self.dtype, self.gated = clock, hidden, inter, dtype, gated
+        self.gate_t, self.up_t, self.down_t = weights[0], weights[1], weights[2]
+        self.gate_bias, self.up_bias, self.down_bias = weights[3], weights[4], weights[5]
+        self.act, self.act_param, self.up_act = act, act_param, up_act
+        for m in range(3):
+            self.idxs[m] = <int32_t*> <uintptr_t> <int64_t> scratch[2 * m]
+            self.coefs[m] = <float*> <uintptr_t> <int64_t> scratch[2 * m + 1]
+            self.ts[m], self.keeps[m], self.ws[m] = 0.0, -2, NULL
+        self.g, self.u, self.h, self.scores, self.work = scratch[6], scratch[7], scratch[8], scratch[9], scratch[10]
+
+    def select(self, tuple selections):
+        _selections_into(selections, 3, self.ts, self.keeps, self.ws)
+
+    def __call__(self, int64_t x, int64_t y, int threads, int simd):
+        """The MLP on one token ``x`` into ``y``; returns the kept channels of gate, up, down."""
+        cdef int64_t ks[3]
+        cdef double t0
+        with nogil:
+            t0 = _now()
+            sb_mlp_inputs_token(<const float*> <uintptr_t> x, self.H, self.I, self.dtype, self.gated,
+                                <const void*> <uintptr_t> self.gate_t, <const void*> <uintptr_t> self.up_t,
+                                <const void*> <uintptr_t> self.down_t, <const float*> <uintptr_t> self.gate_bias,
+                                <const float*> <uintptr_t> self.up_bias, <const float*> <uintptr_t> self.down_bias,
+                                self.ts, self.keeps, self.ws, self.act, self.act_param, self.up_act, self.idxs,
+                                self.coefs, <float*> <uintptr_t> self.g, <float*> <uintptr_t> self.u,
+                                <float*> <uintptr_t> self.h, <float*> <uintptr_t> self.scores,
+                                <float*> <uintptr_t> self.work, ks, <float*> <uintptr_t> y, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        return ks[0], ks[1], ks[2]
+
+
+cdef class MLPCall:
+    """``mlp_token`` for one layer with its weights, activations and scratch fixed."""
+    cdef int64_t H, I, gate, up, down_t, gate_bias, up_bias, down_bias, idx, h, act_all
+    cdef int dtype, gated, act, up_act
+    cdef float act_param
+    cdef KernelClock clock
+
+    def __init__(self, KernelClock clock, int64_t hidden, int64_t inter, int64_t gate, int64_t up, int64_t down_t,
+                 int dtype, int64_t gate_bias, int64_t up_bias, int64_t down_bias, int gated, int act,
+                 float act_param, int up_act, int64_t idx, int64_t h, int64_t act_all):
+        self.clock, self.H, self.I, self.gate, self.up, self.down_t = clock, hidden, inter, gate, up, down_t
+        self.dtype, self.gate_bias, self.up_bias, self.down_bias, self.gated = dtype, gate_bias, up_bias, down_bias, gated
+        self.act, self.act_param, self.up_act, self.idx, self.h, self.act_all = act, act_param, up_act, idx, h, act_all
+
+    def __call__(self, int64_t x, int mode, int64_t given, int64_t mask, int rule, float threshold,
+                 int64_t thresholds, int64_t y, int threads, int simd):
+        """As ``mlp_token`` on one token; returns the active neurons."""
+        cdef int64_t k
+        cdef double t0
+        with nogil:
+            t0 = _now()
+            k = sb_mlp_token(<const float*> <uintptr_t> x, self.H, self.I, <const void*> <uintptr_t> self.gate,
+                             <const void*> <uintptr_t> self.up, <const void*> <uintptr_t> self.down_t, self.dtype,
+                             <const float*> <uintptr_t> self.gate_bias, <const float*> <uintptr_t> self.up_bias,
+                             <const float*> <uintptr_t> self.down_bias, self.gated, mode,
+                             <const float*> <uintptr_t> given, <const uint8_t*> <uintptr_t> mask, rule, threshold,
+                             <const float*> <uintptr_t> thresholds, self.act, self.act_param, self.up_act,
+                             <int32_t*> <uintptr_t> self.idx, <float*> <uintptr_t> self.h,
+                             <float*> <uintptr_t> self.act_all, <float*> <uintptr_t> y, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        return k

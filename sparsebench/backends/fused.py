@@ -226,22 +226,22 @@ def kernel_selection(rule) -> tuple[float, int, int]:
 
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
-    every pointer argument that does not change between tokens, and the source weights it
-    was built from. A decode step on a small model is dominated by Python per call, so the
+    the extension's call plan (``args``: every argument that does not change between tokens,
+    kept in C) and the source weights it was built from. A decode step on a small model is dominated by Python per call, so the
     call re-checks only that each source is still its module's weight (read from the
     module's parameter table: ``module.weight`` goes through ``nn.Module.__getattr__``, a
     microsecond each), at the same address and version (a replaced or in-place-modified
     weight, e.g. WINA's transform, rebuilds)."""
 
-    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "selections")
+    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules")
 
-    def __init__(self, owners: tuple, weights, args: tuple, idx: torch.Tensor, width: int, n_out: int):
+    def __init__(self, owners: tuple, weights, args, idx: torch.Tensor, width: int, n_out: int):
         # per source module (None: absent, e.g. a plain MLP's gate): (parameters, weight, address, version)
         self.checks = tuple((m._parameters, m.weight, m.weight.data_ptr(), m.weight._version)
                             for m in owners if m is not None)
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
         self.site = None  # a group's or MLP's plan: the site it was built from
-        self.rules, self.selections = None, ()  # an MLP's input rules, as the kernel's selections
+        self.rules = None  # a group's or MLP's input rules, whose selections ``args`` holds
 
     def fresh(self) -> bool:
         for params, t, ptr, ver in self.checks:
@@ -315,15 +315,32 @@ class FusedBackend(Backend):
         self._scratch: dict = {}  # shape → kernel scratch shared by every layer (made when a plan is built)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
         self._rules_seen: dict = {}  # (layer, proj) → the rule of its last rule call
-        self.calls = {"kernel": 0, "dense": 0, "rule": 0}  # rule: kernel calls that applied the mask rule
-        self.kernel_s = 0.0  # wall time inside the kernels of single-token calls (step-overhead evaluator)
+        # kernel: calls outside call plans (plans count on ``clock``); rule: calls that applied the mask rule
+        self._calls = {"kernel": 0, "dense": 0, "rule": 0}
+        # wall time and calls inside the kernels of single-token calls (step-overhead evaluator),
+        # kept by the call plans in C
+        self.clock = self.kernel.ext.KernelClock()
+
+    @property
+    def calls(self) -> dict:
+        """Kernel calls (one per token through the kernels), dense fallbacks, and kernel calls
+        that applied the mask rule."""
+        return self._calls | {"kernel": self._calls["kernel"] + self.clock.calls}
+
+    @property
+    def kernel_s(self) -> float:
+        return self.clock.seconds
+
+    @kernel_s.setter
+    def kernel_s(self, seconds: float) -> None:
+        self.clock.seconds = seconds
 
     def _kernel(self) -> FusedKernel:
         self.kernel.threads = self.threads or torch.get_num_threads()
         return self.kernel
 
     def stats(self) -> dict:
-        return dict(self.calls) | {"kernel_s": self.kernel_s}
+        return self.calls | {"kernel_s": self.kernel_s}
 
     def reset(self) -> None:
         self.kernel_s = 0.0
@@ -362,11 +379,12 @@ class FusedBackend(Backend):
             return plan
         w = self.mlp_weights(site)
         idx, h, act_all = self.kernel.scratch(w.inter)
-        head = (w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
-                _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated))
-        tail = (w.act, w.act_param, w.up_act, idx.data_ptr(), h.data_ptr(), act_all.data_ptr())
+        call = self.kernel.ext.MLPCall(
+            self.clock, w.hidden, w.inter, _ptr(w.gate), w.up.data_ptr(), w.down_t.data_ptr(), w.dtype_code,
+            _ptr(w.gate_bias), _ptr(w.up_bias), _ptr(w.down_bias), int(w.gated), w.act, w.act_param, w.up_act,
+            idx.data_ptr(), h.data_ptr(), act_all.data_ptr())
         plan = _Plan((_unwrapped(site.gate) if w.gated else None, _unwrapped(site.up), _unwrapped(site.down)), w,
-                     (head, tail), idx, w.inter, w.hidden)
+                     call, idx, w.inter, w.hidden)
         plan.site = site
         self._plans[site.layer_idx] = plan
         return plan
@@ -380,9 +398,9 @@ class FusedBackend(Backend):
         idx, coef, _ = self.kernel.scratch(n_in)
         # the top-k rule's scores and quickselect copy
         select = _buffers(self._scratch, ("select", n_in), lambda: (torch.empty(n_in), torch.empty(n_in)))
-        args = (n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias))
-        plan = _Plan((linear,), (wt, bias, select), (args, (idx.data_ptr(), coef.data_ptr()),
-                                                     tuple(t.data_ptr() for t in select)), idx, n_in, n_out)
+        call = self.kernel.ext.LinearCall(self.clock, n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias),
+                                          idx.data_ptr(), coef.data_ptr(), *[t.data_ptr() for t in select])
+        plan = _Plan((linear,), (wt, bias, select), call, idx, n_in, n_out)
         plan.site = linear  # a linear's plan: the module it was built from
         self._plans[key] = plan
         return plan
@@ -391,34 +409,23 @@ class FusedBackend(Backend):
                    threshold: float = 0.0, h_thresholds: torch.Tensor | None = None) -> int:
         """The MLP kernel on one token through a plan (``x``, ``given``, ``mask`` contiguous
         and flat; ``rule`` 0 or the in-kernel rule's kind, with its threshold(s))."""
-        head, tail = plan.args
-        t0 = time.perf_counter()
-        k = self.kernel.ext.mlp_token(x.data_ptr(), *head, mode, _ptr(given), _ptr(mask), rule, threshold,
-                                      _ptr(h_thresholds), *tail, out.data_ptr(),
-                                      self.threads or torch.get_num_threads(), self.kernel.simd)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
-        return k
+        return plan.args(x.data_ptr(), mode, _ptr(given), _ptr(mask), rule, threshold, _ptr(h_thresholds),
+                         out.data_ptr(), self.threads or torch.get_num_threads(), self.kernel.simd)
 
     def _linear_token(self, plan: _Plan, x: torch.Tensor, mask, threshold, out) -> int:
-        args, (idx_ptr, coef_ptr), _ = plan.args
-        t0 = time.perf_counter()
-        k = self.kernel.ext.linear_token(x.data_ptr(), *args, _ptr(mask), int(threshold is not None),
-                                         0.0 if threshold is None else threshold, idx_ptr, coef_ptr, out.data_ptr(),
-                                         self.threads or torch.get_num_threads(), self.kernel.simd)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
-        return k
+        return plan.args.threshold(x.data_ptr(), _ptr(mask), int(threshold is not None),
+                                   0.0 if threshold is None else threshold, out.data_ptr(),
+                                   self.threads or torch.get_num_threads(), self.kernel.simd)
 
     # ------------------------------------------------------------------ MLP
     def mlp(self, site, inp, mask):
         tokens = inp.x.numel() // inp.x.shape[-1]
         one_token_rows = tokens == 1 or (inp.x.dim() == 3 and inp.x.shape[1] == 1)
         if mask is None and (self.dense_path == "torch" or not one_token_rows):
-            self.calls["dense"] += 1
+            self._calls["dense"] += 1
             return site.down(inp.h)
         if not one_token_rows and self.prefill == "dense_mask":
-            self.calls["dense"] += 1
+            self._calls["dense"] += 1
             return site.down(inp.h * mask.to(inp.h.dtype))
         if tokens == 1 and (mask is None or mask.numel() == site.intermediate_size):
             return self._mlp_one(site, inp, mask)
@@ -434,7 +441,7 @@ class FusedBackend(Backend):
                      given=None if given is None else given[n], out=out[n])
         if tokens == 1:
             self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += x2.shape[0]
+        self._calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(inp.x.shape)
 
     def _mlp_one(self, site, inp, mask):
@@ -465,7 +472,7 @@ class FusedBackend(Backend):
         plan = self._mlp_plan(site)
         out = torch.empty(x.shape)
         k = self._mlp_token(plan, _fp32_flat(x), ext.FROM_X, None, None, out, kind, threshold, h_thresholds)
-        self.calls["rule"] += 1
+        self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def linear_by_rule(self, inp, linear, rule):
@@ -478,7 +485,7 @@ class FusedBackend(Backend):
         # computed with its group: valid for this very input (and version) and rule only (rules
         # are frozen: the same object is the same selection)
         if done is not None and done[0] is x and done[1] == x._version and done[2] is rule:
-            self.calls["rule"] += 1
+            self._calls["rule"] += 1
             return done[3]
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
@@ -489,8 +496,9 @@ class FusedBackend(Backend):
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
-        self.calls["rule"] += 1
+        k = plan.args.threshold(_fp32_flat(x).data_ptr(), 0, 1, rule.threshold, out.data_ptr(),
+                                self.threads or torch.get_num_threads(), self.kernel.simd)
+        self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def _topk_by_rule(self, inp, linear, rule):
@@ -499,15 +507,9 @@ class FusedBackend(Backend):
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        args, (idx_ptr, coef_ptr), (scores, work) = plan.args
-        weights = rule.weights
-        t0 = time.perf_counter()
-        k = self.kernel.ext.linear_topk_token(_fp32_flat(x).data_ptr(), *args, 0 if weights is None else weights.data_ptr(),
-                                              rule.keep, scores, work, idx_ptr, coef_ptr,
-                                              out.data_ptr(), self.threads or torch.get_num_threads(), self.kernel.simd)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
-        self.calls["rule"] += 1
+        k = plan.args.topk(_fp32_flat(x).data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
+                           self.threads or torch.get_num_threads(), self.kernel.simd)
+        self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def _group_by_rule(self, inp, rule, group: tuple[str, ...]):
@@ -525,18 +527,16 @@ class FusedBackend(Backend):
                 return None
             rules.append(r)
         plan = self._group_plan(inp.site, layer, group)
+        call = plan.args
         if plan.rules != rules:  # rules compare by identity: new selections only when one changed
-            plan.rules, plan.selections = rules, tuple(kernel_selection(r) for r in rules)
+            plan.rules = rules
+            call.select(tuple(kernel_selection(r) for r in rules))
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [torch.empty(lead + (n,)) for n in plan.n_out]
-        n_in, dtype, scores, work = plan.width
-        t0 = time.perf_counter()
-        ks = self.kernel.ext.linear_group_token(_fp32_flat(x).data_ptr(), n_in, dtype, plan.args, plan.selections,
-                                                 tuple([out.data_ptr() for out in outs]), scores, work,
-                                                 self.threads or torch.get_num_threads(), self.kernel.simd)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
-        self.calls["rule"] += 1
+        ptrs = [out.data_ptr() for out in outs] + [0]
+        ks = call(_fp32_flat(x).data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
+                  self.kernel.simd)
+        self._calls["rule"] += 1
         version, fp32 = x._version, x.dtype == torch.float32
         if not fp32:
             outs = [out.to(x.dtype) for out in outs]
@@ -562,8 +562,8 @@ class FusedBackend(Backend):
             n_outs.append(n_out)
         dtype = KERNEL_DTYPES[self.linear_weight(linears[0], (layer, group[0]))[0].dtype]
         select_scratch = (torch.empty(n_in), torch.empty(n_in))  # top-k scores and quickselect copy, shared
-        plan = _Plan(linears, (idxs, select_scratch), tuple(heads), [i for i, _ in idxs],
-                     (n_in, dtype, *[t.data_ptr() for t in select_scratch]), n_outs)
+        call = self.kernel.ext.GroupCall(self.clock, n_in, dtype, tuple(heads), *[t.data_ptr() for t in select_scratch])
+        plan = _Plan(linears, (idxs, select_scratch), call, [i for i, _ in idxs], n_in, n_outs)
         plan.site = site
         self._plans[(layer, group)] = plan
         return plan
@@ -576,18 +576,14 @@ class FusedBackend(Backend):
         if x.numel() != x.shape[-1]:
             return None
         plan = self._inputs_plan(site)
+        call = plan.args
         if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
             plan.rules = rules
-            plan.selections = tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down))
-        head, tail = plan.args
+            call.select(tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down)))
         out = torch.empty(x.shape)
-        t0 = time.perf_counter()
-        k_gate, k_up, k_down = self.kernel.ext.mlp_inputs_token(
-            _fp32_flat(x).data_ptr(), *head, plan.selections, *tail, out.data_ptr(),
-            self.threads or torch.get_num_threads(), self.kernel.simd)
-        self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += 1
-        self.calls["rule"] += 1
+        k_gate, k_up, k_down = call(_fp32_flat(x).data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
+                                    self.kernel.simd)
+        self._calls["rule"] += 1
         idx_gate, idx_up, idx_down, h = plan.idx
         return ((out if x.dtype == torch.float32 else out.to(x.dtype)), h,
                 ((idx_gate, k_gate), (idx_up, k_up), (idx_down, k_down)))
@@ -613,10 +609,11 @@ class FusedBackend(Backend):
         act, act_param = activation_code(site.act)
         up_act, _ = activation_code(site.up_act)
         ext = self.kernel.ext
-        head = (H, I, KERNEL_DTYPES[up_t.dtype], int(gated),
-                (_ptr(gate_t), up_t.data_ptr(), down_t.data_ptr(), _ptr(gate_bias), _ptr(up_bias), _ptr(down_bias)))
-        tail = (ext.ACTIVATIONS[act], act_param, ext.ACTIVATIONS[up_act], tuple(t.data_ptr() for t in scratch))
-        plan = _Plan(linears, (prepared, scratch), (head, tail),
+        call = ext.MLPInputsCall(
+            self.clock, H, I, KERNEL_DTYPES[up_t.dtype], int(gated),
+            (_ptr(gate_t), up_t.data_ptr(), down_t.data_ptr(), _ptr(gate_bias), _ptr(up_bias), _ptr(down_bias)),
+            ext.ACTIVATIONS[act], act_param, ext.ACTIVATIONS[up_act], tuple(t.data_ptr() for t in scratch))
+        plan = _Plan(linears, (prepared, scratch), call,
                      (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
         plan.site = site
         self._plans[("inputs", layer)] = plan
@@ -651,7 +648,7 @@ class FusedBackend(Backend):
         tokens = inp.x.numel() // inp.x.shape[-1]
         one_token_rows = tokens == 1 or (inp.x.dim() == 3 and inp.x.shape[1] == 1)
         if not one_token_rows and self.prefill == "dense_mask":
-            self.calls["dense"] += 1
+            self._calls["dense"] += 1
             return linear(inp.x * mask.to(inp.x.dtype))
         if tokens == 1 and mask.numel() == inp.x.shape[-1]:
             plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
@@ -668,5 +665,5 @@ class FusedBackend(Backend):
             kern.linear(wt, bias, x2[n], m2[n], out=out[n])
         if tokens == 1:
             self.kernel_s += time.perf_counter() - t0
-        self.calls["kernel"] += x2.shape[0]
+        self._calls["kernel"] += x2.shape[0]
         return out.to(inp.x.dtype).reshape(*inp.x.shape[:-1], wt.shape[1])
