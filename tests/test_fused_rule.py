@@ -474,3 +474,69 @@ def test_mlp_by_input_rules_replaces_the_masked_linears(arch, method):
         logits = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
     assert backend.calls == len(ctl.sites) and not mlp_linears
     assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5), float((logits - ref).abs().max())
+
+
+def _kept(rule, v):
+    """``v`` with the channels a threshold rule drops set to zero (the rule applied in torch)."""
+    return v * (v.abs() > rule.threshold)
+
+
+@pytest.mark.parametrize("path", ["group", "mlp_inputs", "mlp_rule"])
+def test_every_plan_follows_weights_changed_in_place_or_replaced(path):
+    """Every single-token call plan — the q/k/v group, TEAL's whole-MLP call, CATS's MLP rule —
+    is built once per layer and keeps its pointers in the extension; a weight modified in place
+    or replaced must be picked up. Checked against the same rules applied in torch, and the
+    kernel clock counts one call per kernel run (k and v served from the group's stash run none)."""
+    from torch.nn.functional import linear
+
+    from sparsebench.backends.fused import _unwrapped
+    from sparsebench.models.patching import LinearInput, MLPInput
+
+    model, ctl, _ = controller("llama", "cats" if path == "mlp_rule" else "teal", "fused")
+    sp, be, site = ctl.sparsifier, ctl.backend, ctl.sites[0]
+
+    def lin(p):
+        return _unwrapped(site.projection(p))
+
+    x = torch.randn(1, 1, lin("up").in_features)
+
+    def run():
+        """(kernel output, torch reference, kernel calls made)."""
+        calls = be.calls["kernel"]
+        if path == "group":
+            rules = {p: sp.input_mask_rule(LinearInput(site, p, x)) for p in ("q", "k", "v")}
+            assert all(r is not None for r in rules.values())
+            outs = {}
+            # k and v on their own first (the group learns their rules), then q computes all three
+            # and k and v are served from the stash
+            for p in ("k", "v", "q", "k", "v"):
+                outs[p] = be.linear_by_rule(LinearInput(site, p, x), lin(p), rules[p])[0]
+            assert be.calls["kernel"] - calls == 3
+            refs = [linear(_kept(rules[p], x), lin(p).weight, lin(p).bias) for p in ("q", "k", "v")]
+            return torch.cat([outs[p] for p in ("q", "k", "v")], -1), torch.cat(refs, -1)
+        inp = MLPInput(site, x)
+        if path == "mlp_inputs":
+            rules = sp.mlp_input_rules(site, x)
+            out, _, (_, _, (idx_down, k_down)) = be.mlp_by_input_rules(site, inp, rules)
+            h = site.act(linear(_kept(rules.gate, x), lin("gate").weight)) * linear(_kept(rules.up, x), lin("up").weight)
+            keep = torch.zeros(h.shape[-1], dtype=torch.bool)
+            keep[idx_down[:k_down].long()] = True  # the kernel's own down mask (h near t may round either way)
+            ref = linear(h * keep, lin("down").weight)
+        else:
+            rule = sp.mask_rule(inp)
+            out, _, _ = be.mlp_by_rule(site, inp, rule)
+            act = site.act(linear(x, lin("gate").weight))
+            ref = linear(_kept(rule, act) * linear(x, lin("up").weight), lin("down").weight)
+        assert be.calls["kernel"] - calls == 1
+        return out, ref
+
+    first, last = ("q", "v") if path == "group" else ("gate", "down")
+    with torch.no_grad():
+        seconds = be.kernel_s
+        for change in (None, lambda: lin(first).weight.mul_(3.0),
+                       lambda: setattr(lin(last), "weight", torch.nn.Parameter(-lin(last).weight))):
+            if change is not None:
+                change()
+            out, ref = run()
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (path, float((out - ref).abs().max()))
+        assert be.kernel_s > seconds
