@@ -805,14 +805,10 @@ cdef void _selections_into(tuple selections, int n, float* ts, int64_t* keeps, c
         ws[m] = <const float*> <uintptr_t> <int64_t> w
 
 
-cdef class GroupCall:
-    """``linear_group_token`` for one layer's group (q/k/v or gate/up): ``members`` as there,
-    fixed; ``selections`` set with ``select`` whenever a member's rule changes."""
-    cdef int G, dtype
-    cdef int64_t n_in, scores, work
-    cdef int64_t n_outs[3]
-    cdef const void* wts[3]
-    cdef const float* biases[3]
+cdef class _SelectingCall:
+    """A call whose linears (at most 3) take the selections of their rules: per linear its
+    kept-channel scratch and its selection, set with ``select`` whenever a rule changes."""
+    cdef int n_select
     cdef int32_t* idxs[3]
     cdef float* coefs[3]
     cdef float ts[3]
@@ -820,9 +816,22 @@ cdef class GroupCall:
     cdef const float* ws[3]
     cdef KernelClock clock
 
+    def select(self, tuple selections):
+        _selections_into(selections, self.n_select, self.ts, self.keeps, self.ws)
+
+
+cdef class GroupCall(_SelectingCall):
+    """``linear_group_token`` for one layer's group (q/k/v or gate/up): ``members`` as there,
+    fixed; the members' selections set with ``select``."""
+    cdef int G, dtype
+    cdef int64_t n_in, scores, work
+    cdef int64_t n_outs[3]
+    cdef const void* wts[3]
+    cdef const float* biases[3]
+
     def __init__(self, KernelClock clock, int64_t n_in, int dtype, tuple members, int64_t scores, int64_t work):
         cdef int g
-        self.G = len(members)
+        self.G = self.n_select = len(members)
         if self.G < 1 or self.G > 3:
             raise ValueError(f"a group holds 1 to 3 linears, not {self.G}")
         self.clock, self.n_in, self.dtype, self.scores, self.work = clock, n_in, dtype, scores, work
@@ -834,9 +843,6 @@ cdef class GroupCall:
             self.idxs[g] = <int32_t*> <uintptr_t> <int64_t> idx
             self.coefs[g] = <float*> <uintptr_t> <int64_t> coef
             self.ts[g], self.keeps[g], self.ws[g] = 0.0, -2, NULL  # dense until selected
-
-    def select(self, tuple selections):
-        _selections_into(selections, self.G, self.ts, self.keeps, self.ws)
 
     def __call__(self, int64_t x, int64_t y0, int64_t y1, int64_t y2, int threads, int simd):
         """The group on one token ``x``, outputs ``y0``.. (one per member); returns the
@@ -857,24 +863,19 @@ cdef class GroupCall:
         return tuple(ks[g] for g in range(self.G))
 
 
-cdef class MLPInputsCall:
-    """``mlp_inputs_token`` for one layer: ``weights`` and ``scratch`` as there, fixed;
-    the three selections set with ``select`` whenever the MLP's rules change."""
+cdef class MLPInputsCall(_SelectingCall):
+    """``mlp_inputs_token`` for one layer: ``weights`` and ``scratch`` as there, fixed; the
+    selections of gate, up and down set with ``select``."""
     cdef int64_t H, I, gate_t, up_t, down_t, gate_bias, up_bias, down_bias, g, u, h, scores, work
     cdef int dtype, gated, act, up_act
     cdef float act_param
-    cdef int32_t* idxs[3]
-    cdef float* coefs[3]
-    cdef float ts[3]
-    cdef int64_t keeps[3]
-    cdef const float* ws[3]
-    cdef KernelClock clock
 
     def __init__(self, KernelClock clock, int64_t hidden, int64_t inter, int dtype, int gated, tuple weights,
                  int act, float act_param, int up_act, tuple scratch):
         cdef int m
         if len(weights) != 6 or len(scratch) != 11:
             raise ValueError("an MLP call takes 6 weight pointers and 11 scratch pointers")
+        self.n_select = 3
         self.clock, self.H, self.I, self.dtype, self.gated = clock, hidden, inter, dtype, gated
         self.gate_t, self.up_t, self.down_t = weights[0], weights[1], weights[2]
         self.gate_bias, self.up_bias, self.down_bias = weights[3], weights[4], weights[5]
@@ -884,9 +885,6 @@ cdef class MLPInputsCall:
             self.coefs[m] = <float*> <uintptr_t> <int64_t> scratch[2 * m + 1]
             self.ts[m], self.keeps[m], self.ws[m] = 0.0, -2, NULL
         self.g, self.u, self.h, self.scores, self.work = scratch[6], scratch[7], scratch[8], scratch[9], scratch[10]
-
-    def select(self, tuple selections):
-        _selections_into(selections, 3, self.ts, self.keeps, self.ws)
 
     def __call__(self, int64_t x, int64_t y, int threads, int simd):
         """The MLP on one token ``x`` into ``y``; returns the kept channels of gate, up, down."""
