@@ -126,16 +126,20 @@ def test_cold_mlp_step_harness(tmp_path):
 
 
 def test_step_overhead_evaluator(tmp_path):
-    """Overhead = wall time inside the sparse modules minus kernel time, per decode token;
-    refused on a backend that does not time its kernels."""
+    """Overhead = wall time inside the sparse modules minus kernel time (and minus the torch
+    linears of projections left dense), per decode token; refused on a backend that does not
+    time its kernels."""
     proc = sparsebench(["sparsifier=cats", "backend=fused", "evaluator=step_overhead",
                         "evaluator.step_overhead.new_tokens=8", "evaluator.step_overhead.prompt_tokens=8",
                         "evaluator.step_overhead.repeats=1", "threads=1", *TINY, "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert 0 < m["overhead/kernel_ms_per_token"] < m["overhead/mlp_ms_per_token"] < m["overhead/step_ms"] * 1.5
-    assert m["overhead/ms_per_token"] == pytest.approx(m["overhead/mlp_ms_per_token"] - m["overhead/kernel_ms_per_token"],
-                                                       rel=0.5)
+    # CATS's rule runs every MLP in the kernel: no projection left to torch
+    assert m["overhead/dense_linear_calls_per_token"] == 0 and m["overhead/dense_linears_ms_per_token"] == 0
+    assert m["overhead/ms_per_token"] == pytest.approx(
+        m["overhead/mlp_ms_per_token"] - m["overhead/kernel_ms_per_token"] - m["overhead/dense_linears_ms_per_token"],
+        rel=0.5)
     assert 0 < m["overhead/fraction_of_mlp"] < 1
     # the hooks' own cost is subtracted for the net figure, never added: the clock's floor per
     # timed call times the timed calls per decode token (CATS: one MLP module per layer)
@@ -176,20 +180,44 @@ def test_module_clock_counts_single_token_calls_and_its_floor_is_what_it_adds():
     assert 0 <= clock_floor_s(200, repeats=3) < 1e-3
 
 
-def test_overhead_by_module_counts_every_sparse_call(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sparsity", [0.5, 0.0])
+def test_overhead_by_module_counts_every_sparse_call(tmp_path, monkeypatch, sparsity):
     """The per-module breakdown: TEAL on tiny-llama times one MLP and q/k/v/o per layer and
-    decode step (an enumeration of the model's sparse modules), and inside = kernel + outside."""
+    decode step (an enumeration of the model's sparse modules), and inside = kernel + the torch
+    linears of dense projections + outside. At sparsity 0 every attention projection is dense
+    and runs in torch (one call each per layer), the MLP's dense selections in the kernel; at
+    0.5 none runs in torch."""
     from sparsebench.experiments.checks.overhead_by_module import main
 
     monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
     report = main(["--model", "tiny-llama", "--sparsifier", "teal", "--prompt-tokens", "6", "--new-tokens", "5",
-                   "--repeats", "1", "--threads", "1", "data=tiny", "logger.mode=disabled"])
+                   "--repeats", "1", "--threads", "1", "data=tiny", "logger.mode=disabled",
+                   f"sparsifier.sparsity={sparsity}"])
     kinds = report["by_kind"]
     assert set(kinds) == {"mlp", "q", "k", "v", "o"}
-    for k in kinds.values():
+    for kind, k in kinds.items():
         assert k["calls_per_token"] == 2  # tiny-llama's two layers
-        assert k["inside_us_per_call"] == pytest.approx(k["kernel_us_per_call"] + k["outside_us_per_call"], abs=0.02)
+        assert k["dense_linear_calls_per_token"] == (2 if sparsity == 0.0 and kind != "mlp" else 0)
+        assert k["inside_us_per_call"] == pytest.approx(
+            k["kernel_us_per_call"] + k["dense_linear_us_per_call"] + k["outside_us_per_call"], abs=0.03)
+        assert (k["dense_linear_us_per_call"] > 0) == (k["dense_linear_calls_per_token"] > 0)
     assert kinds["mlp"]["kernel_us_per_call"] > 0 and report["step_ms"] > 0
+
+
+def test_dense_linears_are_the_torch_linears_inside_the_sparse_modules():
+    """The linears whose time the overhead evaluators count as compute: every nn.Linear inside
+    the installed modules, once each (TEAL: the seven projections per layer; CATS: the MLP's
+    three), checked against an enumeration of the model's decoder projections."""
+    from sparsebench.evaluators.step_overhead import dense_linears, sparse_modules
+
+    for method, names in (("teal", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+                          ("cats", ("gate_proj", "up_proj", "down_proj"))):
+        model = make_tiny("llama")
+        sp = SPARSIFIERS.get(method)(OmegaConf.create({"name": method, "sparsity": 0.5}))
+        expected = {id(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(names)}
+        ctl = SparsityController(sp, BACKENDS.get("dense")(None)).attach(model)
+        found = dense_linears(sparse_modules(ctl))
+        assert len(found) == len({id(m) for m in found}) and {id(m) for m in found} == expected, method
 
 
 def test_bench_mlp_step_computes_the_masked_mlp():

@@ -5,8 +5,9 @@ model and sparsifier on ``backend=fused`` (calibrated as the experiment does, fr
 when it can), a held-out prompt, then greedy decodes with ``ModuleClock`` around every sparse
 module's forward and the backend's kernel clock read before and after each call. Per kind
 (``mlp`` for an MLP module, else the projection: q, k, v, o, ...): calls per token, time per
-call inside the forward, kernel time per call, and the rest (the overhead) per call and per
-token; medians over ``--repeats`` decodes. Run it on an idle machine:
+call inside the forward, kernel time per call, time per call in the torch linears of projections
+left dense (their own compute, clocked the same way), and the rest (the overhead) per call and
+per token; medians over ``--repeats`` decodes. Run it on an idle machine:
 
     python -m sparsebench.experiments.checks.overhead_by_module --model smollm2-135m --sparsifier teal
 
@@ -37,6 +38,7 @@ def main(argv=None) -> dict:
 
     from sparsebench.data.corpus import heldout_windows, load_corpus
     from sparsebench.evaluators.decode import ModuleClock, greedy_decode
+    from sparsebench.evaluators.step_overhead import dense_linears
     from sparsebench.models.calibration import load_or_calibrate
     from sparsebench.models.loader import load_model, set_offline
     from sparsebench.models.patching import SparsityController
@@ -59,6 +61,9 @@ def main(argv=None) -> dict:
     for site, proj, wrapper in ctl.input_masked_linears():
         if proj not in ("gate", "up", "down"):  # those run inside the MLP module, already timed
             modules[(proj, site.layer_idx)] = wrapper
+    # the torch linears inside each module: a projection left dense runs there, and its time
+    # is the projection's own compute (as the step_overhead evaluator counts it), not overhead
+    inner = {(*key, i): lin for key, m in modules.items() for i, lin in enumerate(dense_linears([m]))}
     steps = args.new_tokens - 1
     per_kind = collections.defaultdict(lambda: collections.defaultdict(list))
     step_ms = []
@@ -67,24 +72,32 @@ def main(argv=None) -> dict:
         for _ in range(args.repeats):
             # the clock times each forward and adds up the backend's kernel seconds of the same calls
             clock = ModuleClock(modules, counter=lambda: backend.kernel_s)
+            dense = ModuleClock(inner)
             try:
                 _, _, decode_s = greedy_decode(model, prompt, args.new_tokens)
             finally:
+                dense.remove()
                 clock.remove()
             step_ms.append(1e3 * decode_s / steps)
-            sums = collections.defaultdict(lambda: [0.0, 0.0, 0])
+            sums = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0, 0])
             for key in modules:
                 s = sums[key[0]]
                 s[0] += clock.seconds[key]
                 s[1] += clock.counted[key]
-                s[2] += clock.calls[key]
-            for kind, (inside, kern, calls) in sums.items():
+                s[3] += clock.calls[key]
+            for key in inner:
+                sums[key[0]][2] += dense.seconds[key]
+                sums[key[0]][4] += dense.calls[key]
+            for kind, (inside, kern, dense_s, calls, dense_calls) in sums.items():
                 d = per_kind[kind]
+                rest = inside - kern - dense_s
                 d["calls_per_token"].append(calls / steps)
                 d["inside_us_per_call"].append(1e6 * inside / max(calls, 1))
                 d["kernel_us_per_call"].append(1e6 * kern / max(calls, 1))
-                d["outside_us_per_call"].append(1e6 * (inside - kern) / max(calls, 1))
-                d["outside_ms_per_token"].append(1e3 * (inside - kern) / steps)
+                d["dense_linear_calls_per_token"].append(dense_calls / steps)
+                d["dense_linear_us_per_call"].append(1e6 * dense_s / max(calls, 1))
+                d["outside_us_per_call"].append(1e6 * rest / max(calls, 1))
+                d["outside_ms_per_token"].append(1e3 * rest / steps)
     step = statistics.median(step_ms)
     kinds = {kind: {name: round(statistics.median(v), 2) for name, v in d.items()} for kind, d in per_kind.items()}
     total = sum(k["outside_ms_per_token"] for k in kinds.values())

@@ -10,8 +10,10 @@ model they can eat the whole saving. This evaluator measures them directly:
    method's own mask work — CATS's gate, a predictor — is not overhead and is removed),
    timing (a) the decode step without instrumentation and (b) with a clock around the
    ``forward`` of every sparse MLP/linear module (``ModuleClock``): the wall time inside them,
-   minus the time the backend reports inside its kernels (``stats()["kernel_s"]``), is the
-   overhead;
+   minus the time the backend reports inside its kernels (``stats()["kernel_s"]``) and minus
+   the time of the torch linears inside them (clocked the same way; they run where a projection
+   is left dense, e.g. TEAL's dense levels, and do the projection's own work, as in the dense
+   model: ``overhead/dense_linears_ms_per_token``), is the overhead;
 3. reported per decode token: ``overhead/ms_per_token``, its share of the step
    (``overhead/fraction_of_step``) and of the MLP calls (``overhead/fraction_of_mlp``).
 
@@ -26,7 +28,7 @@ forward) is counted in ``overhead/ms_per_token``, so that figure is an upper bou
 cost is measured directly, not as a difference of two noisy decodes: the clock is put on a
 module whose forward does nothing and called ``floor_calls`` times; what it records per
 call, less the bare forward call, is ``overhead/clock_floor_us``. Times the timed calls per
-decode token (``overhead/timed_calls_per_token``) it is ``overhead/hooks_ms_per_token`` (a
+decode token (``overhead/timed_calls_per_token``, the dense linears' included) it is ``overhead/hooks_ms_per_token`` (a
 name from when the clock was forward hooks), and ``overhead/net_ms_per_token`` /
 ``overhead/net_fraction_of_step`` are the overhead with it subtracted — the estimate of what
 an uninstrumented step spends outside kernels in those modules' forward. (A hot loop of one
@@ -60,6 +62,19 @@ def sparse_modules(controller) -> list[torch.nn.Module]:
         if proj not in ("gate", "up", "down"):
             mods.append(wrapper)
     return mods
+
+
+def dense_linears(modules) -> list[torch.nn.Linear]:
+    """The torch linears inside ``modules`` (the sparse modules). They run only where a
+    projection is left dense — a method's dense level (TEAL's t < 0 on some layers' v), a
+    position or layer the policy keeps dense, a backend's torch fallback — and their time is
+    the projection's own compute, as in the dense model: not overhead."""
+    found = {}
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, torch.nn.Linear):
+                found.setdefault(id(sub), sub)
+    return list(found.values())
 
 
 class _Passthrough(torch.nn.Module):
@@ -122,29 +137,37 @@ class StepOverhead(Evaluator):
         with recording_masks(ctl.sparsifier, mlp_masks, linear_masks):
             greedy_decode(ctx.model, prompt, n_new)
 
+        modules = sparse_modules(ctl)
+        linears = dense_linears(modules)
+
         def replay(instrument: bool):
-            wall = ModuleClock(dict(enumerate(sparse_modules(ctl))), device) if instrument else None
+            # the sparse modules' forward, and inside it the torch linears of dense projections
+            wall = ModuleClock(dict(enumerate(modules)), device) if instrument else None
+            dense = ModuleClock(dict(enumerate(linears)), device) if instrument else None
             ctl.backend.reset()
             try:
                 with replaying_masks(ctl.sparsifier, list(mlp_masks), list(linear_masks)):
                     _, prefill_s, decode_s = greedy_decode(ctx.model, prompt, n_new)
             finally:
-                if wall is not None:
-                    wall.remove()
-            return decode_s, prefill_s, wall, ctl.backend.stats()["kernel_s"]
+                for clock in (dense, wall):
+                    if clock is not None:
+                        clock.remove()
+            return decode_s, prefill_s, wall, dense, ctl.backend.stats()["kernel_s"]
 
         replay(False)  # warm-up
-        steps, instrumented, inside, kernel, calls = [], [], [], [], []
+        steps, instrumented, inside, kernel, dense_s, calls, dense_calls = [], [], [], [], [], [], []
         for _ in range(int(cfg.repeats)):
             steps.append(replay(False)[0])
-            decode_s, _, wall, kernel_s = replay(True)
+            decode_s, _, wall, dense, kernel_s = replay(True)
             instrumented.append(decode_s)
             inside.append(sum(wall.seconds.values()))
-            calls.append(sum(wall.calls.values()))
+            dense_s.append(sum(dense.seconds.values()))
+            calls.append(sum(wall.calls.values()) + sum(dense.calls.values()))
+            dense_calls.append(sum(dense.calls.values()))
             kernel.append(kernel_s)
         tokens = n_new - 1
         step_s = statistics.median(steps) / tokens
-        overhead_s = statistics.median(i - k for i, k in zip(inside, kernel)) / tokens
+        overhead_s = statistics.median(i - k - d for i, k, d in zip(inside, kernel, dense_s)) / tokens
         calls_per_token = statistics.median(calls) / tokens
         floor_s = clock_floor_s(int(cfg.floor_calls))
         hooks_s = floor_s * calls_per_token
@@ -155,6 +178,8 @@ class StepOverhead(Evaluator):
             "overhead/step_ms": 1e3 * step_s,
             "overhead/mlp_ms_per_token": 1e3 * mlp_s,
             "overhead/kernel_ms_per_token": 1e3 * statistics.median(kernel) / tokens,
+            "overhead/dense_linears_ms_per_token": 1e3 * statistics.median(dense_s) / tokens,
+            "overhead/dense_linear_calls_per_token": statistics.median(dense_calls) / tokens,
             "overhead/fraction_of_step": overhead_s / step_s,
             "overhead/fraction_of_mlp": overhead_s / mlp_s,
             "overhead/clock_floor_us": 1e6 * floor_s,
