@@ -580,8 +580,10 @@ def backend_decode_fused_block(root: Path = DECODE_FUSED, comparison: list[dict]
                      f"{m['overhead/ms_per_token']:.2f} ({100 * m['overhead/fraction_of_step']:.1f}%)"
                      if "overhead/ms_per_token" in m else "—",
                      f"{m['overhead/net_ms_per_token']:.2f} ({100 * m['overhead/net_fraction_of_step']:.1f}%)"
-                     # ‡: an older run, whose hooks' cost was the instrumented minus the plain decode
+                     # ‡: an older run, whose hooks' cost was the instrumented minus the plain decode;
+                     # §: one that counted the torch time of projections left dense as overhead
                      + ("" if "overhead/clock_floor_us" in m else " ‡")
+                     + ("" if "overhead/dense_linears_ms_per_token" in m else " §")
                      if "overhead/net_ms_per_token" in m else "— (older run)",
                      _yes_no(m["decode/mask_rule_in_kernel"]) if "decode/mask_rule_in_kernel" in m else "— (older run)",
                      accuracy])
