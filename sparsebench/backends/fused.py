@@ -227,11 +227,11 @@ def kernel_selection(rule) -> tuple[float, int, int]:
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
     the extension's call plan (``args``: every argument that does not change between tokens,
-    kept in C) and the source weights it was built from. A decode step on a small model is dominated by Python per call, so the
-    call re-checks only that each source is still its module's weight (read from the
-    module's parameter table: ``module.weight`` goes through ``nn.Module.__getattr__``, a
-    microsecond each), at the same address and version (a replaced or in-place-modified
-    weight, e.g. WINA's transform, rebuilds)."""
+    kept in C) and the source weights it was built from. A decode step on a small model is
+    dominated by Python per call, so the call re-checks only that each source is still its
+    module's weight (read from the module's parameter table: ``module.weight`` goes through
+    ``nn.Module.__getattr__``, a microsecond each), at the same address and version (a
+    replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
 
     __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules")
 
@@ -496,8 +496,7 @@ class FusedBackend(Backend):
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        k = plan.args.threshold(_fp32_flat(x).data_ptr(), 0, 1, rule.threshold, out.data_ptr(),
-                                self.threads or torch.get_num_threads(), self.kernel.simd)
+        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
