@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from conftest import ARCHS, make_tiny, random_ids
 from sparsebench.backends import BACKENDS
 from sparsebench.backends.fused import _ptr
-from sparsebench.evaluators.decode import replaying_masks
+from sparsebench.evaluators.decode import greedy_decode, replaying_masks
 from sparsebench.models.patching import PrefillPolicy, SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
 from sparsebench.sparsifiers.base import ThresholdRule, TopKRule
@@ -219,8 +219,8 @@ def test_rule_path_only_where_it_applies(monkeypatch):
 
 def test_plans_follow_weights_changed_in_place():
     """The single-token path prepares each layer's kernel call once; a weight modified in
-    place (as WINA's transform does) or replaced must be picked up, checked against the
-    threshold applied in torch."""
+    place (as WINA's transform does) or replaced before the next sequence must be picked up,
+    checked against the threshold applied in torch."""
     from sparsebench.models.patching import LinearInput, SparseLinear
 
     model, ctl, _ = controller("llama", "teal", "fused")
@@ -238,6 +238,7 @@ def test_plans_follow_weights_changed_in_place():
             assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)
             assert torch.equal(idx[:k].long(), (x.reshape(-1).abs() > rule.threshold).nonzero().reshape(-1))
             change(lin.linear.weight)
+            ctl.backend.new_sequence()
         out, _, _ = ctl.backend.linear_by_rule(inp, lin.linear, rule)
         assert torch.allclose(out, reference(), rtol=1e-5, atol=1e-6)
 
@@ -485,8 +486,9 @@ def _kept(rule, v):
 def test_every_plan_follows_weights_changed_in_place_or_replaced(path):
     """Every single-token call plan — the q/k/v group, TEAL's whole-MLP call, CATS's MLP rule —
     is built once per layer and keeps its pointers in the extension; a weight modified in place
-    or replaced must be picked up. Checked against the same rules applied in torch, and the
-    kernel clock counts one call per kernel run (k and v served from the group's stash run none)."""
+    or replaced before a new sequence begins (a forward from position 0) must be picked up.
+    Checked against the same rules applied in torch, and the kernel clock counts one call per
+    kernel run (k and v served from the group's stash run none)."""
     from torch.nn.functional import linear
 
     from sparsebench.backends.fused import _unwrapped
@@ -531,12 +533,109 @@ def test_every_plan_follows_weights_changed_in_place_or_replaced(path):
         return out, ref
 
     first, last = ("q", "v") if path == "group" else ("gate", "down")
+    begun = []
+    be.new_sequence = lambda real=be.new_sequence: (begun.append(1), real())[1]
     with torch.no_grad():
         seconds = be.kernel_s
         for change in (None, lambda: lin(first).weight.mul_(3.0),
                        lambda: setattr(lin(last), "weight", torch.nn.Parameter(-lin(last).weight))):
             if change is not None:
                 change()
+                n = len(begun)
+                model(torch.tensor([[1, 2]]))  # a new sequence: the controller tells the backend
+                assert len(begun) == n + 1
             out, ref = run()
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (path, float((out - ref).abs().max()))
         assert be.kernel_s > seconds
+
+
+def test_plans_check_their_weights_once_per_sequence(monkeypatch):
+    """The check of a plan's source weights (a few cache misses per weight while a decode
+    streams the model through the caches) runs at the plan's first call in a sequence only:
+    a decode of n tokens checks each plan once, and the next sequence checks it again."""
+    from sparsebench.backends.fused import _Plan
+
+    model, ctl, _ = controller("llama", "teal", "fused")
+    checks = []
+    real = _Plan.fresh
+    monkeypatch.setattr(_Plan, "fresh", lambda self: (checks.append(id(self)), real(self))[1])
+    ids = random_ids(batch=1, seq=5, seed=3)
+    with torch.no_grad():
+        greedy_decode(model, ids, 6)  # builds the plans
+        checks.clear()
+        greedy_decode(model, ids, 6)
+        first = list(checks)
+        greedy_decode(model, ids, 6)
+    plans = set(first)
+    assert plans and len(first) == len(plans)  # once each in a sequence of 5 decode steps
+    assert sorted(checks[len(first):]) == sorted(first)  # and once each again in the next
+
+
+def _kept_by(rule, v):
+    """``v`` with the channels a rule drops set to zero, in torch: a threshold on |v|, or the
+    first ``keep`` of an exact sort by (−|v_j|·w_j, j)."""
+    if isinstance(rule, TopKRule):
+        scores = v.abs().reshape(-1) * rule.weights
+        order = torch.sort(-scores, stable=True).indices[:rule.keep]
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[order] = True
+        return v * keep.view(v.shape)
+    return _kept(rule, v)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+@pytest.mark.parametrize("given", ["bf16_model", "strided"])
+def test_rule_calls_read_inputs_they_convert(method, given):
+    """A decode input that is not already a contiguous fp32 vector (a bf16 model's hidden
+    state, a strided view) is converted before the kernel reads it, and the converted copy
+    must live until the kernel has read it: q/k/v as a group and on their own, o, and the whole
+    MLP, against the rules applied in torch on the same values."""
+    from torch.nn.functional import linear
+
+    from sparsebench.backends.fused import _unwrapped
+    from sparsebench.models.patching import LinearInput, MLPInput
+
+    model, ctl, _ = controller("llama", method, "fused")
+    sp, be, site = ctl.sparsifier, ctl.backend, ctl.sites[0]
+
+    def lin(p):
+        return _unwrapped(site.projection(p))
+
+    hidden = lin("up").in_features
+    gen = torch.Generator().manual_seed(5)
+    if given == "bf16_model":
+        model.to(torch.bfloat16)
+        x = torch.randn(1, 1, hidden, generator=gen).to(torch.bfloat16)
+        tol = dict(rtol=2e-2, atol=2e-2)  # bf16 outputs
+    else:
+        x = torch.randn(1, 1, 2 * hidden, generator=gen)[..., ::2]
+        tol = dict(rtol=1e-5, atol=1e-5)
+    assert not (x.dtype == torch.float32 and x.is_contiguous())
+
+    def ref(p, v):
+        w, b = lin(p).weight.float(), None if lin(p).bias is None else lin(p).bias.float()
+        return linear(_kept_by(rules[p], v.float()), w, b)
+
+    rules = {p: sp.input_mask_rule(LinearInput(site, p, x)) for p in ("q", "k", "v", "o")}
+    if method == "wina" and x.dtype != torch.float32:
+        # WINA scores in fp32 as its reference does: no kernel rule, the masked path instead
+        assert set(rules.values()) == {None} and sp.mlp_input_rules(site, x) is None
+        return
+    assert rules["q"] is not None
+    with torch.no_grad():
+        for order in (("q", "k", "v", "o"), ("k", "v", "q", "k", "v")):  # on their own, then as a group
+            for p in order:
+                if rules[p] is None:  # a projection the method leaves dense
+                    continue
+                out = be.linear_by_rule(LinearInput(site, p, x), lin(p), rules[p])[0]
+                assert out.dtype == x.dtype
+                assert torch.allclose(out.float(), ref(p, x), **tol), (p, float((out.float() - ref(p, x)).abs().max()))
+        mlp_rules = sp.mlp_input_rules(site, x)
+        out, h, (_, _, (idx_down, k_down)) = be.mlp_by_input_rules(site, MLPInput(site, x), mlp_rules)
+        xf = x.float()
+        h_ref = site.act(linear(_kept_by(mlp_rules.gate, xf), lin("gate").weight.float())) * \
+            linear(_kept_by(mlp_rules.up, xf), lin("up").weight.float())
+        keep = torch.zeros(h_ref.shape[-1], dtype=torch.bool)
+        keep[idx_down[:k_down].long()] = True  # the kernel's own down selection (h near t may round either way)
+        expect = linear(h_ref * keep, lin("down").weight.float())
+        assert torch.allclose(out.float(), expect, **tol), float((out.float() - expect).abs().max())

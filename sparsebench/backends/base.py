@@ -54,6 +54,12 @@ class Backend:
     def reset(self) -> None:
         """Forget per-sequence state (caches); called between independent generations."""
 
+    def new_sequence(self) -> None:
+        """A forward from position 0 begins (the controller calls it, before any layer runs).
+        State prepared from the model's weights may be trusted for the rest of the sequence
+        and checked again here: weights edited between two sequences are seen, weights edited
+        between two decode steps of one sequence need not be."""
+
     def stats(self) -> dict:
         """Counters worth reporting (e.g. rows copied per update)."""
         return {}

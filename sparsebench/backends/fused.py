@@ -227,13 +227,14 @@ def kernel_selection(rule) -> tuple[float, int, int]:
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
     the extension's call plan (``args``: every argument that does not change between tokens,
-    kept in C) and the source weights it was built from. A decode step on a small model is
-    dominated by Python per call, so the call re-checks only that each source is still its
-    module's weight (read from the module's parameter table: ``module.weight`` goes through
-    ``nn.Module.__getattr__``, a microsecond each), at the same address and version (a
-    replaced or in-place-modified weight, e.g. WINA's transform, rebuilds)."""
+    kept in C) and the source weights it was built from. A plan is checked against its sources
+    once per sequence (``current``): each source must still be its module's weight (read from
+    the module's parameter table: ``module.weight`` goes through ``nn.Module.__getattr__``), at
+    the same address and version, or the plan is rebuilt (a replaced or in-place-modified
+    weight, e.g. WINA's transform). Once per sequence, not per call: with the weights streaming
+    through the caches, the check costs microseconds per call, about 1% of a small model's step."""
 
-    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules")
+    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "sequence")
 
     def __init__(self, owners: tuple, weights, args, idx: torch.Tensor, width: int, n_out: int):
         # per source module (None: absent, e.g. a plain MLP's gate): (parameters, weight, address, version)
@@ -242,6 +243,16 @@ class _Plan:
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
         self.site = None  # a group's or MLP's plan: the site it was built from
         self.rules = None  # a group's or MLP's input rules, whose selections ``args`` holds
+        self.sequence = -1  # the backend's sequence in which the sources were last seen unchanged
+
+    def current(self, sequence: int) -> bool:
+        """Whether the plan still matches its sources, checked once per ``sequence``."""
+        if self.sequence == sequence:
+            return True
+        if self.fresh():
+            self.sequence = sequence
+            return True
+        return False
 
     def fresh(self) -> bool:
         for params, t, ptr, ver in self.checks:
@@ -315,6 +326,7 @@ class FusedBackend(Backend):
         self._scratch: dict = {}  # shape → kernel scratch shared by every layer (made when a plan is built)
         self._stash: dict = {}  # (layer, proj) → a group member's result, waiting for its own call
         self._rules_seen: dict = {}  # (layer, proj) → the rule of its last rule call
+        self._sequence = 0  # sequences begun (``new_sequence``): plans check their sources once in each
         # kernel: calls outside call plans (plans count on ``clock``); rule: calls that applied the mask rule
         self._calls = {"kernel": 0, "dense": 0, "rule": 0}
         # wall time and calls inside the kernels of single-token calls (step-overhead evaluator),
@@ -344,6 +356,11 @@ class FusedBackend(Backend):
 
     def reset(self) -> None:
         self.kernel_s = 0.0
+        self.new_sequence()
+
+    def new_sequence(self) -> None:
+        # the call plans check their source weights again at their next call
+        self._sequence += 1
 
     def _dtype(self, t: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if self.weights == "bfloat16" else t.dtype
@@ -375,7 +392,7 @@ class FusedBackend(Backend):
 
     def _mlp_plan(self, site) -> _Plan:
         plan = self._plans.get(site.layer_idx)
-        if plan is not None and plan.site is site and plan.fresh():
+        if plan is not None and plan.site is site and plan.current(self._sequence):
             return plan
         w = self.mlp_weights(site)
         idx, h, act_all = self.kernel.scratch(w.inter)
@@ -385,13 +402,13 @@ class FusedBackend(Backend):
             idx.data_ptr(), h.data_ptr(), act_all.data_ptr())
         plan = _Plan((_unwrapped(site.gate) if w.gated else None, _unwrapped(site.up), _unwrapped(site.down)), w,
                      call, idx, w.inter, w.hidden)
-        plan.site = site
+        plan.site, plan.sequence = site, self._sequence
         self._plans[site.layer_idx] = plan
         return plan
 
     def _linear_plan(self, linear, key) -> _Plan:
         plan = self._plans.get(key)
-        if plan is not None and plan.site is linear and plan.fresh():
+        if plan is not None and plan.site is linear and plan.current(self._sequence):
             return plan
         wt, bias = self.linear_weight(linear, key)
         n_in, n_out = wt.shape
@@ -401,7 +418,7 @@ class FusedBackend(Backend):
         call = self.kernel.ext.LinearCall(self.clock, n_in, n_out, wt.data_ptr(), KERNEL_DTYPES[wt.dtype], _ptr(bias),
                                           idx.data_ptr(), coef.data_ptr(), *[t.data_ptr() for t in select])
         plan = _Plan((linear,), (wt, bias, select), call, idx, n_in, n_out)
-        plan.site = linear  # a linear's plan: the module it was built from
+        plan.site, plan.sequence = linear, self._sequence  # a linear's plan: the module it was built from
         self._plans[key] = plan
         return plan
 
@@ -506,7 +523,8 @@ class FusedBackend(Backend):
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
         out = torch.empty(_one_token_shape(x, plan.n_out))
-        k = plan.args.topk(_fp32_flat(x).data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
+        xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
+        k = plan.args.topk(xf.data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
                            self.threads or torch.get_num_threads(), self.kernel.simd)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
@@ -533,7 +551,8 @@ class FusedBackend(Backend):
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [torch.empty(lead + (n,)) for n in plan.n_out]
         ptrs = [out.data_ptr() for out in outs] + [0]
-        ks = call(_fp32_flat(x).data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
+        xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
+        ks = call(xf.data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
                   self.kernel.simd)
         self._calls["rule"] += 1
         version, fp32 = x._version, x.dtype == torch.float32
@@ -547,7 +566,7 @@ class FusedBackend(Backend):
         """The group's plan; it keeps the site and the members' modules it was built from, so a
         call checks identities and weight versions instead of walking the model's modules."""
         plan = self._plans.get((layer, group))
-        if plan is not None and plan.site is site and plan.fresh():
+        if plan is not None and plan.site is site and plan.current(self._sequence):
             return plan
         linears = tuple(_unwrapped(site.projection(p)) for p in group)
         heads, idxs, n_outs = [], [], []
@@ -563,7 +582,7 @@ class FusedBackend(Backend):
         select_scratch = (torch.empty(n_in), torch.empty(n_in))  # top-k scores and quickselect copy, shared
         call = self.kernel.ext.GroupCall(self.clock, n_in, dtype, tuple(heads), *[t.data_ptr() for t in select_scratch])
         plan = _Plan(linears, (idxs, select_scratch), call, [i for i, _ in idxs], n_in, n_outs)
-        plan.site = site
+        plan.site, plan.sequence = site, self._sequence
         self._plans[(layer, group)] = plan
         return plan
 
@@ -580,7 +599,8 @@ class FusedBackend(Backend):
             plan.rules = rules
             call.select(tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down)))
         out = torch.empty(x.shape)
-        k_gate, k_up, k_down = call(_fp32_flat(x).data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
+        xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
+        k_gate, k_up, k_down = call(xf.data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
                                     self.kernel.simd)
         self._calls["rule"] += 1
         idx_gate, idx_up, idx_down, h = plan.idx
@@ -592,7 +612,7 @@ class FusedBackend(Backend):
         masked-linear path) and scratch (shared by every layer of one shape)."""
         layer = site.layer_idx
         plan = self._plans.get(("inputs", layer))
-        if plan is not None and plan.site is site and plan.fresh():
+        if plan is not None and plan.site is site and plan.current(self._sequence):
             return plan
         gated = site.kind == "gated"
         projs = ("gate", "up", "down") if gated else ("up", "down")
@@ -614,7 +634,7 @@ class FusedBackend(Backend):
             ext.ACTIVATIONS[act], act_param, ext.ACTIVATIONS[up_act], tuple(t.data_ptr() for t in scratch))
         plan = _Plan(linears, (prepared, scratch), call,
                      (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
-        plan.site = site
+        plan.site, plan.sequence = site, self._sequence
         self._plans[("inputs", layer)] = plan
         return plan
 

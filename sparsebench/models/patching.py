@@ -38,6 +38,9 @@ class MLPInput:
     lazily and at most once, so predictor-style sparsifiers that only need ``x`` don't pay
     for a dense gate, and the backend reuses what the sparsifier already computed."""
 
+    # slots: one of these is made per MLP call and decode token
+    __slots__ = ("site", "x", "_pre", "_act", "_h", "_up", "_altered", "_kernel_computed")
+
     def __init__(self, site: MLPSite, x: torch.Tensor):
         self.site = site
         self.x = x
@@ -127,6 +130,8 @@ class MLPInput:
 
 class LinearInput:
     """One call of a wrapped linear: which layer and projection, and its input."""
+
+    __slots__ = ("site", "proj", "x")
 
     def __init__(self, site: MLPSite, proj: str, x: torch.Tensor):
         self.site, self.proj, self.x = site, proj, x
@@ -248,12 +253,14 @@ class SparsityController:
                 site.install(site.installed)
 
     def _note_positions(self, _model, args, kwargs):
-        """Record the token positions of this forward (for the prefill policy)."""
+        """Record the token positions of this forward (for the prefill policy), and tell the
+        backend when a sequence begins (position 0, or positions unknown)."""
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         if ids is None:
             self._positions = None
+            self.backend.new_sequence()
             return
         past = 0
         cache_position = kwargs.get("cache_position")
@@ -263,6 +270,8 @@ class SparsityController:
         elif pkv is not None and hasattr(pkv, "get_seq_length"):
             past = int(pkv.get_seq_length())
         self._positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+        if past == 0:
+            self.backend.new_sequence()
 
     # -------------------------------------------------------------- modes
     @contextlib.contextmanager
@@ -380,7 +389,9 @@ class SparsityController:
                 rules = self.sparsifier.mlp_input_rules(site, x)
                 done = None if rules is None else self.backend.mlp_by_input_rules(site, inp, rules)
                 if done is not None:
-                    out = self._finish_mlp_by_input_rules(site, inp, *done)
+                    observed = (self.mask_observer is not None or self.linear_mask_observer is not None
+                                or self.collect_stats)
+                    out = self._finish_mlp_by_input_rules(site, inp, *done) if observed else done[0]
                 elif self.mask_observer is None and not self.collect_stats:
                     out = site.down(inp.h)
                 else:
@@ -424,8 +435,6 @@ class SparsityController:
         """Observers and counts for an MLP a backend ran by its linears' input rules: each of
         gate, up and down as if called on its own (``kept``: per linear, (indices, count) of
         its kept input channels; ``h``: down's input), the MLP as the general path sees it."""
-        if self.mask_observer is None and self.linear_mask_observer is None and not self.collect_stats:
-            return out
         if self.mask_observer is not None:
             self.mask_observer(inp, None)
         if self.collect_stats:
@@ -547,7 +556,8 @@ class SparseLinear(nn.Module):
         return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._controller[0].run_linear(self.site, self.proj, self.linear, x)
+        # the child read from the module table: ``self.linear`` goes through nn.Module.__getattr__
+        return self._controller[0].run_linear(self.site, self.proj, self._modules["linear"], x)
 
     def extra_repr(self) -> str:
         return f"layer={self.site.layer_idx}, proj={self.proj}"
