@@ -639,3 +639,39 @@ def test_rule_calls_read_inputs_they_convert(method, given):
         keep[idx_down[:k_down].long()] = True  # the kernel's own down selection (h near t may round either way)
         expect = linear(h_ref * keep, lin("down").weight.float())
         assert torch.allclose(out.float(), expect, **tol), float((out.float() - expect).abs().max())
+
+
+@pytest.mark.parametrize("hold", ["tensor", "view", "nothing"])
+def test_outputs_are_reused_only_when_no_one_holds_them(hold):
+    """A call plan hands its output tensor out again at the next token when nothing holds it,
+    and never writes over an output that someone kept (the tensor itself or a view of it):
+    every kept output still equals its copy taken when it was made."""
+    from sparsebench.models.patching import SparseLinear
+
+    model, ctl, _ = controller("llama", "teal", "fused")
+    wrappers = [m for m in model.modules() if isinstance(m, SparseLinear) and m.proj in ("q", "k", "o")]
+    kept, copies, ptrs = [], [], []
+
+    def keep(_module, _args, out):
+        if out.shape[-2] == 1:  # decode steps
+            ptrs.append(out.data_ptr())
+            copies.append(out.clone())
+            kept.append(out if hold == "tensor" else out.view(-1) if hold == "view" else None)
+
+    handles = [m.register_forward_hook(keep) for m in wrappers]
+    try:
+        with torch.no_grad():
+            greedy_decode(model, random_ids(batch=1, seq=5, seed=3), 8)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(copies) == 7 * len(wrappers)
+    for t, c in zip(kept, copies):
+        if t is not None:
+            assert torch.equal(t.reshape(c.shape), c)
+    outputs = [o for plan in ctl.backend._plans.values() for o in plan.outs]
+    made = sum(o.made for o in outputs)
+    if hold == "nothing":  # one tensor per output; the q/k/v group takes over from k's own plan
+        assert made == len(outputs)
+    else:  # every output of a kept projection is new (the others': q's group members, the MLP)
+        assert len(set(ptrs)) == len(ptrs)

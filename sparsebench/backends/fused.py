@@ -45,6 +45,7 @@ The kept indices come back for observers.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -224,6 +225,37 @@ def kernel_selection(rule) -> tuple[float, int, int]:
     return (rule.threshold, -1, 0)
 
 
+_storage_use_count = torch._C._storage_Use_Count
+
+
+class _Output:
+    """The output tensor of one call plan, handed out token after token: the same tensor again
+    when nothing holds it any more (no Python reference to it, no view or other tensor on its
+    storage), a new one otherwise. A decode step consumes its projections' outputs within the
+    step (rotary, the KV cache's copy, the residual add), so the allocation — microseconds per
+    call in a decode, whose weights flush the caches — is saved, and an output someone kept is
+    never written over."""
+
+    __slots__ = ("tensor", "shape", "storage", "idle_refs", "idle_uses", "ptr", "made")
+
+    def __init__(self):
+        self.tensor = self.shape = None
+        self.made = 0  # tensors allocated
+
+    def take(self, shape: tuple) -> torch.Tensor:
+        t = self.tensor
+        if (t is not None and self.shape == shape and sys.getrefcount(t) == self.idle_refs
+                and _storage_use_count(self.storage) == self.idle_uses):
+            return t
+        t = self.tensor = torch.empty(shape)
+        self.made += 1
+        self.shape, self.ptr = shape, t.data_ptr()
+        self.storage = t.untyped_storage()._cdata
+        # the counts of a tensor no one else holds, read as the check above reads them
+        self.idle_refs, self.idle_uses = sys.getrefcount(t), _storage_use_count(self.storage)
+        return t
+
+
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
     the extension's call plan (``args``: every argument that does not change between tokens,
@@ -234,7 +266,7 @@ class _Plan:
     weight, e.g. WINA's transform). Once per sequence, not per call: with the weights streaming
     through the caches, the check costs microseconds per call, about 1% of a small model's step."""
 
-    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "sequence")
+    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "sequence", "outs")
 
     def __init__(self, owners: tuple, weights, args, idx: torch.Tensor, width: int, n_out: int):
         # per source module (None: absent, e.g. a plain MLP's gate): (parameters, weight, address, version)
@@ -244,6 +276,8 @@ class _Plan:
         self.site = None  # a group's or MLP's plan: the site it was built from
         self.rules = None  # a group's or MLP's input rules, whose selections ``args`` holds
         self.sequence = -1  # the backend's sequence in which the sources were last seen unchanged
+        # one _Output per output (a group: per member)
+        self.outs = tuple(_Output() for _ in n_out) if isinstance(n_out, list) else (_Output(),)
 
     def current(self, sequence: int) -> bool:
         """Whether the plan still matches its sources, checked once per ``sequence``."""
@@ -466,7 +500,7 @@ class FusedBackend(Backend):
         plan = self._mlp_plan(site)
         x = inp.x
         mode, given = self._given(plan.weights, inp)
-        out = torch.empty(x.shape)
+        out = plan.outs[0].take(x.shape)
         self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(), out)
         return _as_dtype(out, x.dtype)
 
@@ -487,23 +521,24 @@ class FusedBackend(Backend):
         else:
             return None
         plan = self._mlp_plan(site)
-        out = torch.empty(x.shape)
+        out = plan.outs[0].take(x.shape)
         k = self._mlp_token(plan, _fp32_flat(x), ext.FROM_X, None, None, out, kind, threshold, h_thresholds)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
     def linear_by_rule(self, inp, linear, rule):
         x = inp.x
-        if rule.on != "x" or x.numel() != x.shape[-1]:
-            return None
         key = (inp.site.layer_idx, inp.proj)
-        self._rules_seen[key] = rule
         done = self._stash.pop(key, None)
-        # computed with its group: valid for this very input (and version) and rule only (rules
-        # are frozen: the same object is the same selection)
-        if done is not None and done[0] is x and done[1] == x._version and done[2] is rule:
+        # computed with its group, on this very single-token input: valid for it (at the same
+        # version) and the same rule only (rules are frozen: the same object is the same
+        # selection, already the one seen last)
+        if done is not None and done[0] is x and done[2] is rule and done[1] == x._version:
             self._calls["rule"] += 1
             return done[3]
+        if rule.on != "x" or x.numel() != x.shape[-1]:
+            return None
+        self._rules_seen[key] = rule
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
             done = self._group_by_rule(inp, rule, group)
@@ -512,7 +547,7 @@ class FusedBackend(Backend):
         if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
-        out = torch.empty(_one_token_shape(x, plan.n_out))
+        out = plan.outs[0].take(_one_token_shape(x, plan.n_out))
         k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
@@ -522,7 +557,7 @@ class FusedBackend(Backend):
         index) before the same input-sparse pass."""
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
-        out = torch.empty(_one_token_shape(x, plan.n_out))
+        out = plan.outs[0].take(_one_token_shape(x, plan.n_out))
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         k = plan.args.topk(xf.data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
                            self.threads or torch.get_num_threads(), self.kernel.simd)
@@ -549,8 +584,8 @@ class FusedBackend(Backend):
             plan.rules = rules
             call.select(tuple(kernel_selection(r) for r in rules))
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
-        outs = [torch.empty(lead + (n,)) for n in plan.n_out]
-        ptrs = [out.data_ptr() for out in outs] + [0]
+        outs = [o.take(lead + (n,)) for o, n in zip(plan.outs, plan.n_out)]
+        ptrs = [o.ptr for o in plan.outs] + [0]
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         ks = call(xf.data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
                   self.kernel.simd)
@@ -598,7 +633,7 @@ class FusedBackend(Backend):
         if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
             plan.rules = rules
             call.select(tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down)))
-        out = torch.empty(x.shape)
+        out = plan.outs[0].take(x.shape)
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         k_gate, k_up, k_down = call(xf.data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
                                     self.kernel.simd)
@@ -671,7 +706,7 @@ class FusedBackend(Backend):
             return linear(inp.x * mask.to(inp.x.dtype))
         if tokens == 1 and mask.numel() == inp.x.shape[-1]:
             plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
-            out = torch.empty(*inp.x.shape[:-1], plan.n_out)
+            out = plan.outs[0].take(_one_token_shape(inp.x, plan.n_out))
             self._linear_token(plan, _fp32_flat(inp.x), mask.reshape(-1).contiguous(), None, out)
             return _as_dtype(out, inp.x.dtype)
         wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
