@@ -669,9 +669,43 @@ def test_outputs_are_reused_only_when_no_one_holds_them(hold):
     for t, c in zip(kept, copies):
         if t is not None:
             assert torch.equal(t.reshape(c.shape), c)
-    outputs = [o for plan in ctl.backend._plans.values() for o in plan.outs]
+    outputs = [o for plan in ctl.backend.plans() for o in plan.outs]
     made = sum(o.made for o in outputs)
     if hold == "nothing":  # one tensor per output; the q/k/v group takes over from k's own plan
         assert made == len(outputs)
     else:  # every output of a kept projection is new (the others': q's group members, the MLP)
         assert len(set(ptrs)) == len(ptrs)
+
+
+def test_group_follows_a_member_whose_rule_changes():
+    """q computes k and v with the rules they had on the previous token; when k's rule changes,
+    k's own call must not take the stashed result (it computes its own), and from the next
+    token on the group computes k with the new rule — one kernel call for q, k and v again."""
+    from torch.nn.functional import linear
+
+    from sparsebench.backends.fused import _unwrapped
+    from sparsebench.models.patching import LinearInput
+
+    model, ctl, _ = controller("llama", "teal", "fused")
+    sp, be, site = ctl.sparsifier, ctl.backend, ctl.sites[0]
+
+    def lin(p):
+        return _unwrapped(site.projection(p))
+
+    x = torch.randn(1, 1, lin("q").in_features, generator=torch.Generator().manual_seed(2))
+    rules = {p: sp.input_mask_rule(LinearInput(site, p, x)) for p in ("q", "k", "v")}
+
+    def token():
+        """Outputs of q, k, v on ``x`` in the model's order; kernel calls made."""
+        calls = be.calls["kernel"]
+        outs = {p: be.linear_by_rule(LinearInput(site, p, x), lin(p), rules[p])[0].clone() for p in ("q", "k", "v")}
+        for p in ("q", "k", "v"):
+            assert torch.allclose(outs[p], linear(_kept(rules[p], x), lin(p).weight, lin(p).bias), atol=1e-5), p
+        return be.calls["kernel"] - calls
+
+    with torch.no_grad():
+        assert token() == 3  # the first token: each on its own (the group learns the rules)
+        assert token() == 1
+        rules["k"] = ThresholdRule("x", float(x.abs().median()))  # a new rule for k
+        assert token() == 2  # q's group (k's stale result not taken), then k on its own
+        assert token() == 1  # the group with k's new rule

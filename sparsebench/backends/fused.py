@@ -266,7 +266,8 @@ class _Plan:
     weight, e.g. WINA's transform). Once per sequence, not per call: with the weights streaming
     through the caches, the check costs microseconds per call, about 1% of a small model's step."""
 
-    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "sequence", "outs")
+    __slots__ = ("checks", "weights", "args", "idx", "width", "n_out", "site", "rules", "sequence", "outs",
+                 "member_keys")
 
     def __init__(self, owners: tuple, weights, args, idx: torch.Tensor, width: int, n_out: int):
         # per source module (None: absent, e.g. a plain MLP's gate): (parameters, weight, address, version)
@@ -275,6 +276,7 @@ class _Plan:
         self.weights, self.args, self.idx, self.width, self.n_out = weights, args, idx, width, n_out
         self.site = None  # a group's or MLP's plan: the site it was built from
         self.rules = None  # a group's or MLP's input rules, whose selections ``args`` holds
+        self.member_keys = ()  # a group's: the stash keys of its members after the first
         self.sequence = -1  # the backend's sequence in which the sources were last seen unchanged
         # one _Output per output (a group: per member)
         self.outs = tuple(_Output() for _ in n_out) if isinstance(n_out, list) else (_Output(),)
@@ -322,6 +324,7 @@ def fused_weights(gate, up, down, *, gate_bias=None, up_bias=None, down_bias=Non
 
 # Linears that read one input tensor in a decoder layer: the first one's call computes the group.
 SHARED_INPUT = {"q": ("q", "k", "v"), "gate": ("gate", "up")}
+GROUP_LEADER = {p: group[0] for group in SHARED_INPUT.values() for p in group[1:]}
 
 
 def _unwrapped(module):
@@ -354,7 +357,11 @@ class FusedBackend(Backend):
         self.kernel = FusedKernel(1, simd=self.simd == "auto")  # fail at build time, not at the first token
         self._weights: dict = {}
         self._linear_weights: dict = {}
-        self._plans: dict = {}  # layer (MLP) or (layer, proj) (masked linear) → _Plan: the single-token path
+        # the single-token path's _Plans, one dict per kind with a key cheap to hash: layer (MLP),
+        # (layer, proj) (masked linear), (layer, leading proj) (group), layer (MLP by input rules)
+        self._plans: dict = {}
+        self._group_plans: dict = {}
+        self._inputs_plans: dict = {}
         # q/k/v and gate/up with in-kernel rules: one kernel call per group (``_group_by_rule``)
         self.group_linears = bool(get("group_linears", True))
         self._scratch: dict = {}  # shape → kernel scratch shared by every layer (made when a plan is built)
@@ -417,11 +424,17 @@ class FusedBackend(Backend):
         self._weights[site.layer_idx] = w
         return w
 
+    def plans(self) -> list[_Plan]:
+        """Every call plan built so far."""
+        return [*self._plans.values(), *self._group_plans.values(), *self._inputs_plans.values()]
+
     def forget_weights(self) -> None:
         """Drop every prepared weight layout and call plan (rebuilt at the next call)."""
         self._weights.clear()
         self._linear_weights.clear()
         self._plans.clear()
+        self._group_plans.clear()
+        self._inputs_plans.clear()
         self._stash.clear()
 
     def _mlp_plan(self, site) -> _Plan:
@@ -539,6 +552,10 @@ class FusedBackend(Backend):
         if rule.on != "x" or x.numel() != x.shape[-1]:
             return None
         self._rules_seen[key] = rule
+        if inp.proj in GROUP_LEADER:  # a group member computing on its own: its group reads the rules again
+            leader = self._group_plans.get((key[0], GROUP_LEADER[inp.proj]))
+            if leader is not None:
+                leader.rules = None
         group = SHARED_INPUT.get(inp.proj)
         if group is not None and self.group_linears:
             done = self._group_by_rule(inp, rule, group)
@@ -571,36 +588,39 @@ class FusedBackend(Backend):
         call with the same input tensor (same version) and the same rule — otherwise that call
         computes its own. None: a member's rule is not known yet (first token)."""
         layer, x = inp.site.layer_idx, inp.x
-        seen = self._rules_seen
-        rules = [rule]
-        for proj in group[1:]:
-            r = seen.get((layer, proj))
-            if r is None:
-                return None
-            rules.append(r)
         plan = self._group_plan(inp.site, layer, group)
-        call = plan.args
-        if plan.rules != rules:  # rules compare by identity: new selections only when one changed
+        rules = plan.rules
+        if rules is None or rules[0] is not rule:
+            # the members' rules as last seen (a member that computes on its own — a new rule,
+            # or the first token — sets ``plan.rules`` back to None); rules compare by identity
+            seen = self._rules_seen
+            rules = [rule]
+            for key in plan.member_keys:
+                r = seen.get(key)
+                if r is None:
+                    return None
+                rules.append(r)
             plan.rules = rules
-            call.select(tuple(kernel_selection(r) for r in rules))
+            plan.args.select(tuple(kernel_selection(r) for r in rules))
         lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
         outs = [o.take(lead + (n,)) for o, n in zip(plan.outs, plan.n_out)]
         ptrs = [o.ptr for o in plan.outs] + [0]
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
-        ks = call(xf.data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
-                  self.kernel.simd)
+        ks = plan.args(xf.data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
+                       self.kernel.simd)
         self._calls["rule"] += 1
-        version, fp32 = x._version, x.dtype == torch.float32
-        if not fp32:
+        version = x._version
+        if x.dtype != torch.float32:
             outs = [out.to(x.dtype) for out in outs]
-        for g in range(1, len(group)):
-            self._stash[(layer, group[g])] = (x, version, rules[g], (outs[g], plan.idx[g], ks[g]))
-        return outs[0], plan.idx[0], ks[0]
+        stash, idx = self._stash, plan.idx
+        for g, key in enumerate(plan.member_keys, 1):
+            stash[key] = (x, version, rules[g], (outs[g], idx[g], ks[g]))
+        return outs[0], idx[0], ks[0]
 
     def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
         """The group's plan; it keeps the site and the members' modules it was built from, so a
         call checks identities and weight versions instead of walking the model's modules."""
-        plan = self._plans.get((layer, group))
+        plan = self._group_plans.get((layer, group[0]))
         if plan is not None and plan.site is site and plan.current(self._sequence):
             return plan
         linears = tuple(_unwrapped(site.projection(p)) for p in group)
@@ -618,7 +638,8 @@ class FusedBackend(Backend):
         call = self.kernel.ext.GroupCall(self.clock, n_in, dtype, tuple(heads), *[t.data_ptr() for t in select_scratch])
         plan = _Plan(linears, (idxs, select_scratch), call, [i for i, _ in idxs], n_in, n_outs)
         plan.site, plan.sequence = site, self._sequence
-        self._plans[(layer, group)] = plan
+        plan.member_keys = tuple((layer, p) for p in group[1:])  # the others' keys in the stash
+        self._group_plans[(layer, group[0])] = plan
         return plan
 
     def mlp_by_input_rules(self, site, inp, rules):
@@ -646,7 +667,7 @@ class FusedBackend(Backend):
         """The plan of ``mlp_by_input_rules``: the linears' transposed weights (shared with the
         masked-linear path) and scratch (shared by every layer of one shape)."""
         layer = site.layer_idx
-        plan = self._plans.get(("inputs", layer))
+        plan = self._inputs_plans.get(layer)
         if plan is not None and plan.site is site and plan.current(self._sequence):
             return plan
         gated = site.kind == "gated"
@@ -670,7 +691,7 @@ class FusedBackend(Backend):
         plan = _Plan(linears, (prepared, scratch), call,
                      (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
         plan.site, plan.sequence = site, self._sequence
-        self._plans[("inputs", layer)] = plan
+        self._inputs_plans[layer] = plan
         return plan
 
     def _given(self, w: FusedMLPWeights, inp):
