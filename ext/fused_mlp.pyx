@@ -8,6 +8,7 @@ Pointers are passed as integers (``tensor.data_ptr()``, 0 for "none"); the Pytho
 in ``sparsebench.backends.fused`` checks shapes, dtypes, devices and contiguity first.
 The GIL is released while the kernels run.
 """
+from cpython.ref cimport Py_REFCNT
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -739,6 +740,37 @@ cdef inline double _now() noexcept nogil:
     return <double> ts.tv_sec + 1e-9 * <double> ts.tv_nsec
 
 
+cdef class OutputSlot:
+    """The output tensor of one call plan, handed out token after token: the same tensor again
+    when nothing holds it any more — no reference to it but this slot's, and no view or other
+    tensor on its storage (``use_count``, torch's count of the storage's holders) — a new one
+    (``empty``, shape: ``ndim - 1`` ones, then ``n``) otherwise. A decode step consumes its
+    projections' outputs within the step (rotary, the KV cache's copy, the residual add), so
+    this saves an allocation per call, and an output someone kept is never written over."""
+    cdef public object tensor
+    cdef public int64_t ptr, made
+    cdef int64_t n, ndim, storage, idle_uses
+    cdef Py_ssize_t idle_refs
+    cdef object empty, use_count
+
+    def __init__(self, int64_t n, empty, use_count):
+        self.n, self.ndim, self.empty, self.use_count = n, -1, empty, use_count
+        self.tensor, self.ptr, self.made = None, 0, 0
+
+    cpdef object take(self, int64_t ndim):
+        t = self.tensor
+        # held while idle: the slot and ``t``
+        if (t is not None and self.ndim == ndim and Py_REFCNT(t) == self.idle_refs
+                and self.use_count(self.storage) == self.idle_uses):
+            return t
+        t = self.empty((1,) * (ndim - 1) + (self.n,))
+        self.tensor, self.ndim, self.ptr = t, ndim, t.data_ptr()
+        self.made += 1
+        self.storage = t.untyped_storage()._cdata
+        self.idle_refs, self.idle_uses = Py_REFCNT(t), self.use_count(self.storage)
+        return t
+
+
 cdef class KernelClock:
     """Wall seconds and calls inside the kernels of the call plans that share it."""
     cdef public double seconds
@@ -828,6 +860,7 @@ cdef class GroupCall(_SelectingCall):
     cdef int64_t n_outs[3]
     cdef const void* wts[3]
     cdef const float* biases[3]
+    cdef public tuple slots  # an OutputSlot per member, for ``run``
 
     def __init__(self, KernelClock clock, int64_t n_in, int dtype, tuple members, int64_t scores, int64_t work):
         cdef int g
@@ -861,6 +894,31 @@ cdef class GroupCall(_SelectingCall):
         if self.G == 3:
             return ks[0], ks[1], ks[2]
         return tuple(ks[g] for g in range(self.G))
+
+    def run(self, x, int64_t ndim, int threads, int simd):
+        """The group on one token: ``x`` a contiguous fp32 tensor, the outputs taken from
+        ``slots`` (``ndim`` dimensions); returns the outputs, then each member's kept count."""
+        cdef int64_t ks[3]
+        cdef float* ys[3]
+        cdef double t0
+        cdef int g
+        cdef OutputSlot slot
+        cdef const float* xp = <const float*> <uintptr_t> <int64_t> x.data_ptr()
+        outs = []
+        for g in range(self.G):
+            slot = self.slots[g]
+            outs.append(slot.take(ndim))
+            ys[g] = <float*> <uintptr_t> slot.ptr
+        with nogil:
+            t0 = _now()
+            sb_linear_group_token(xp, self.n_in, self.G, self.n_outs, self.wts, self.dtype, self.biases, self.ts,
+                                  self.keeps, self.ws, <float*> <uintptr_t> self.scores, <float*> <uintptr_t> self.work,
+                                  self.idxs, self.coefs, ks, ys, threads, simd)
+            self.clock.seconds += _now() - t0
+        self.clock.calls += 1
+        for g in range(self.G):
+            outs.append(ks[g])
+        return outs
 
 
 cdef class MLPInputsCall(_SelectingCall):

@@ -709,3 +709,24 @@ def test_group_follows_a_member_whose_rule_changes():
         rules["k"] = ThresholdRule("x", float(x.abs().median()))  # a new rule for k
         assert token() == 2  # q's group (k's stale result not taken), then k on its own
         assert token() == 1  # the group with k's new rule
+
+
+def test_output_slot_hands_out_only_what_no_one_holds():
+    """The extension's output slot against every way to hold its last output: the tensor, a
+    view, a slice, a numpy array on it — a new tensor each time; nothing held — the same one."""
+    from sparsebench.backends.fused import kernel
+
+    slot = kernel().OutputSlot(8, torch.empty, torch._C._storage_Use_Count)
+    first = slot.take(3)
+    assert first.shape == (1, 1, 8) and slot.made == 1
+    first_id = id(first)
+    del first
+    assert id(slot.take(3)) == first_id and slot.made == 1  # nothing held: the same tensor
+    for hold in (lambda t: t, lambda t: t.view(-1), lambda t: t[0, 0, 2:5], lambda t: t.numpy()):
+        held = hold(slot.take(3))
+        made = slot.made
+        again = slot.take(3)
+        assert slot.made == made + 1 and again.data_ptr() != (held.data_ptr() if hasattr(held, "data_ptr")
+                                                               else held.__array_interface__["data"][0])
+        del held, again
+    assert slot.take(2).shape == (1, 8)  # another rank: a new tensor of that shape

@@ -45,7 +45,6 @@ The kept indices come back for observers.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,11 +122,6 @@ class FusedMLPWeights:
 def _fp32_flat(x: torch.Tensor) -> torch.Tensor:
     """One token's values as the contiguous fp32 vector the kernels read (no copy if it is one)."""
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-
-
-def _one_token_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
-    """The output shape of one token's ``x`` (every leading dimension 1) with ``n`` features."""
-    return (1,) * (x.dim() - 1) + (n,)
 
 
 def _buffers(cache: dict, key, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -225,37 +219,6 @@ def kernel_selection(rule) -> tuple[float, int, int]:
     return (rule.threshold, -1, 0)
 
 
-_storage_use_count = torch._C._storage_Use_Count
-
-
-class _Output:
-    """The output tensor of one call plan, handed out token after token: the same tensor again
-    when nothing holds it any more (no Python reference to it, no view or other tensor on its
-    storage), a new one otherwise. A decode step consumes its projections' outputs within the
-    step (rotary, the KV cache's copy, the residual add), so the allocation — microseconds per
-    call in a decode, whose weights flush the caches — is saved, and an output someone kept is
-    never written over."""
-
-    __slots__ = ("tensor", "shape", "storage", "idle_refs", "idle_uses", "ptr", "made")
-
-    def __init__(self):
-        self.tensor = self.shape = None
-        self.made = 0  # tensors allocated
-
-    def take(self, shape: tuple) -> torch.Tensor:
-        t = self.tensor
-        if (t is not None and self.shape == shape and sys.getrefcount(t) == self.idle_refs
-                and _storage_use_count(self.storage) == self.idle_uses):
-            return t
-        t = self.tensor = torch.empty(shape)
-        self.made += 1
-        self.shape, self.ptr = shape, t.data_ptr()
-        self.storage = t.untyped_storage()._cdata
-        # the counts of a tensor no one else holds, read as the check above reads them
-        self.idle_refs, self.idle_uses = sys.getrefcount(t), _storage_use_count(self.storage)
-        return t
-
-
 class _Plan:
     """A kernel call prepared once per layer (and projection): the weights in kernel layout,
     the extension's call plan (``args``: every argument that does not change between tokens,
@@ -278,8 +241,10 @@ class _Plan:
         self.rules = None  # a group's or MLP's input rules, whose selections ``args`` holds
         self.member_keys = ()  # a group's: the stash keys of its members after the first
         self.sequence = -1  # the backend's sequence in which the sources were last seen unchanged
-        # one _Output per output (a group: per member)
-        self.outs = tuple(_Output() for _ in n_out) if isinstance(n_out, list) else (_Output(),)
+        # the outputs (a group: one per member), handed out again when no one holds them
+        slot = kernel().OutputSlot
+        self.outs = tuple(slot(n, torch.empty, torch._C._storage_Use_Count)
+                          for n in (n_out if isinstance(n_out, list) else (n_out,)))
 
     def current(self, sequence: int) -> bool:
         """Whether the plan still matches its sources, checked once per ``sequence``."""
@@ -513,7 +478,7 @@ class FusedBackend(Backend):
         plan = self._mlp_plan(site)
         x = inp.x
         mode, given = self._given(plan.weights, inp)
-        out = plan.outs[0].take(x.shape)
+        out = plan.outs[0].take(x.dim())
         self._mlp_token(plan, _fp32_flat(x), mode, given, None if mask is None else mask.reshape(-1).contiguous(), out)
         return _as_dtype(out, x.dtype)
 
@@ -534,7 +499,7 @@ class FusedBackend(Backend):
         else:
             return None
         plan = self._mlp_plan(site)
-        out = plan.outs[0].take(x.shape)
+        out = plan.outs[0].take(x.dim())
         k = self._mlp_token(plan, _fp32_flat(x), ext.FROM_X, None, None, out, kind, threshold, h_thresholds)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
@@ -564,7 +529,7 @@ class FusedBackend(Backend):
         if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
-        out = plan.outs[0].take(_one_token_shape(x, plan.n_out))
+        out = plan.outs[0].take(x.dim())
         k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
@@ -574,7 +539,7 @@ class FusedBackend(Backend):
         index) before the same input-sparse pass."""
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
-        out = plan.outs[0].take(_one_token_shape(x, plan.n_out))
+        out = plan.outs[0].take(x.dim())
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         k = plan.args.topk(xf.data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
                            self.threads or torch.get_num_threads(), self.kernel.simd)
@@ -602,20 +567,17 @@ class FusedBackend(Backend):
                 rules.append(r)
             plan.rules = rules
             plan.args.select(tuple(kernel_selection(r) for r in rules))
-        lead = (1,) * (x.dim() - 1)  # _one_token_shape inlined: one call less per member on the hottest path
-        outs = [o.take(lead + (n,)) for o, n in zip(plan.outs, plan.n_out)]
-        ptrs = [o.ptr for o in plan.outs] + [0]
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
-        ks = plan.args(xf.data_ptr(), ptrs[0], ptrs[1], ptrs[2], self.threads or torch.get_num_threads(),
-                       self.kernel.simd)
+        # outputs from the plan's slots, the kernel, then the kept counts: one call into C
+        done = plan.args.run(xf, x.dim(), self.threads or torch.get_num_threads(), self.kernel.simd)
         self._calls["rule"] += 1
-        version = x._version
+        version, n = x._version, len(plan.outs)
         if x.dtype != torch.float32:
-            outs = [out.to(x.dtype) for out in outs]
+            done[:n] = [out.to(x.dtype) for out in done[:n]]
         stash, idx = self._stash, plan.idx
         for g, key in enumerate(plan.member_keys, 1):
-            stash[key] = (x, version, rules[g], (outs[g], idx[g], ks[g]))
-        return outs[0], idx[0], ks[0]
+            stash[key] = (x, version, rules[g], (done[g], idx[g], done[n + g]))
+        return done[0], idx[0], done[n]
 
     def _group_plan(self, site, layer: int, group: tuple[str, ...]) -> _Plan:
         """The group's plan; it keeps the site and the members' modules it was built from, so a
@@ -639,6 +601,7 @@ class FusedBackend(Backend):
         plan = _Plan(linears, (idxs, select_scratch), call, [i for i, _ in idxs], n_in, n_outs)
         plan.site, plan.sequence = site, self._sequence
         plan.member_keys = tuple((layer, p) for p in group[1:])  # the others' keys in the stash
+        call.slots = plan.outs
         self._group_plans[(layer, group[0])] = plan
         return plan
 
@@ -654,7 +617,7 @@ class FusedBackend(Backend):
         if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
             plan.rules = rules
             call.select(tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down)))
-        out = plan.outs[0].take(x.shape)
+        out = plan.outs[0].take(x.dim())
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         k_gate, k_up, k_down = call(xf.data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
                                     self.kernel.simd)
@@ -727,7 +690,7 @@ class FusedBackend(Backend):
             return linear(inp.x * mask.to(inp.x.dtype))
         if tokens == 1 and mask.numel() == inp.x.shape[-1]:
             plan = self._linear_plan(linear, (inp.layer_idx, inp.proj))
-            out = plan.outs[0].take(_one_token_shape(inp.x, plan.n_out))
+            out = plan.outs[0].take(inp.x.dim())
             self._linear_token(plan, _fp32_flat(inp.x), mask.reshape(-1).contiguous(), None, out)
             return _as_dtype(out, inp.x.dtype)
         wt, bias = self.linear_weight(linear, (inp.layer_idx, inp.proj))
