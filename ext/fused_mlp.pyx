@@ -788,6 +788,7 @@ cdef class LinearCall:
     cdef int64_t n_in, n_out, wt, bias, idx, coef, scores, work
     cdef int dtype
     cdef KernelClock clock
+    cdef public OutputSlot slot  # the output of ``run_threshold`` / ``run_topk``
 
     def __init__(self, KernelClock clock, int64_t n_in, int64_t n_out, int64_t wt, int dtype, int64_t bias,
                  int64_t idx, int64_t coef, int64_t scores, int64_t work):
@@ -808,6 +809,19 @@ cdef class LinearCall:
             self.clock.seconds += _now() - t0
         self.clock.calls += 1
         return k
+
+    def run_threshold(self, x, float threshold, int64_t ndim, int threads, int simd):
+        """``threshold`` on a contiguous fp32 tensor ``x``, into an output from ``slot``
+        (``ndim`` dimensions); returns the output and the kept count."""
+        out = self.slot.take(ndim)
+        k = self.threshold(x.data_ptr(), 0, 1, threshold, self.slot.ptr, threads, simd)
+        return out, k
+
+    def run_topk(self, x, int64_t w, int64_t keep, int64_t ndim, int threads, int simd):
+        """``topk`` on a contiguous fp32 tensor ``x``, into an output from ``slot``."""
+        out = self.slot.take(ndim)
+        k = self.topk(x.data_ptr(), w, keep, self.slot.ptr, threads, simd)
+        return out, k
 
     def topk(self, int64_t x, int64_t w, int64_t keep, int64_t y, int threads, int simd):
         """As ``linear_topk_token``: the ``keep`` largest |x_j|·w_j (``w`` 0: |x_j|)."""
@@ -926,6 +940,7 @@ cdef class MLPInputsCall(_SelectingCall):
     selections of gate, up and down set with ``select``."""
     cdef int64_t H, I, gate_t, up_t, down_t, gate_bias, up_bias, down_bias, g, u, h, scores, work
     cdef int dtype, gated, act, up_act
+    cdef public OutputSlot slot  # the output of ``run``
     cdef float act_param
 
     def __init__(self, KernelClock clock, int64_t hidden, int64_t inter, int dtype, int gated, tuple weights,
@@ -961,6 +976,13 @@ cdef class MLPInputsCall(_SelectingCall):
             self.clock.seconds += _now() - t0
         self.clock.calls += 1
         return ks[0], ks[1], ks[2]
+
+    def run(self, x, int64_t ndim, int threads, int simd):
+        """The MLP on a contiguous fp32 tensor ``x`` into an output from ``slot`` (``ndim``
+        dimensions); returns the output and the kept channels of gate, up, down."""
+        out = self.slot.take(ndim)
+        k_gate, k_up, k_down = self(x.data_ptr(), self.slot.ptr, threads, simd)
+        return out, k_gate, k_up, k_down
 
 
 cdef class MLPCall:

@@ -431,6 +431,7 @@ class FusedBackend(Backend):
                                           idx.data_ptr(), coef.data_ptr(), *[t.data_ptr() for t in select])
         plan = _Plan((linear,), (wt, bias, select), call, idx, n_in, n_out)
         plan.site, plan.sequence = linear, self._sequence  # a linear's plan: the module it was built from
+        call.slot = plan.outs[0]
         self._plans[key] = plan
         return plan
 
@@ -529,8 +530,9 @@ class FusedBackend(Backend):
         if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
         plan = self._linear_plan(linear, key)
-        out = plan.outs[0].take(x.dim())
-        k = self._linear_token(plan, _fp32_flat(x), None, rule.threshold, out)
+        xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
+        out, k = plan.args.run_threshold(xf, rule.threshold, x.dim(), self.threads or torch.get_num_threads(),
+                                         self.kernel.simd)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
@@ -539,10 +541,9 @@ class FusedBackend(Backend):
         index) before the same input-sparse pass."""
         x = inp.x
         plan = self._linear_plan(linear, (inp.site.layer_idx, inp.proj))
-        out = plan.outs[0].take(x.dim())
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
-        k = plan.args.topk(xf.data_ptr(), _ptr(rule.weights), rule.keep, out.data_ptr(),
-                           self.threads or torch.get_num_threads(), self.kernel.simd)
+        out, k = plan.args.run_topk(xf, _ptr(rule.weights), rule.keep, x.dim(),
+                                    self.threads or torch.get_num_threads(), self.kernel.simd)
         self._calls["rule"] += 1
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), plan.idx, k
 
@@ -617,10 +618,8 @@ class FusedBackend(Backend):
         if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
             plan.rules = rules
             call.select(tuple(kernel_selection(r) for r in (rules.gate, rules.up, rules.down)))
-        out = plan.outs[0].take(x.dim())
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
-        k_gate, k_up, k_down = call(xf.data_ptr(), out.data_ptr(), self.threads or torch.get_num_threads(),
-                                    self.kernel.simd)
+        out, k_gate, k_up, k_down = call.run(xf, x.dim(), self.threads or torch.get_num_threads(), self.kernel.simd)
         self._calls["rule"] += 1
         idx_gate, idx_up, idx_down, h = plan.idx
         return ((out if x.dtype == torch.float32 else out.to(x.dtype)), h,
@@ -654,6 +653,7 @@ class FusedBackend(Backend):
         plan = _Plan(linears, (prepared, scratch), call,
                      (scratch[0], scratch[2], scratch[4], scratch[8]), I, H)  # idx: kept of gate, up, down; h
         plan.site, plan.sequence = site, self._sequence
+        call.slot = plan.outs[0]
         self._inputs_plans[layer] = plan
         return plan
 
