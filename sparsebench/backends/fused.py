@@ -529,7 +529,9 @@ class FusedBackend(Backend):
                 return done
         if rule.__class__ is TopKRule:
             return self._topk_by_rule(inp, linear, rule)
-        plan = self._linear_plan(linear, key)
+        plan = self._plans.get(key)  # _linear_plan's fast path inlined (a call less on a hot path)
+        if plan is None or plan.site is not linear or not plan.current(self._sequence):
+            plan = self._linear_plan(linear, key)
         xf = _fp32_flat(x)  # held until the kernel has read it (a converted copy would be freed)
         out, k = plan.args.run_threshold(xf, rule.threshold, x.dim(), self.threads or torch.get_num_threads(),
                                          self.kernel.simd)
@@ -553,8 +555,11 @@ class FusedBackend(Backend):
         had on the previous token; their results wait in ``_stash`` and are served only to a
         call with the same input tensor (same version) and the same rule — otherwise that call
         computes its own. None: a member's rule is not known yet (first token)."""
-        layer, x = inp.site.layer_idx, inp.x
-        plan = self._group_plan(inp.site, layer, group)
+        site, x = inp.site, inp.x
+        layer = site.layer_idx
+        plan = self._group_plans.get((layer, group[0]))  # _group_plan's fast path inlined
+        if plan is None or plan.site is not site or not plan.current(self._sequence):
+            plan = self._group_plan(site, layer, group)
         rules = plan.rules
         if rules is None or rules[0] is not rule:
             # the members' rules as last seen (a member that computes on its own — a new rule,
@@ -613,7 +618,9 @@ class FusedBackend(Backend):
         x = inp.x
         if x.numel() != x.shape[-1]:
             return None
-        plan = self._inputs_plan(site)
+        plan = self._inputs_plans.get(site.layer_idx)  # _inputs_plan's fast path inlined
+        if plan is None or plan.site is not site or not plan.current(self._sequence):
+            plan = self._inputs_plan(site)
         call = plan.args
         if plan.rules is not rules:  # once per layer and rules object (the sparsifier keeps them)
             plan.rules = rules
