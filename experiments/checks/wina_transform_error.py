@@ -58,16 +58,13 @@ def wina_controller(model, orthogonalize: bool) -> SparsityController:
 
 
 @torch.no_grad()
-def linear_inputs(model, ctl: SparsityController, ids: torch.Tensor, skip: int) -> dict:
-    """(layer, proj) → (inputs [tokens, d_in], weight) of every rotated-side linear, run dense;
-    the first ``skip`` positions of each row (the BOS) are left out."""
-    got, weights, hooks = {}, {}, []
-    for site in ctl.sites:
-        for p in ROTATED:
-            lin = site.projection(p)
-            weights[(site.layer_idx, p)] = lin.weight.detach()
-            hooks.append(lin.register_forward_pre_hook(
-                lambda _m, args, key=(site.layer_idx, p): got.setdefault(key, []).append(args[0][:, skip:].reshape(-1, args[0].shape[-1]))))
+def module_inputs(model, ctl: SparsityController, ids: torch.Tensor, modules: dict, skip: int) -> dict:
+    """key → the inputs [tokens, d] each module of ``modules`` saw while the model ran dense
+    over ``ids``; the first ``skip`` positions of each row (the BOS) are left out."""
+    got, hooks = {}, []
+    for key, module in modules.items():
+        hooks.append(module.register_forward_pre_hook(
+            lambda _m, args, key=key: got.setdefault(key, []).append(args[0][:, skip:].reshape(-1, args[0].shape[-1]))))
     try:
         with ctl.dense():
             for row in ids.split(2):
@@ -75,35 +72,30 @@ def linear_inputs(model, ctl: SparsityController, ids: torch.Tensor, skip: int) 
     finally:
         for h in hooks:
             h.remove()
-    return {k: (torch.cat(v), weights[k]) for k, v in got.items()}
+    return {k: torch.cat(v) for k, v in got.items()}
 
 
-@torch.no_grad()
+def linear_inputs(model, ctl: SparsityController, ids: torch.Tensor, skip: int) -> dict:
+    """(layer, proj) → (inputs [tokens, d_in], weight) of every rotated-side linear."""
+    linears = {(site.layer_idx, p): site.projection(p) for site in ctl.sites for p in ROTATED}
+    return {k: (x, linears[k].weight.detach()) for k, x in module_inputs(model, ctl, ids, linears, skip).items()}
+
+
 def block_input_concentration(model, ctl: SparsityController, ids: torch.Tensor, skip: int) -> dict:
     """Per layer and block input (the norms' inputs): its concentration, the channel largest in
     most tokens, in how many, and the norm's scale on it over the median scale."""
-    got, norms, hooks = {}, {}, []
+    norms = {}
     for site in ctl.sites:
         layer = site.layer
         mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
-        for name, norm in (("attn", layer.input_layernorm), ("mlp", mlp_norm)):
-            norms[(site.layer_idx, name)] = norm_gain(norm)
-            hooks.append(norm.register_forward_pre_hook(
-                lambda _m, args, key=(site.layer_idx, name): got.setdefault(key, []).append(args[0][:, skip:].reshape(-1, args[0].shape[-1]))))
-    try:
-        with ctl.dense():
-            for row in ids.split(2):
-                model(input_ids=row)
-    finally:
-        for h in hooks:
-            h.remove()
+        norms[(site.layer_idx, "attn")], norms[(site.layer_idx, "mlp")] = layer.input_layernorm, mlp_norm
+    got = module_inputs(model, ctl, ids, norms, skip)
     out = {}
-    for (layer_idx, name), xs in got.items():
-        x = torch.cat(xs)
+    for key, x in got.items():
         top = x.abs().argmax(-1)
         channel = int(top.mode().values)
-        gamma = norms[(layer_idx, name)]
-        out[(layer_idx, name)] = {"concentration": concentration(x), "dominant_channel": channel,
+        gamma = norm_gain(norms[key])
+        out[key] = {"concentration": concentration(x), "dominant_channel": channel,
                                   "dominant_share_of_tokens": (top == channel).double().mean().item(),
                                   "dominant_scale_over_median": (gamma[channel] / gamma.median()).item()}
     return out
