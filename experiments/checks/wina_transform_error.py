@@ -27,6 +27,7 @@ from sparsebench.data.corpus import heldout_windows, load_corpus, prefix_tokens
 from sparsebench.models.loader import load_model
 from sparsebench.models.patching import SparsityController
 from sparsebench.sparsifiers import SPARSIFIERS
+from sparsebench.sparsifiers.wina import _norm_scale as wina_norm_scale  # the scale the transform folds
 
 ROTATED = ("q", "k", "v", "gate", "up")
 
@@ -46,9 +47,8 @@ def concentration(x: torch.Tensor) -> float:
 
 
 def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
-    """The RMSNorm's elementwise scale: Gemma's norms multiply by (1 + weight)."""
-    w = norm.weight.detach().float()
-    return 1.0 + w if "Gemma" in type(norm).__name__ else w
+    """The RMSNorm's elementwise scale, as the transform folds it (Gemma: 1 + weight)."""
+    return wina_norm_scale(norm)[0]
 
 
 def wina_controller(model, orthogonalize: bool) -> SparsityController:
@@ -96,8 +96,8 @@ def block_input_concentration(model, ctl: SparsityController, ids: torch.Tensor,
         channel = int(top.mode().values)
         gamma = norm_gain(norms[key])
         out[key] = {"concentration": concentration(x), "dominant_channel": channel,
-                                  "dominant_share_of_tokens": (top == channel).double().mean().item(),
-                                  "dominant_scale_over_median": (gamma[channel] / gamma.median()).item()}
+                    "dominant_share_of_tokens": (top == channel).double().mean().item(),
+                    "dominant_scale_over_median": (gamma[channel] / gamma.median()).item()}
     return out
 
 
