@@ -305,7 +305,9 @@ def _versus_sparsity(results, panels, title, log_when_exploding):
     ncol = max(len(by_model), 1)
     # one colour, line style and marker per method across every panel
     everyone = sorted({method(r) for r in results} - {"none"})
-    legend_rows = math.ceil((len(everyone) + 1) / 6)
+    # five columns: six overflowed the figure once variant labels ("wina[orthogonalize=false]") joined
+    legend_columns = 5
+    legend_rows = math.ceil((len(everyone) + 1) / legend_columns)
     fig, axes = plt.subplots(len(panels), ncol, squeeze=False, layout="constrained",
                              figsize=(6.4 * ncol, 4.2 * len(panels) + 0.25 * legend_rows))
     rows = []
@@ -320,7 +322,7 @@ def _versus_sparsity(results, panels, title, log_when_exploding):
             handles.setdefault(label, h)
     order = [k for k in [*(METHOD_LABELS.get(m, m) for m in everyone), "dense"] if k in handles]
     fig.legend([handles[k] for k in order], order,
-               loc="outside lower center", ncol=6, fontsize=8, frameon=False)
+               loc="outside lower center", ncol=legend_columns, fontsize=8, frameon=False)
     return fig, rows
 
 
