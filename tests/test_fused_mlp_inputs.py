@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ARCHS, random_ids
-from test_fused import ACTS, rel_err
+from test_fused import ACTS
 from test_fused_rule import controller, step
 from sparsebench.backends.fused import FusedKernel, activation_code
 from sparsebench.sparsifiers.base import MLPInputRules, ThresholdRule, TopKRule
@@ -38,6 +38,21 @@ def brute_force(x, w, rules, act, up_act, down_kept):
     keep = torch.zeros(h.numel(), dtype=torch.bool)
     keep[down_kept.long()] = True
     return (h * keep) @ d["down_t"] + (0 if d["down_bias"] is None else d["down_bias"]), h
+
+
+def magnitude(x, w, rules, down_kept):
+    """The same MLP on absolute values (|act(z)| <= |z| for every activation here): the scale a
+    float32 sum's rounding error is proportional to. A dot product that cancels (a small u from
+    large terms) is only accurate relative to this, not to its own small result."""
+    d = {k: None if v is None else v.double().abs() for k, v in w.items()}
+    ax = x.double().abs()
+    bias = lambda b: 0 if b is None else b  # noqa: E731
+    h = (ax * exact_selection(rules.up, x)) @ d["up_t"] + bias(d["up_bias"])
+    if d["gate_t"] is not None:
+        h = h * ((ax * exact_selection(rules.gate, x)) @ d["gate_t"] + bias(d["gate_bias"]))
+    keep = torch.zeros(h.numel(), dtype=torch.bool)
+    keep[down_kept.long()] = True
+    return (h * keep) @ d["down_t"] + bias(d["down_bias"])
 
 
 def check_down_selection(rule, h: torch.Tensor, kept: torch.Tensor):
@@ -103,7 +118,8 @@ def check_case(hidden, inter, gated, biases, dtype, act_name, up_relu, rule_kind
     assert torch.equal(kept_up.long(), exact_selection(rules.up, x).nonzero().reshape(-1))
     ref, h = brute_force(x, w, rules, act, up_act, kept_down)
     check_down_selection(rules.down, h, kept_down)
-    assert rel_err(y.double(), ref) <= 1e-5, rel_err(y.double(), ref)
+    err = float((y.double() - ref).abs().max() / magnitude(x, w, rules, kept_down).max().clamp_min(1e-30))
+    assert err <= 1e-5, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -121,7 +137,7 @@ def test_mlp_inputs_kernel_matches_brute_force(dtype, act_name, gated, up_relu, 
 def test_mlp_inputs_kernel_fuzz():
     """Hypothesis over shapes (odd widths: vector tails, thread slices), densities (keep 0 and
     all included), rule kinds per linear, gated or plain, dtypes, threads and SIMD."""
-    from hypothesis import given, settings
+    from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
     kinds = st.sampled_from(["dense", "threshold", "topk", "topk_w"])
@@ -130,6 +146,9 @@ def test_mlp_inputs_kernel_fuzz():
     @given(hidden=st.integers(1, 70), inter=st.integers(1, 90), density=st.floats(0.0, 1.0),
            gated=st.booleans(), bf16=st.booleans(), threads=st.integers(1, 4), simd=st.booleans(),
            rule_kinds=st.tuples(kinds, kinds, kinds), seed=st.integers(0, 2**31 - 1))
+    # found by CI: u is a 14-term dot product that cancels, so only its magnitude bounds the error
+    @example(hidden=33, inter=1, density=0.4375, gated=False, bf16=False, threads=1, simd=True,
+             rule_kinds=("dense", "topk_w", "dense"), seed=28077)
     def check(hidden, inter, density, gated, bf16, threads, simd, rule_kinds, seed):
         check_case(hidden, inter, gated, gated, torch.bfloat16 if bf16 else torch.float32, "silu" if gated else "relu",
                    False, rule_kinds, density, threads, simd, seed)
