@@ -43,16 +43,10 @@ def brute_force(x, w, rules, act, up_act, down_kept):
 def magnitude(x, w, rules, down_kept):
     """The same MLP on absolute values (|act(z)| <= |z| for every activation here): the scale a
     float32 sum's rounding error is proportional to. A dot product that cancels (a small u from
-    large terms) is only accurate relative to this, not to its own small result."""
-    d = {k: None if v is None else v.double().abs() for k, v in w.items()}
-    ax = x.double().abs()
-    bias = lambda b: 0 if b is None else b  # noqa: E731
-    h = (ax * exact_selection(rules.up, x)) @ d["up_t"] + bias(d["up_bias"])
-    if d["gate_t"] is not None:
-        h = h * ((ax * exact_selection(rules.gate, x)) @ d["gate_t"] + bias(d["gate_bias"]))
-    keep = torch.zeros(h.numel(), dtype=torch.bool)
-    keep[down_kept.long()] = True
-    return (h * keep) @ d["down_t"] + bias(d["down_bias"])
+    large terms) is only accurate relative to this, not to its own small result. |x| keeps x's
+    selections (every rule scores |x_j|)."""
+    absolute = {k: None if v is None else v.abs() for k, v in w.items()}
+    return brute_force(x.abs(), absolute, rules, torch.nn.Identity(), None, down_kept)[0]
 
 
 def check_down_selection(rule, h: torch.Tensor, kept: torch.Tensor):
